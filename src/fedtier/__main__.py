@@ -1,0 +1,5 @@
+import sys
+
+from fedtier.cli import main
+
+sys.exit(main())

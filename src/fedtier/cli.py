@@ -1,0 +1,96 @@
+"""Command line: ``fedtier run|presets|report``. User mistakes print one clear line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fedtier.errors import FedtierError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedtier", description="Hierarchical federated learning with QAT."
+    )
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run an experiment (default: the qafed-mnist preset)")
+    run.add_argument("config", nargs="?", default=None, help="preset name or YAML file")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.rounds=10 (repeatable)",
+    )
+    run.add_argument(
+        "--out", type=Path, default=None, help="run directory (default runs/<name>-<time>)"
+    )
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sub.add_parser("presets", help="list the built-in presets")
+    rep = sub.add_parser("report", help="re-render tables and plots of a finished run")
+    rep.add_argument("dir", type=Path)
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtier.config import load_config
+    from fedtier.experiment import run_experiment
+    from fedtier.presets import DEFAULT_PRESET
+    from fedtier.results import cda_table
+
+    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+    out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_experiment(cfg, out, progress=not args.no_progress)
+    print(
+        f"\n{cfg.name}: clean accuracy (%) after post-training quantization (B = {summary.get('target_bits')})"
+    )
+    print(cda_table(summary))
+    print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, accuracy.png)")
+    return 0
+
+
+def cmd_presets() -> int:
+    from fedtier.presets import describe, preset_names
+
+    names = preset_names()
+    width = max(map(len, names))
+    for n in names:
+        print(f"{n:<{width}}  {describe(n)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtier.results import cda_table, read_run, render_report
+
+    path = render_report(args.dir)
+    _, summary = read_run(args.dir)
+    print(cda_table(summary))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in (None, "run"):
+            if args.command is None:
+                args = build_parser().parse_args(
+                    ["run", *(argv if argv is not None else sys.argv[1:])]
+                )
+            return cmd_run(args)
+        if args.command == "presets":
+            return cmd_presets()
+        return cmd_report(args)
+    except FedtierError as e:
+        print(f"fedtier: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtier: interrupted; evaluations so far are in the run directory", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

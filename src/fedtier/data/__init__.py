@@ -1,0 +1,7 @@
+"""Data sets (embedded and file-based) and their partitions over clients."""
+
+from fedtier.data.base import ArrayDataset
+from fedtier.data.partition import partition
+from fedtier.data.registry import known_datasets, load_dataset
+
+__all__ = ["ArrayDataset", "known_datasets", "load_dataset", "partition"]

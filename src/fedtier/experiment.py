@@ -1,0 +1,188 @@
+"""From a Config to a finished run directory: data, topology, per-arm setup, the rounds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fedtier.config import Config, to_dict
+from fedtier.data import ArrayDataset, load_dataset, partition
+from fedtier.errors import FedtierError
+from fedtier.models import build_model
+from fedtier.quant import QuantSpec
+from fedtier.quant.bnstats import add_bit_stats
+from fedtier.quant.election import elect_bits
+from fedtier.results import RunWriter
+from fedtier.rounds import ArmSetup, headline, run_rounds
+from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
+from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
+from fedtier.topology import Topology, build_topology
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedtierError(
+            "train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'"
+        )
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Client index arrays (and, for region-level schemes, the edge of each client)."""
+    rng = np.random.default_rng([cfg.seed, 0xDA7A])
+    d, t = cfg.data, cfg.topology
+    per_edge = [len(a) for a in np.array_split(np.arange(t.clients), t.edges)]
+    parts = partition(
+        train.y.numpy(),
+        t.clients,
+        d.partition,
+        rng,
+        alpha=d.alpha,
+        shards_per_client=d.shards_per_client,
+        clients_per_region=per_edge,
+        min_size=d.min_size,
+    )
+    edge_of_client = (
+        np.repeat(np.arange(t.edges), per_edge) if d.partition in ("feature", "label") else None
+    )
+    return parts, edge_of_client
+
+
+def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTask:
+    if cfg.train.task == "autoencoder":
+        return AutoencoderTask()
+    spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
+    qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
+    return ClassificationTask(num_classes, qat_bits, spec)
+
+
+def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
+    train, test = data
+    parts, edge_of_client = split_clients(cfg, train)
+    sizes = np.array([len(p) for p in parts])
+    topology: Topology = build_topology(cfg.topology, sizes, cfg.seed, edge_of_client)
+    election: dict[str, Any] | None = None
+    if cfg.quant.bits is not None:
+        target_bits = sorted(cfg.quant.bits, reverse=True)
+    else:
+        target_bits, election = elect_bits(topology, cfg.quant.elect_top)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options
+    ).to(device)
+    task = make_task(cfg, train.num_classes, target_bits)
+    if isinstance(task, ClassificationTask) and task.qat_bits and cfg.quant.bn_stats == "per-bit":
+        add_bit_stats(model, task.qat_bits)
+    upload = keep_batchnorm_local if cfg.model.batchnorm == "local" else upload_everything
+    x_all, y_all = train.x, train.y
+    region_x = _region_views(cfg, train, edge_of_client)
+
+    def client_data(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(parts[c])
+        xs = (
+            region_x[int(edge_of_client[c])]
+            if region_x is not None and edge_of_client is not None
+            else x_all
+        )
+        return xs[idx], y_all[idx]
+
+    return ArmSetup(
+        cfg=cfg,
+        model=model,
+        task=task,
+        layout=StateLayout.of(model, upload),
+        client_data=client_data,
+        test=_test_view(cfg, test, topology.num_edges),
+        topology=topology,
+        spec=QuantSpec(cfg.quant.quantizer, cfg.quant.params),
+        target_bits=target_bits,
+        election=election,
+    )
+
+
+def _region_views(
+    cfg: Config, train: ArrayDataset, edge_of_client: np.ndarray | None
+) -> list[torch.Tensor] | None:
+    """Label-related scenario: region r sees its own input domain (seed 001)."""
+    if cfg.data.partition != "label":
+        return None
+    from fedtier.data.partition import apply_domain
+
+    return [apply_domain(train.x, r) for r in range(cfg.topology.edges)]
+
+
+def _test_view(cfg: Config, test: ArrayDataset, regions: int) -> ArrayDataset:
+    """In the label-related scenario the test set holds every region's domain."""
+    if cfg.data.partition != "label":
+        return test
+    from fedtier.data.partition import apply_domain
+
+    xs = torch.cat([apply_domain(test.x, r) for r in range(regions)])
+    return ArrayDataset(xs, test.y.repeat(regions), test.num_classes, test.name)
+
+
+def run_experiment(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Run every arm of ``cfg`` into ``out``; returns the summary (also in summary.json)."""
+    arms = cfg.arm_configs()
+    writer = RunWriter(out, to_dict(cfg))
+    cache: dict[tuple, tuple[ArrayDataset, ArrayDataset]] = {}
+    summary: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "arms": {}}
+    bar = tqdm(
+        total=sum(a.train.rounds for a in arms.values()),
+        desc=cfg.name,
+        unit="round",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for arm, acfg in arms.items():
+            key = (acfg.data.dataset, acfg.data.root)
+            if key not in cache:
+                cache[key] = load_dataset(acfg.data.dataset, acfg.data.root, seed=acfg.seed)
+            summary["arms"][arm] = run_arm(arm, acfg, cache[key], writer, bar)
+            summary["target_bits"] = summary["arms"][arm]["target_bits"]
+    finally:
+        bar.close()
+        if summary["arms"]:
+            writer.finish(summary)
+    return summary
+
+
+def run_arm(
+    arm: str, cfg: Config, data: tuple[ArrayDataset, ArrayDataset], writer: RunWriter, bar: tqdm
+) -> dict[str, Any]:
+    """One arm: set up, log the bit-width election, train, and return its summary entry."""
+    setup = prepare_arm(cfg, data)
+    writer.log(
+        {"arm": arm, "event": "setup", "target_bits": setup.target_bits, "election": setup.election}
+    )
+    start = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    def on_eval(record: dict[str, Any]) -> None:
+        record = {"arm": arm, **record, "wall_s": round(time.perf_counter() - start, 3)}
+        writer.log(record)
+        last.update(record)
+        bar.set_postfix(
+            {"arm": arm, **{f"acc{b}": f"{headline(m):.3f}" for b, m in record["bits"].items()}}
+        )
+
+    bar.set_postfix({"arm": arm})
+    run_rounds(setup, on_eval, on_round=lambda t: bar.update(1))
+    return {
+        "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
+        "metrics": last["bits"],
+        "rounds": cfg.train.rounds,
+        "wall_s": round(time.perf_counter() - start, 3),
+        "target_bits": setup.target_bits,
+        "qat": cfg.quant.qat,
+        "rule": cfg.aggregate.rule,
+    }

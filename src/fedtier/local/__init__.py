@@ -1,0 +1,5 @@
+"""Client-side training."""
+
+from fedtier.local.sgd import LocalConfig, train_client
+
+__all__ = ["LocalConfig", "train_client"]

@@ -1,0 +1,66 @@
+"""Sequential local training: E epochs of mini-batch SGD on one client's data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtier.tasks import ClientTask
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def client_generator(seed: int, round_: int, client: int) -> torch.Generator:
+    """Randomness of one client in one round, independent of who else is sampled."""
+    g = torch.Generator()
+    g.manual_seed(
+        int(np.random.SeedSequence([seed, round_, client]).generate_state(1, np.uint64)[0] >> 1)
+    )
+    return g
+
+
+def train_client(
+    model: nn.Module,
+    task: ClientTask,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LocalConfig,
+    generator: torch.Generator,
+) -> int:
+    """Train ``model`` in place on (x [n, ...], y [n]); returns the number of SGD steps.
+
+    The optimiser is fresh for every client and round (its momentum stays on the device for
+    the duration of the local epochs only), as in FedAvg.
+    """
+    model.train()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    device = next(model.parameters()).device
+    n, steps = len(y), 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            if len(idx) < 2 and n >= 2 and _has_batchnorm(model):
+                continue  # BatchNorm cannot normalise a batch of one
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            task.loss(model, xb, yb).backward()
+            opt.step()
+            steps += 1
+    return steps
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,0 +1,135 @@
+"""The run directory: config.yaml, metrics.jsonl, summary.json, report.md and plots.
+
+Everything a report needs is in metrics.jsonl and summary.json, so ``fedtier report DIR``
+re-renders tables and plots of a finished (or interrupted) run without re-running it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedtier.errors import FedtierError
+
+
+class RunWriter:
+    """Appends evaluation records as they come, so nothing computed is lost on an error."""
+
+    def __init__(self, out: Path, config: dict[str, Any]) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.metrics = out / "metrics.jsonl"
+        self.metrics.write_text("")
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        render_report(self.out)
+
+
+def read_run(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(metrics records, summary) of a run directory; clear errors when files are missing."""
+    if not out.is_dir():
+        raise FedtierError(f"run directory '{out}' does not exist")
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        raise FedtierError(f"'{out}' is not a fedtier run directory: {path.name} is missing")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise FedtierError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+    summary_path = out / "summary.json"
+    summary = (
+        json.loads(summary_path.read_text()) if summary_path.is_file() else summary_from(records)
+    )
+    return records, summary
+
+
+def summary_from(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A summary rebuilt from the last evaluation of each arm (for interrupted runs)."""
+    arms: dict[str, Any] = {}
+    for r in records:
+        if "bits" in r:
+            arms[r["arm"]] = {
+                "cda": {b: m["accuracy"] for b, m in r["bits"].items() if "accuracy" in m},
+                "rounds": r["round"],
+                "wall_s": r.get("wall_s", 0.0),
+            }
+    return {"arms": arms}
+
+
+def cda_table(summary: dict[str, Any]) -> str:
+    """Markdown table shaped like QAFed's Table 3: rows bit widths, columns arms (CDA %)."""
+    arms = summary.get("arms", {})
+    if not arms:
+        return "(no evaluations recorded)"
+    bits = sorted({int(b) for a in arms.values() for b in a.get("cda", {})}, reverse=True)
+    names = list(arms)
+    lines = ["| bits | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for b in bits:
+        cells = [
+            f"{100 * arms[n]['cda'][str(b)]:.1f}" if str(b) in arms[n].get("cda", {}) else "–"
+            for n in names
+        ]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(out: Path) -> Path:
+    """Write report.md (tables) and accuracy.png (CDA per bit width against round, per arm)."""
+    records, summary = read_run(out)
+    lines = [f"# fedtier run: {summary.get('name', out.name)}", ""]
+    if summary.get("target_bits") is not None:
+        lines += [f"Target bit set B: {summary['target_bits']}", ""]
+    lines += ["## Clean accuracy (%) after post-training quantization", "", cda_table(summary), ""]
+    arms = summary.get("arms", {})
+    if arms:
+        lines += ["| arm | rounds | wall time (s) |", "|---|---|---|"]
+        lines += [
+            f"| {n} | {a.get('rounds', '–')} | {a.get('wall_s', 0):.1f} |" for n, a in arms.items()
+        ]
+        lines.append("")
+    plot = plot_accuracy(records, out / "accuracy.png")
+    if plot is not None:
+        lines += ["## Accuracy per bit width against round", "", f"![accuracy]({plot.name})", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def plot_accuracy(records: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if "bits" in r]
+    arms = list(dict.fromkeys(r["arm"] for r in evals))
+    if not arms:
+        return None
+    fig, axes = plt.subplots(
+        1, len(arms), figsize=(4.5 * len(arms), 3.5), squeeze=False, sharey=True
+    )
+    for ax, arm in zip(axes[0], arms):
+        rs = [r for r in evals if r["arm"] == arm]
+        for b in rs[0]["bits"]:
+            ys = [100 * r["bits"][b].get("accuracy", float("nan")) for r in rs]
+            ax.plot([r["round"] for r in rs], ys, marker="o", ms=3, label=f"{b} bit")
+        ax.set_title(arm)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("clean accuracy (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,144 @@
+"""The synchronous hierarchical round (QAFed Algorithm 1), top to bottom.
+
+for each cloud round t:
+    plan   = which edges, which clients                      (topology.plan_round)
+    for each sampled edge s, κ times:
+        Δ_i  = local training of client i from the edge model (local.train_client)
+        Δ_s  = edge rule over its clients' deltas             (aggregate.rules)
+    Δ      = cloud rule over the edges' deltas
+    w      = server step (η_s, N)                             (aggregate.server)
+    every eval.every rounds: CDA of Q_b(w) for b in eval bits (evaluate)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedtier.aggregate import ServerStep, client_weights, weighted_mean
+from fedtier.config import Config
+from fedtier.data import ArrayDataset
+from fedtier.evaluate import evaluate_at_bits
+from fedtier.local import LocalConfig, train_client
+from fedtier.local.sgd import client_generator
+from fedtier.quant import QuantSpec
+from fedtier.state import StateLayout
+from fedtier.tasks import ClientTask
+from fedtier.topology import Topology, expected_sampled, plan_round
+
+
+@dataclass
+class ArmSetup:
+    """Everything one arm needs; built by :func:`fedtier.experiment.prepare_arm`."""
+
+    cfg: Config
+    model: nn.Module  # one working model, reused by every client (no per-client copies)
+    task: ClientTask
+    layout: StateLayout
+    client_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # client id → (x, y)
+    test: ArrayDataset
+    topology: Topology
+    spec: QuantSpec
+    target_bits: list[int]
+    election: dict | None = None  # the vote that chose target_bits (None when configured)
+    local_state: dict[int, torch.Tensor] = field(default_factory=dict)  # FedBN: device-kept part
+
+
+def run_rounds(
+    setup: ArmSetup,
+    on_eval: Callable[[dict], None],
+    on_round: Callable[[int], None] = lambda t: None,
+) -> torch.Tensor:
+    """Train for cfg.train.rounds cloud rounds; returns the final global state [P]."""
+    cfg = setup.cfg
+    w = setup.layout.flatten(setup.model)
+    upload = setup.layout.mask()
+    step = ServerStep(cfg.aggregate.rule, server_lr(setup), setup.topology.num_clients)
+    for t in range(cfg.train.rounds):
+        plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
+        deltas, weights = [], []
+        for clients in plan.edges.values():
+            delta, weight = edge_update(setup, w, clients, t, upload)
+            deltas.append(delta)
+            weights.append(weight)
+        mean_update, _ = weighted_mean(torch.stack(deltas), torch.tensor(weights))
+        w = step.apply(w, mean_update, len(plan.clients))
+        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
+            on_eval({"round": t + 1, "plan": plan.to_dict(), "bits": evaluate(setup, w, upload)})
+        on_round(t)
+    return w
+
+
+def server_lr(setup: ArmSetup) -> float:
+    a = setup.cfg.aggregate
+    if a.server_lr is not None:
+        return a.server_lr
+    if a.rule == "qafed":  # η_s = N / m: the paper's update equals the mean of the deltas
+        return setup.topology.num_clients / expected_sampled(setup.topology, setup.cfg.topology)
+    return 1.0
+
+
+def edge_update(
+    setup: ArmSetup, w: torch.Tensor, clients: list[int], t: int, upload: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """κ edge rounds from w; returns (the edge's update Δ_s [P], its weight at the cloud)."""
+    kappa = setup.cfg.aggregate.edge_rounds
+    sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
+    weights = client_weights(setup.cfg.aggregate.rule, sizes)
+    w_edge = w
+    for k in range(kappa):
+        deltas = torch.stack(
+            [client_update(setup, w_edge, c, t * kappa + k, upload) for c in clients]
+        )
+        mean, _ = weighted_mean(deltas, weights)
+        w_edge = w_edge + mean
+    return w_edge - w, float(weights.sum())
+
+
+def client_update(
+    setup: ArmSetup, w: torch.Tensor, client: int, step: int, upload: torch.Tensor
+) -> torch.Tensor:
+    """Δ_i = w_{t,E}^i − w_t for one client (zero where the state is kept on the device)."""
+    cfg = setup.cfg
+    start = w
+    if client in setup.local_state:  # FedBN: restore the device-kept entries
+        start = torch.where(upload, w, setup.local_state[client])
+    setup.layout.load(setup.model, start)
+    x, y = setup.client_data(client)
+    local = LocalConfig(
+        cfg.train.epochs,
+        cfg.train.batch_size,
+        cfg.train.lr,
+        cfg.train.momentum,
+        cfg.train.weight_decay,
+    )
+    train_client(setup.model, setup.task, x, y, local, client_generator(cfg.seed, step, client))
+    new = setup.layout.flatten(setup.model)
+    if not bool(upload.all()):
+        setup.local_state[client] = new
+    return torch.where(upload, new - start, torch.zeros_like(new))
+
+
+def evaluate(setup: ArmSetup, w: torch.Tensor, upload: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Metrics per evaluation bit width; FedBN evaluates with the mean of the devices' BN state."""
+    if setup.local_state:
+        kept = torch.stack(list(setup.local_state.values())).mean(0)
+        w = torch.where(upload, w, kept)
+    cfg = setup.cfg
+    return evaluate_at_bits(
+        setup.model,
+        setup.layout,
+        w,
+        setup.task,
+        setup.test,
+        cfg.quant.eval_bits,
+        setup.spec,
+        cfg.eval.batch_size,
+    )
+
+
+def headline(metrics: dict[str, float]) -> float:
+    return float(next(iter(metrics.values())))

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from fedtier.config import from_dict
+
+torch.set_num_threads(1)
+
+
+def tiny_config(**overrides):
+    """A seconds-long run on sklearn digits: 12 clients, 2 edges, 3 rounds."""
+    d = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 1.0},
+        "topology": {"edges": 2, "clients": 12, "edges_per_round": 2, "clients_per_edge": 3},
+        "model": {"name": "cnn-bn", "options": {"width": 0.5, "hidden": 32}},
+        "train": {"rounds": 3, "epochs": 1, "batch_size": 16, "lr": 0.1, "momentum": 0.5},
+        "quant": {"eval_bits": [32, 8, 4]},
+        "eval": {"every": 1},
+    }
+    for key, value in overrides.items():
+        node = d
+        *head, last = key.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return from_dict(d)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

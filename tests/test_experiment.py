@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from fedtier.data import load_dataset
+from fedtier.experiment import prepare_arm, run_experiment
+from fedtier.rounds import run_rounds
+from tests.conftest import tiny_config
+
+
+def test_run_writes_every_result_file_and_summary_shape(tmp_path):
+    cfg = tiny_config(arms={"qafed": {"quant.qat": True, "aggregate.rule": "qafed"}, "fedavg": {}})
+    summary = run_experiment(cfg, tmp_path, progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md", "accuracy.png"):
+        assert (tmp_path / name).is_file(), name
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for arm in ("qafed", "fedavg"):
+        entry = on_disk["arms"][arm]
+        assert set(entry["cda"]) == {"32", "8", "4"}
+        assert all(0.0 <= v <= 1.0 for v in entry["cda"].values())
+        assert entry["rounds"] == 3 and entry["wall_s"] > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    setup = [r for r in records if r.get("event") == "setup"]
+    assert [r["target_bits"] for r in setup] == [[8, 4], [8, 4]]  # elected from device profiles
+    assert setup[0]["election"]["elected"] == [8, 4]
+    evals = [r for r in records if "bits" in r]
+    assert [r["round"] for r in evals] == [1, 2, 3, 1, 2, 3]
+    assert "class_0" in evals[-1]["bits"]["32"]  # per-class accuracy
+    assert "| 4 |" in (tmp_path / "report.md").read_text()
+
+
+def test_same_config_and_seed_give_identical_numbers(tmp_path):
+    cfg = tiny_config(**{"quant.qat": True})
+    a = run_experiment(cfg, tmp_path / "a", progress=False)
+    b = run_experiment(cfg, tmp_path / "b", progress=False)
+    assert a["arms"]["main"]["cda"] == b["arms"]["main"]["cda"]
+
+
+def test_training_learns_digits():
+    cfg = tiny_config(**{"train.rounds": 8, "topology.clients_per_edge": 6, "model.name": "mlp", "model.options": {}})
+    setup = prepare_arm(cfg, load_dataset("digits"))
+    evals = []
+    run_rounds(setup, evals.append)
+    assert evals[-1]["bits"]["32"]["accuracy"] > 0.8
+    assert evals[-1]["bits"]["32"]["accuracy"] > evals[0]["bits"]["32"]["accuracy"]
+
+
+def test_qat_model_keeps_its_accuracy_when_quantized_and_plain_one_does_not():
+    data = load_dataset("digits")
+    accs = {}
+    for qat in (True, False):
+        cfg = tiny_config(**{"quant.qat": qat, "train.rounds": 10, "topology.clients_per_edge": 6, "eval.every": 10})
+        evals = []
+        run_rounds(prepare_arm(cfg, data), evals.append)
+        accs[qat] = {b: m["accuracy"] for b, m in evals[-1]["bits"].items()}
+    assert accs[True]["4"] >= accs[True]["32"] - 0.1
+    assert accs[True]["4"] >= accs[False]["4"] + 0.3
+
+
+def test_fedbn_keeps_batchnorm_state_on_devices():
+    cfg = tiny_config(**{"model.batchnorm": "local"})
+    setup = prepare_arm(cfg, load_dataset("digits"))
+    w0 = setup.layout.flatten(setup.model)
+    w = run_rounds(setup, lambda r: None)
+    kept = ~setup.layout.mask()
+    assert torch.equal(w[kept], w0[kept])  # the cloud never moves device-kept entries
+    assert len(setup.local_state) > 0
+    assert not torch.equal(next(iter(setup.local_state.values()))[kept], w0[kept])
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_edge_rounds_run(kappa):
+    cfg = tiny_config(**{"aggregate.edge_rounds": kappa, "train.rounds": 1})
+    evals = []
+    run_rounds(prepare_arm(cfg, load_dataset("digits")), evals.append)
+    assert len(evals) == 1
+
+
+def test_autoencoder_task_runs_through_the_same_round_loop():
+    cfg = tiny_config(**{"train.task": "autoencoder", "model.name": "autoencoder", "model.options": {}, "train.rounds": 4})
+    evals = []
+    run_rounds(prepare_arm(cfg, load_dataset("digits")), evals.append)
+    mse = [e["bits"]["32"]["mse"] for e in evals]
+    assert mse[-1] < mse[0]
+    assert set(evals[-1]["bits"]) == {"32", "8", "4"}
+
+
+@pytest.mark.parametrize("scheme", ["iid", "shards", "feature", "label"])
+def test_every_partition_scheme_runs(scheme):
+    cfg = tiny_config(**{"data.partition": scheme, "train.rounds": 1, "model.name": "mlp", "model.options": {}})
+    evals = []
+    setup = prepare_arm(cfg, load_dataset("digits"))
+    run_rounds(setup, evals.append)
+    expected = 2 * 360 if scheme == "label" else 360
+    assert len(setup.test) == pytest.approx(expected, abs=5)
