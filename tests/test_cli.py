@@ -21,7 +21,9 @@ def test_run_a_yaml_file_with_overrides_then_report(tmp_path, capsys):
         "model: {name: mlp}\ntrain: {rounds: 5, epochs: 1}\nquant: {eval_bits: [32, 4]}\n"
     )
     out = tmp_path / "run"
-    assert main(["run", str(cfg), "--set", "train.rounds=2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["run", str(cfg), "--set", "train.rounds=2", "--out", str(out), "--no-progress"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "| 32 |" in printed and "| 4 |" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -52,5 +54,7 @@ def test_user_mistakes_print_one_clear_line_and_exit_2(argv, fragment, capsys, t
 
 
 def test_python_dash_m_works():
-    r = subprocess.run([sys.executable, "-m", "fedtier", "presets"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fedtier", "presets"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "qafed-mnist" in r.stdout

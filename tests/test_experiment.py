@@ -39,7 +39,14 @@ def test_same_config_and_seed_give_identical_numbers(tmp_path):
 
 
 def test_training_learns_digits():
-    cfg = tiny_config(**{"train.rounds": 8, "topology.clients_per_edge": 6, "model.name": "mlp", "model.options": {}})
+    cfg = tiny_config(
+        **{
+            "train.rounds": 8,
+            "topology.clients_per_edge": 6,
+            "model.name": "mlp",
+            "model.options": {},
+        }
+    )
     setup = prepare_arm(cfg, load_dataset("digits"))
     evals = []
     run_rounds(setup, evals.append)
@@ -51,7 +58,14 @@ def test_qat_model_keeps_its_accuracy_when_quantized_and_plain_one_does_not():
     data = load_dataset("digits")
     accs = {}
     for qat in (True, False):
-        cfg = tiny_config(**{"quant.qat": qat, "train.rounds": 10, "topology.clients_per_edge": 6, "eval.every": 10})
+        cfg = tiny_config(
+            **{
+                "quant.qat": qat,
+                "train.rounds": 10,
+                "topology.clients_per_edge": 6,
+                "eval.every": 10,
+            }
+        )
         evals = []
         run_rounds(prepare_arm(cfg, data), evals.append)
         accs[qat] = {b: m["accuracy"] for b, m in evals[-1]["bits"].items()}
@@ -79,7 +93,14 @@ def test_edge_rounds_run(kappa):
 
 
 def test_autoencoder_task_runs_through_the_same_round_loop():
-    cfg = tiny_config(**{"train.task": "autoencoder", "model.name": "autoencoder", "model.options": {}, "train.rounds": 4})
+    cfg = tiny_config(
+        **{
+            "train.task": "autoencoder",
+            "model.name": "autoencoder",
+            "model.options": {},
+            "train.rounds": 4,
+        }
+    )
     evals = []
     run_rounds(prepare_arm(cfg, load_dataset("digits")), evals.append)
     mse = [e["bits"]["32"]["mse"] for e in evals]
@@ -89,7 +110,9 @@ def test_autoencoder_task_runs_through_the_same_round_loop():
 
 @pytest.mark.parametrize("scheme", ["iid", "shards", "feature", "label"])
 def test_every_partition_scheme_runs(scheme):
-    cfg = tiny_config(**{"data.partition": scheme, "train.rounds": 1, "model.name": "mlp", "model.options": {}})
+    cfg = tiny_config(
+        **{"data.partition": scheme, "train.rounds": 1, "model.name": "mlp", "model.options": {}}
+    )
     evals = []
     setup = prepare_arm(cfg, load_dataset("digits"))
     run_rounds(setup, evals.append)
