@@ -31,6 +31,7 @@ def test_every_preset_loads_and_resolves_its_arms(name):
         ({"topology": {"device_mix": {"toaster": 1.0}}}, "topology.device_mix", "device classes"),
         ({"data": {"partition": "random"}}, "data.partition", "'dirichlet'"),
         ({"aggregate": {"rule": "avg"}}, "aggregate.rule", "'qafed'"),
+        ({"aggregate": {"edge_rule": "medain"}}, "aggregate.edge_rule", "'mean'"),
         ({"train": {"epoch": 3}}, "train.epoch", "did you mean 'train.epochs'"),
         ({"trian": {}}, "trian", "known fields"),
         ({"arms": {"a": {"train.lr": 0}}}, "train.lr", "positive"),

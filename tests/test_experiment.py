@@ -118,3 +118,15 @@ def test_every_partition_scheme_runs(scheme):
     run_rounds(setup, evals.append)
     expected = 2 * 360 if scheme == "label" else 360
     assert len(setup.test) == pytest.approx(expected, abs=5)
+
+
+def test_upload_chain_runs_in_the_round_and_its_metrics_are_logged():
+    cfg = tiny_config(upload=[{"clip": {"max_norm": 1e-3}}], **{"train.rounds": 2, "eval.every": 2})
+    setup = prepare_arm(cfg, load_dataset("digits"))
+    w0 = setup.layout.flatten(setup.model)
+    evals = []
+    w = run_rounds(setup, evals.append)
+    stages = evals[-1]["stages"]
+    assert stages["client/clip/clipped"] == 12.0  # 2 rounds × 2 edges × 3 clients, all clipped
+    assert stages["edge/rows"] == 12.0 and stages["cloud/rows"] == 4.0
+    assert (w - w0).norm() <= 2 * 1e-3 + 1e-6  # two rounds of means of updates of norm ≤ 1e-3

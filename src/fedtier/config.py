@@ -78,6 +78,8 @@ class QuantConfig:
 @dataclass
 class AggregateConfig:
     rule: Literal["qafed", "fedavg"] = "fedavg"  # qafed: w + η_s ΣΔ/N; fedavg: sample-weighted
+    edge_rule: str = "mean"  # rule over an edge's client updates (fedtier.aggregate.RULES)
+    cloud_rule: str = "mean"  # rule over the edges' updates
     server_lr: float | None = None  # η_s; None = N / sampled clients (qafed), 1 (fedavg)
     edge_rounds: int = 1  # κ client→edge aggregations per cloud round (HierFAVG)
 
@@ -99,6 +101,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    upload: list[dict[str, Any]] = field(default_factory=list)  # client→edge stages, in order
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm → dotted overrides
 
     def arm_configs(self) -> dict[str, Config]:
@@ -301,5 +304,15 @@ def validate(cfg: Config) -> None:
     if a.server_lr is not None:
         _positive(a.server_lr, "aggregate.server_lr")
     _positive(a.edge_rounds, "aggregate.edge_rounds", integer=True)
+    from fedtier.aggregate import RULES
+    from fedtier.upload import build_chain
+
+    for name, rule in (
+        ("aggregate.edge_rule", a.edge_rule),
+        ("aggregate.cloud_rule", a.cloud_rule),
+    ):
+        if rule not in RULES:
+            raise ConfigError(name, rule, f"one of {sorted(RULES)}")
+    build_chain(cfg.upload)
     _positive(cfg.eval.every, "eval.every", integer=True)
     _positive(cfg.eval.batch_size, "eval.batch_size", integer=True)

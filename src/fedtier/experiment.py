@@ -22,6 +22,7 @@ from fedtier.rounds import ArmSetup, headline, run_rounds
 from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
 from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
 from fedtier.topology import Topology, build_topology
+from fedtier.upload import build_chain
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,6 +106,7 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         spec=QuantSpec(cfg.quant.quantizer, cfg.quant.params),
         target_bits=target_bits,
         election=election,
+        upload=build_chain(cfg.upload),
     )
 
 

@@ -1,24 +1,29 @@
 """The synchronous hierarchical round (QAFed Algorithm 1), top to bottom.
 
-for each cloud round t:
-    plan   = which edges, which clients                      (topology.plan_round)
-    for each sampled edge s, κ times:
-        Δ_i  = local training of client i from the edge model (local.train_client)
-        Δ_s  = edge rule over its clients' deltas             (aggregate.rules)
-    Δ      = cloud rule over the edges' deltas
-    w      = server step (η_s, N)                             (aggregate.server)
-    every eval.every rounds: CDA of Q_b(w) for b in eval bits (evaluate)
+    for each cloud round t:
+        plan   = which edges, which clients                      (topology.plan_round)
+        for each sampled edge s, κ times:
+            Δ_i  = local training from the edge model            (setup.executor → local/)
+            Δ_i  = upload path: attacks, clipping, noise, codec  (setup.upload → upload/)
+            Δ_s  = edge rule over its clients' deltas             (aggregate.RULES)
+        Δ      = cloud rule over the edges' deltas
+        w      = server step (η_s, N)                             (aggregate.server)
+        every eval.every rounds: CDA of Q_b(w) for b in eval bits (evaluate)
+
+Every stage returns metrics under its own name; they are summed between evaluations and
+logged with each evaluation record under "stages".
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from fedtier.aggregate import ServerStep, client_weights, weighted_mean
+from fedtier.aggregate import ServerStep, client_weights, get_rule
 from fedtier.config import Config
 from fedtier.data import ArrayDataset
 from fedtier.evaluate import evaluate_at_bits
@@ -28,6 +33,9 @@ from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
 from fedtier.tasks import ClientTask
 from fedtier.topology import Topology, expected_sampled, plan_round
+from fedtier.upload import Chain, UploadContext
+
+Metrics = dict[str, float]
 
 
 @dataclass
@@ -44,7 +52,14 @@ class ArmSetup:
     spec: QuantSpec
     target_bits: list[int]
     election: dict | None = None  # the vote that chose target_bits (None when configured)
+    upload: Chain = field(default_factory=Chain)  # client → edge stages
+    executor: Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor] | None = None
     local_state: dict[int, torch.Tensor] = field(default_factory=dict)  # FedBN: device-kept part
+
+    def __post_init__(self) -> None:
+        self.upload_mask = self.layout.mask()
+        if self.executor is None:
+            self.executor = train_sequential
 
 
 def run_rounds(
@@ -55,19 +70,29 @@ def run_rounds(
     """Train for cfg.train.rounds cloud rounds; returns the final global state [P]."""
     cfg = setup.cfg
     w = setup.layout.flatten(setup.model)
-    upload = setup.layout.mask()
     step = ServerStep(cfg.aggregate.rule, server_lr(setup), setup.topology.num_clients)
+    cloud_rule = get_rule(cfg.aggregate.cloud_rule)
+    stages: Metrics = defaultdict(float)
     for t in range(cfg.train.rounds):
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
         deltas, weights = [], []
-        for clients in plan.edges.values():
-            delta, weight = edge_update(setup, w, clients, t, upload)
+        for edge, clients in plan.edges.items():
+            delta, weight = edge_update(setup, w, edge, clients, t, stages)
             deltas.append(delta)
             weights.append(weight)
-        mean_update, _ = weighted_mean(torch.stack(deltas), torch.tensor(weights))
+        mean_update, m = cloud_rule(torch.stack(deltas), torch.tensor(weights))
+        _add(stages, "cloud", m)
         w = step.apply(w, mean_update, len(plan.clients))
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
-            on_eval({"round": t + 1, "plan": plan.to_dict(), "bits": evaluate(setup, w, upload)})
+            on_eval(
+                {
+                    "round": t + 1,
+                    "plan": plan.to_dict(),
+                    "stages": dict(stages),
+                    "bits": evaluate(setup, w),
+                }
+            )
+            stages.clear()
         on_round(t)
     return w
 
@@ -82,27 +107,37 @@ def server_lr(setup: ArmSetup) -> float:
 
 
 def edge_update(
-    setup: ArmSetup, w: torch.Tensor, clients: list[int], t: int, upload: torch.Tensor
+    setup: ArmSetup, w: torch.Tensor, edge: int, clients: list[int], t: int, stages: Metrics
 ) -> tuple[torch.Tensor, float]:
     """κ edge rounds from w; returns (the edge's update Δ_s [P], its weight at the cloud)."""
-    kappa = setup.cfg.aggregate.edge_rounds
+    cfg = setup.cfg
+    kappa = cfg.aggregate.edge_rounds
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
-    weights = client_weights(setup.cfg.aggregate.rule, sizes)
+    weights = client_weights(cfg.aggregate.rule, sizes)
+    rule = get_rule(cfg.aggregate.edge_rule)
     w_edge = w
     for k in range(kappa):
-        deltas = torch.stack(
-            [client_update(setup, w_edge, c, t * kappa + k, upload) for c in clients]
-        )
-        mean, _ = weighted_mean(deltas, weights)
+        step = t * kappa + k
+        assert setup.executor is not None
+        deltas = setup.executor(setup, w_edge, clients, step)
+        deltas, m = setup.upload(deltas, UploadContext(step, edge, clients, sizes, cfg.seed))
+        _add(stages, "client", m)
+        mean, m = rule(deltas, weights)
+        _add(stages, "edge", m)
         w_edge = w_edge + mean
     return w_edge - w, float(weights.sum())
 
 
-def client_update(
-    setup: ArmSetup, w: torch.Tensor, client: int, step: int, upload: torch.Tensor
+def train_sequential(
+    setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
 ) -> torch.Tensor:
+    """The reference executor: clients one after another in one working model → [C, P]."""
+    return torch.stack([client_update(setup, w, c, step) for c in clients])
+
+
+def client_update(setup: ArmSetup, w: torch.Tensor, client: int, step: int) -> torch.Tensor:
     """Δ_i = w_{t,E}^i − w_t for one client (zero where the state is kept on the device)."""
-    cfg = setup.cfg
+    cfg, upload = setup.cfg, setup.upload_mask
     start = w
     if client in setup.local_state:  # FedBN: restore the device-kept entries
         start = torch.where(upload, w, setup.local_state[client])
@@ -122,11 +157,11 @@ def client_update(
     return torch.where(upload, new - start, torch.zeros_like(new))
 
 
-def evaluate(setup: ArmSetup, w: torch.Tensor, upload: torch.Tensor) -> dict[str, dict[str, float]]:
+def evaluate(setup: ArmSetup, w: torch.Tensor) -> dict[str, Metrics]:
     """Metrics per evaluation bit width; FedBN evaluates with the mean of the devices' BN state."""
     if setup.local_state:
         kept = torch.stack(list(setup.local_state.values())).mean(0)
-        w = torch.where(upload, w, kept)
+        w = torch.where(setup.upload_mask, w, kept)
     cfg = setup.cfg
     return evaluate_at_bits(
         setup.model,
@@ -140,5 +175,10 @@ def evaluate(setup: ArmSetup, w: torch.Tensor, upload: torch.Tensor) -> dict[str
     )
 
 
-def headline(metrics: dict[str, float]) -> float:
+def headline(metrics: Metrics) -> float:
     return float(next(iter(metrics.values())))
+
+
+def _add(total: Metrics, tier: str, metrics: Metrics) -> None:
+    for k, v in metrics.items():
+        total[f"{tier}/{k}"] += v

@@ -1,0 +1,92 @@
+"""The upload path as a value: a named chain of stages over all clients of an edge at once.
+
+A stage is a callable ``(deltas [C, P], ctx) -> (deltas [C, P], metrics)``; a chain applies
+its stages in order and reports each stage's metrics under the stage's own name
+(``clip/clipped``). An empty chain is the identity. Attacks, clipping, local DP noise,
+compression codecs and radio cost models are all stages (see ``STAGES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from fedtier.errors import ConfigError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class UploadContext:
+    """Who is uploading: the round, the edge and its sampled clients (row order of deltas)."""
+
+    round: int
+    edge: int
+    clients: list[int]
+    num_samples: torch.Tensor  # [C]
+    seed: int
+
+
+class Stage(Protocol):
+    def __call__(
+        self, deltas: torch.Tensor, ctx: UploadContext
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass(frozen=True)
+class Chain:
+    stages: tuple[tuple[str, Stage], ...] = ()
+
+    def __call__(
+        self, deltas: torch.Tensor, ctx: UploadContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        metrics: dict[str, float] = {}
+        for name, stage in self.stages:
+            deltas, m = stage(deltas, ctx)
+            metrics.update({f"{name}/{k}": v for k, v in m.items()})
+        return deltas, metrics
+
+
+def named_chain(*stages: tuple[str, Stage]) -> Chain:
+    return Chain(tuple(stages))
+
+
+def clip_norm(max_norm: float) -> Stage:
+    """Norm bounding: each client's update is scaled to ‖Δ_i‖₂ ≤ max_norm (survey; DP's clip)."""
+    if not max_norm > 0:
+        raise ConfigError("upload.clip.max_norm", max_norm, "a positive number")
+
+    def stage(deltas: torch.Tensor, ctx: UploadContext) -> tuple[torch.Tensor, dict[str, float]]:
+        norms = deltas.norm(dim=1, keepdim=True)
+        scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
+        return deltas * scale, {
+            "clipped": float((norms > max_norm).sum()),
+            "mean_norm": float(norms.mean()),
+        }
+
+    return stage
+
+
+STAGES: dict[str, Callable[..., Stage]] = {"clip": clip_norm}
+
+
+def build_chain(specs: Sequence[dict[str, Any]]) -> Chain:
+    """From config: ``[{"clip": {"max_norm": 5.0}}, ...]`` → a Chain, with field-named errors."""
+    stages = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"upload[{i}]", spec, "a one-key mapping {stage: {options}}")
+        ((name, options),) = spec.items()
+        if name not in STAGES:
+            raise UnknownNameError("upload stage", name, STAGES)
+        options = options or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"upload[{i}].{name}", options, "a mapping of the stage's options")
+        try:
+            stages.append((name, STAGES[name](**options)))
+        except TypeError as e:
+            raise ConfigError(
+                f"upload[{i}].{name}", options, f"the options of '{name}' ({e})"
+            ) from None
+    return Chain(tuple(stages))
