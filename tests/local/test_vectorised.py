@@ -136,7 +136,7 @@ def test_clients_with_their_own_task_fall_back():
     ("overrides", "expected"),
     [
         ({"model.name": "mlp", "model.options": {}}, ("vectorised", "not convolutional")),
-        ({}, ("sequential", "convolutional")),
+        ({"model.name": "cnn", "train.executor": "processes"}, ("processes", "'processes'")),
         ({"train.executor": "sequential"}, ("sequential", "'sequential'")),
         ({"train.executor": "vectorised"}, ("vectorised", "'vectorised'")),
         (

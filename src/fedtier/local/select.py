@@ -43,8 +43,18 @@ def choose_executor(setup: ArmSetup) -> tuple[str, str]:
         return "vectorised", "train.executor is 'vectorised'"
     if reason is not None:
         return "sequential", reason
+    if wanted == "processes":
+        return "processes", "train.executor is 'processes'"
     if is_compute_bound(setup.model):
-        return "sequential", "the model is convolutional (compute-bound)"
+        from fedtier.local.parallel import available_workers
+
+        on_cpu = next(setup.model.parameters()).device.type == "cpu"
+        if on_cpu and available_workers() > 1:
+            return "processes", (
+                f"the model is convolutional (compute-bound): one single-threaded worker "
+                f"per core ({available_workers()})"
+            )
+        return "sequential", "the model is convolutional (compute-bound) and one core is free"
     return "vectorised", "the model is not convolutional and the clients share one task"
 
 
@@ -54,14 +64,16 @@ def select_executor(setup: ArmSetup) -> str:
     The choice is logged at INFO; a fallback from an explicitly requested executor is a
     warning, said once.
     """
+    from fedtier.local.parallel import ProcessExecutor
     from fedtier.local.vectorised import train_vectorised
 
     name, why = choose_executor(setup)
-    executors: dict[str, Executor] = {
-        "sequential": train_sequential,
-        "vectorised": train_vectorised,
+    executors: dict[str, Callable[[], Executor]] = {
+        "sequential": lambda: train_sequential,
+        "vectorised": lambda: train_vectorised,
+        "processes": ProcessExecutor,
     }
-    setup.executor = executors[name]
+    setup.executor = executors[name]()
     message = f"executor: {name} ({why})"
     if setup.cfg.train.executor not in ("auto", name):
         say_once(message)
