@@ -13,6 +13,7 @@ from tqdm import tqdm
 from fedtier.config import Config, to_dict
 from fedtier.data import ArrayDataset, load_dataset, partition
 from fedtier.errors import FedtierError
+from fedtier.local.select import select_executor
 from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
@@ -95,7 +96,7 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         )
         return xs[idx], y_all[idx]
 
-    return ArmSetup(
+    setup = ArmSetup(
         cfg=cfg,
         model=model,
         task=task,
@@ -108,6 +109,8 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         election=election,
         upload=build_chain(cfg.upload),
     )
+    setup.executor_name = select_executor(setup)
+    return setup
 
 
 def _region_views(
@@ -164,7 +167,13 @@ def run_arm(
     """One arm: set up, log the bit-width election, train, and return its summary entry."""
     setup = prepare_arm(cfg, data)
     writer.log(
-        {"arm": arm, "event": "setup", "target_bits": setup.target_bits, "election": setup.election}
+        {
+            "arm": arm,
+            "event": "setup",
+            "target_bits": setup.target_bits,
+            "election": setup.election,
+            "executor": setup.executor_name,
+        }
     )
     start = time.perf_counter()
     last: dict[str, Any] = {}

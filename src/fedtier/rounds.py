@@ -55,6 +55,7 @@ class ArmSetup:
     upload: Chain = field(default_factory=Chain)  # client → edge stages
     executor: Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor] | None = None
     local_state: dict[int, torch.Tensor] = field(default_factory=dict)  # FedBN: device-kept part
+    executor_name: str = "sequential"  # which executor trains the clients (fedtier.local.select)
 
     def __post_init__(self) -> None:
         self.upload_mask = self.layout.mask()
@@ -137,21 +138,33 @@ def train_sequential(
 
 def client_update(setup: ArmSetup, w: torch.Tensor, client: int, step: int) -> torch.Tensor:
     """Δ_i = w_{t,E}^i − w_t for one client (zero where the state is kept on the device)."""
-    cfg, upload = setup.cfg, setup.upload_mask
-    start = w
-    if client in setup.local_state:  # FedBN: restore the device-kept entries
-        start = torch.where(upload, w, setup.local_state[client])
+    start = client_start(setup, w, client)
     setup.layout.load(setup.model, start)
     x, y = setup.client_data(client)
-    local = LocalConfig(
-        cfg.train.epochs,
-        cfg.train.batch_size,
-        cfg.train.lr,
-        cfg.train.momentum,
-        cfg.train.weight_decay,
-    )
-    train_client(setup.model, setup.task, x, y, local, client_generator(cfg.seed, step, client))
-    new = setup.layout.flatten(setup.model)
+    local = local_config(setup.cfg)
+    generator = client_generator(setup.cfg.seed, step, client)
+    train_client(setup.model, setup.task, x, y, local, generator)
+    return client_delta(setup, client, start, setup.layout.flatten(setup.model))
+
+
+def local_config(cfg: Config) -> LocalConfig:
+    """The local-training settings of ``cfg.train``."""
+    t = cfg.train
+    return LocalConfig(t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+
+
+def client_start(setup: ArmSetup, w: torch.Tensor, client: int) -> torch.Tensor:
+    """The state [P] a client starts from: w, with FedBN's device-kept entries restored."""
+    if client in setup.local_state:
+        return torch.where(setup.upload_mask, w, setup.local_state[client])
+    return w
+
+
+def client_delta(
+    setup: ArmSetup, client: int, start: torch.Tensor, new: torch.Tensor
+) -> torch.Tensor:
+    """Δ_i [P] from a client's start and trained state; keeps the device-kept part (FedBN)."""
+    upload = setup.upload_mask
     if not bool(upload.all()):
         setup.local_state[client] = new
     return torch.where(upload, new - start, torch.zeros_like(new))

@@ -47,19 +47,33 @@ def train_client(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     device = next(model.parameters()).device
-    n, steps = len(y), 0
+    batches = batch_schedule(len(y), cfg, generator, skip_singletons=_has_batchnorm(model))
+    for idx in batches:
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        opt.zero_grad(set_to_none=True)
+        task.loss(model, xb, yb).backward()
+        opt.step()
+    return len(batches)
+
+
+def batch_schedule(
+    n: int, cfg: LocalConfig, generator: torch.Generator, *, skip_singletons: bool = False
+) -> list[torch.Tensor]:
+    """The index batches of E local epochs over n samples, in training order.
+
+    One permutation per epoch from ``generator``; the last batch of an epoch may be short.
+    With ``skip_singletons`` (BatchNorm models) a final batch of one sample is dropped, as
+    BatchNorm cannot normalise it. Every executor trains on exactly these batches.
+    """
+    batches = []
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            if len(idx) < 2 and n >= 2 and _has_batchnorm(model):
+            if len(idx) < 2 and n >= 2 and skip_singletons:
                 continue  # BatchNorm cannot normalise a batch of one
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            opt.zero_grad(set_to_none=True)
-            task.loss(model, xb, yb).backward()
-            opt.step()
-            steps += 1
-    return steps
+            batches.append(idx)
+    return batches
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

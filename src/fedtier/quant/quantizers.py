@@ -79,9 +79,17 @@ def get_quantizer(name: str) -> Quantizer:
 
 
 class _StraightThrough(torch.autograd.Function):
+    # setup_context + generate_vmap_rule: usable under torch.func (grad, vmap), which the
+    # vectorised executor trains QAT clients with.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, w, quantizer, bits):  # type: ignore[override]
+    def forward(w, quantizer, bits):  # type: ignore[override]
         return quantizer(w, bits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        pass
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -1,0 +1,134 @@
+"""Client execution in worker processes, for compute-bound (convolutional) models on CPU.
+
+Batching clients does not help a CNN whose clients each have their own conv weights: the
+matrix products do not get larger. What helps on a multi-core CPU is running clients
+side by side in worker processes with one thread each (no thread oversubscription, no
+intra-op synchronisation) and channels-last convolutions. Each worker holds one working
+model, built once when the pool starts; per client it receives the start state [P] and the
+client's own samples (never the data set), trains with the very function the sequential
+executor uses (:func:`fedtier.local.train_client`, same per-(seed, round, client)
+generator), and returns the trained state [P]. Clients are dispatched largest first, so the
+workers finish together.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.multiprocessing as tmp
+from torch import nn
+
+from fedtier.local.sgd import LocalConfig, _has_batchnorm, client_generator, train_client
+from fedtier.rounds import ArmSetup, client_delta, client_start, local_config
+from fedtier.state import StateLayout
+from fedtier.tasks import ClientTask
+
+_worker: dict[str, object] = {}
+
+
+def available_workers() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _context():  # type: ignore[no-untyped-def]
+    """fork where the platform has it: workers share the parent's memory copy-on-write and
+    need no ``if __name__ == "__main__"`` guard in the user's script (with one thread each,
+    as PyTorch's DataLoader workers do); spawn elsewhere."""
+    methods = tmp.get_all_start_methods()
+    return tmp.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _init_worker(model: nn.Module, task: ClientTask, layout: StateLayout, channels_last: bool):
+    torch.set_num_threads(1)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    _worker.update(model=model, task=task, layout=layout, channels_last=channels_last)
+
+
+def _train_one(
+    start: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    local: LocalConfig,
+    seed: int,
+    step: int,
+    client: int,
+) -> torch.Tensor:
+    model, layout = _worker["model"], _worker["layout"]
+    assert isinstance(model, nn.Module) and isinstance(layout, StateLayout)
+    layout.load(model, start)
+    if _worker["channels_last"] and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    task = _worker["task"]
+    train_client(model, task, x, y, local, client_generator(seed, step, client))  # type: ignore[arg-type]
+    return layout.flatten(model)
+
+
+class ProcessExecutor:
+    """An executor (``(setup, w, clients, step) -> deltas [C, P]``) backed by a process pool.
+
+    The pool (``workers`` processes, default: one per available core) starts on first use and
+    lives as long as the executor; ``close()`` or interpreter exit stops it. ``channels_last``
+    (default: for models without BatchNorm) runs convolutions in NHWC layout; its different
+    summation order is harmless for plain CNNs (agreement ~1e-7) but BatchNorm over small
+    client batches amplifies it, so BatchNorm models keep the sequential layout by default.
+    """
+
+    def __init__(self, workers: int | None = None, channels_last: bool | None = None) -> None:
+        self.workers = workers or available_workers()
+        self.channels_last = channels_last
+        self._pool: ProcessPoolExecutor | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def _start(self, setup: ArmSetup) -> ProcessPoolExecutor:
+        if self._pool is None:
+            channels_last = self.channels_last
+            if channels_last is None:
+                channels_last = not _has_batchnorm(setup.model)
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=_context(),
+                initializer=_init_worker,
+                initargs=(setup.model, setup.task, setup.layout, channels_last),
+            )
+            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True)
+            atexit.register(self.close)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (the next call starts them again)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._pool, self._finalizer = None, None
+
+    def __call__(
+        self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
+    ) -> torch.Tensor:
+        from fedtier.local.select import say_once
+        from fedtier.local.vectorised import not_vectorisable
+        from fedtier.rounds import train_sequential
+
+        reason = not_vectorisable(setup, clients)
+        if reason is not None:
+            say_once(f"processes executor: falling back to sequential because {reason}")
+            return train_sequential(setup, w, clients, step)
+        pool = self._start(setup)
+        local, seed = local_config(setup.cfg), setup.cfg.seed
+        starts = {c: client_start(setup, w, c) for c in clients}
+        data = {c: setup.client_data(c) for c in clients}
+        largest_first = sorted(clients, key=lambda c: -len(data[c][1]))
+        futures = {
+            c: pool.submit(_train_one, starts[c], *data[c], local, seed, step, c)
+            for c in largest_first
+        }
+        return torch.stack(
+            [client_delta(setup, c, starts[c], futures[c].result()) for c in clients]
+        )

@@ -1,0 +1,82 @@
+"""Choosing the client executor (``train.executor``), with the choice and its reason logged."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedtier.rounds import ArmSetup, train_sequential
+
+log = logging.getLogger("fedtier")
+
+Executor = Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor]
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Log ``message`` as a warning the first time it occurs in this process."""
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def is_compute_bound(model: nn.Module) -> bool:
+    """True for models with convolutions: per-client conv weights do not batch into larger
+    matrix products, so vectorising clients saves only per-step overhead there."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def choose_executor(setup: ArmSetup) -> tuple[str, str]:
+    """(executor name, why) for ``setup.cfg.train.executor``, resolving ``auto``."""
+    from fedtier.local.vectorised import not_vectorisable
+
+    wanted = setup.cfg.train.executor
+    if wanted == "sequential":
+        return "sequential", "train.executor is 'sequential'"
+    reason = not_vectorisable(setup)
+    if wanted == "vectorised":
+        if reason is not None:
+            return "sequential", f"train.executor is 'vectorised' but {reason}"
+        return "vectorised", "train.executor is 'vectorised'"
+    if reason is not None:
+        return "sequential", reason
+    if wanted == "processes":
+        return "processes", "train.executor is 'processes'"
+    if is_compute_bound(setup.model):
+        from fedtier.local.parallel import available_workers
+
+        on_cpu = next(setup.model.parameters()).device.type == "cpu"
+        if on_cpu and available_workers() > 1:
+            return "processes", (
+                f"the model is convolutional (compute-bound): one single-threaded worker "
+                f"per core ({available_workers()})"
+            )
+        return "sequential", "the model is convolutional (compute-bound) and one core is free"
+    return "vectorised", "the model is not convolutional and the clients share one task"
+
+
+def select_executor(setup: ArmSetup) -> str:
+    """Install the executor chosen by :func:`choose_executor` on ``setup``; returns its name.
+
+    The choice is logged at INFO; a fallback from an explicitly requested executor is a
+    warning, said once.
+    """
+    from fedtier.local.parallel import ProcessExecutor
+    from fedtier.local.vectorised import train_vectorised
+
+    name, why = choose_executor(setup)
+    executors: dict[str, Callable[[], Executor]] = {
+        "sequential": lambda: train_sequential,
+        "vectorised": lambda: train_vectorised,
+        "processes": ProcessExecutor,
+    }
+    setup.executor = executors[name]()
+    message = f"executor: {name} ({why})"
+    if setup.cfg.train.executor not in ("auto", name):
+        say_once(message)
+    else:
+        log.info(message)
+    return name

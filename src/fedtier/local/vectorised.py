@@ -1,0 +1,255 @@
+"""Vectorised client execution: all clients of an edge trained at once with torch.func.
+
+The shape follows FedJAX's ``for_each_client``: the C clients' parameters are stacked
+([C, ...] per tensor) and one step of every client is a single ``vmap(grad(loss))`` call
+through ``functional_call`` on the shared working model, followed by a functional SGD
+update (momentum and weight decay exactly as ``torch.optim.SGD``). The sequential executor
+(:func:`fedtier.rounds.train_sequential`) stays the reference, and a test checks both agree.
+
+* Clients train on exactly the batches the sequential executor draws
+  (:func:`fedtier.local.sgd.batch_schedule` with the per-(seed, round, client) generator),
+  so a client's result does not depend on which clients share its block.
+* Clients are sorted by step count, so the clients still training at step k are a prefix
+  of the block (a slice, not a copy).
+* Short last batches: for batch-independent models (no BatchNorm) whose task has a masked
+  loss (:func:`masked_loss`), batches are padded to the batch size and the padded samples
+  masked out of the mean. Otherwise (BatchNorm normalises over the batch, so padding would
+  change it) the active clients are grouped by batch length and each group is one call.
+* BatchNorm buffers (and QAT's per-precision statistics) are stacked per client too and
+  updated in place by the train-mode forward pass, as in the sequential executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fedtier.local.sgd import LocalConfig, _has_batchnorm, batch_schedule, client_generator
+from fedtier.quant import forward_quantized
+from fedtier.rounds import ArmSetup, client_delta, client_start, local_config
+from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
+
+MaskedLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(model, x [B, ...], y [B], mask [B] float) → scalar mean loss over the unmasked samples."""
+
+
+def masked_loss(task: ClientTask) -> MaskedLoss | None:
+    """The task's loss averaged over unmasked samples only, or None when it has none.
+
+    Equal to ``task.loss`` on the unmasked samples (each term of QAFed's eq. 8 is a mean over
+    the batch, so each is masked the same way).
+    """
+    if isinstance(task, ClassificationTask):
+        qat_bits, spec = task.qat_bits, task.spec
+
+        def classification(model, x, y, mask):
+            count = mask.sum()
+            total = (F.cross_entropy(model(x), y, reduction="none") * mask).sum() / count
+            for bits in qat_bits:
+                out = forward_quantized(model, x, spec, bits)
+                total = total + (F.cross_entropy(out, y, reduction="none") * mask).sum() / count
+            return total
+
+        return classification
+    if isinstance(task, AutoencoderTask):
+
+        def reconstruction(model, x, y, mask):
+            per_sample = (model(x) - x).pow(2).flatten(1).mean(1)
+            return (per_sample * mask).sum() / mask.sum()
+
+        return reconstruction
+    return None
+
+
+def not_vectorisable(setup: ArmSetup, clients: Sequence[int] = ()) -> str | None:
+    """Why the vectorised executor cannot reproduce the sequential one here (None = it can)."""
+    task_of = getattr(setup, "task_of", None)  # clients with their own loss (attackers)
+    if task_of is not None and any(task_of(c) is not setup.task for c in clients):
+        return "the sampled clients do not share one task (some train with their own loss)"
+    for name, module in setup.model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return (
+                f"the model has dropout ({name or 'model'}), whose randomness comes from "
+                "torch's global generator and cannot be drawn per client"
+            )
+    return None
+
+
+class _TaskLoss(nn.Module):
+    """The task's loss as a module, so ``functional_call`` can substitute the model's state."""
+
+    def __init__(self, model: nn.Module, loss: MaskedLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model, x, y, mask)
+
+
+@dataclass
+class _Block:
+    """C clients' stacked state: name → [C, ...], split into trained and carried tensors."""
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor]
+
+
+def train_vectorised(
+    setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
+) -> torch.Tensor:
+    """Train ``clients`` from w together; returns their deltas [C, P] in ``clients`` order.
+
+    Falls back to :func:`fedtier.rounds.train_sequential` (saying why, once) when the
+    clients cannot be vectorised exactly (see :func:`not_vectorisable`).
+    """
+    reason = not_vectorisable(setup, clients)
+    if reason is not None:
+        from fedtier.local.select import say_once
+        from fedtier.rounds import train_sequential
+
+        say_once(f"vectorised executor: falling back to sequential because {reason}")
+        return train_sequential(setup, w, clients, step)
+    cfg, model = setup.cfg, setup.model
+    local = local_config(cfg)
+    batchnorm = _has_batchnorm(model)
+    starts = [client_start(setup, w, c) for c in clients]
+    data = [setup.client_data(c) for c in clients]
+    schedules = [
+        batch_schedule(
+            len(y), local, client_generator(cfg.seed, step, c), skip_singletons=batchnorm
+        )
+        for c, (_, y) in zip(clients, data)
+    ]
+    order = sorted(range(len(clients)), key=lambda i: -len(schedules[i]))  # stable
+    device = next(model.parameters()).device
+    block = _stack(setup, [starts[i] for i in order], local, device)
+    x_all = torch.cat([data[i][0] for i in order]).to(device)
+    y_all = torch.cat([data[i][1] for i in order]).to(device)
+    offsets = torch.tensor([0] + [len(data[i][1]) for i in order]).cumsum(0)[:-1].tolist()
+    loss = masked_loss(setup.task)
+    pad = loss is not None and not batchnorm
+    if loss is None:
+        task = setup.task
+
+        def plain(m: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
+            return task.loss(m, x, y)
+
+        loss = plain
+    step_fn = vmap(grad(_loss_of(_TaskLoss(model, loss))))
+    model.train()
+    steps = [len(schedules[i]) for i in order]
+    for k in range(steps[0] if steps else 0):
+        active = sum(1 for s in steps if s > k)
+        batches = [schedules[order[j]][k] + offsets[j] for j in range(active)]
+        for members, idx, mask in _groups(batches, local.batch_size, pad):
+            sel: slice | torch.Tensor = (
+                slice(0, active) if members is None else torch.tensor(members, device=device)
+            )
+            params = {n: p[sel] for n, p in block.params.items()}
+            buffers = {n: b[sel] for n, b in block.buffers.items()}
+            idx = idx.to(device)
+            grads = step_fn(params, buffers, x_all[idx], y_all[idx], mask.to(device))
+            _sgd(block, grads, sel, local)
+            if members is not None:  # gathered copies: write the updated buffers back
+                for n, b in buffers.items():
+                    block.buffers[n][sel] = b
+    new = torch.cat(
+        [_get(block, n).reshape(len(clients), -1).float().cpu() for n in setup.layout.names], 1
+    )
+    rows = torch.empty_like(new)
+    rows[torch.tensor(order)] = new
+    return torch.stack([client_delta(setup, c, starts[i], rows[i]) for i, c in enumerate(clients)])
+
+
+def _loss_of(module: _TaskLoss) -> Callable[..., torch.Tensor]:
+    def loss(params, buffers, x, y, mask):
+        state = {f"model.{n}": t for n, t in {**params, **buffers}.items()}
+        return functional_call(module, state, (x, y, mask))
+
+    return loss
+
+
+def _stack(
+    setup: ArmSetup, starts: list[torch.Tensor], local: LocalConfig, device: torch.device
+) -> _Block:
+    """Per-client copies of the working model's state, from the clients' start vectors."""
+    model = setup.model
+    flat = torch.stack(starts).to(device)  # [C, P]
+    stacked: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, shape in zip(setup.layout.names, setup.layout.shapes):
+        n = shape.numel()
+        stacked[name] = flat[:, offset : offset + n].reshape(len(starts), *shape).clone()
+        offset += n
+    param_names = {n for n, _ in model.named_parameters()}
+    buffers = {}
+    for name, tensor in model.state_dict().items():
+        if name in param_names:
+            continue
+        if name in stacked:
+            buffers[name] = stacked[name].to(tensor.dtype)
+        else:  # integer buffers (num_batches_tracked): not state, but mutated by the forward
+            buffers[name] = tensor.detach().expand(len(starts), *tensor.shape).clone()
+    params = {n: stacked[n].to(p.dtype) for n, p in model.named_parameters()}
+    momentum = {n: torch.zeros_like(p) for n, p in params.items()} if local.momentum > 0 else {}
+    return _Block(params, buffers, momentum)
+
+
+def _get(block: _Block, name: str) -> torch.Tensor:
+    return block.params[name] if name in block.params else block.buffers[name]
+
+
+def _groups(
+    batches: list[torch.Tensor], batch_size: int, pad: bool
+) -> list[tuple[list[int] | None, torch.Tensor, torch.Tensor]]:
+    """(members, indices [G, L], mask [G, L]) per call; members None = all active clients.
+
+    With ``pad`` every batch is padded to ``batch_size`` (padding masked out) and one call
+    serves all; otherwise clients are grouped by batch length.
+    """
+    lengths = [len(b) for b in batches]
+    if pad or len(set(lengths)) == 1:
+        width = batch_size if pad and len(set(lengths)) > 1 else lengths[0]
+        idx = torch.zeros(len(batches), width, dtype=torch.long)
+        mask = torch.zeros(len(batches), width)
+        for j, b in enumerate(batches):
+            idx[j, : len(b)] = b
+            mask[j, : len(b)] = 1.0
+        return [(None, idx, mask)]
+    out: list[tuple[list[int] | None, torch.Tensor, torch.Tensor]] = []
+    for length in sorted(set(lengths), reverse=True):
+        members = [j for j, n in enumerate(lengths) if n == length]
+        idx = torch.stack([batches[j] for j in members])
+        out.append((members, idx, torch.ones(len(members), length)))
+    return out
+
+
+@torch.no_grad()
+def _sgd(
+    block: _Block, grads: dict[str, torch.Tensor], sel: slice | torch.Tensor, cfg: LocalConfig
+) -> None:
+    """One functional step of ``torch.optim.SGD`` (dampening 0, no Nesterov) on rows ``sel``.
+
+    g ← g + λ·p;  b ← μ·b + g (b = g at the first step: b starts at 0);  p ← p − η·b.
+    """
+    for name, g in grads.items():
+        p = block.params[name]
+        rows = p[sel]
+        if cfg.weight_decay:
+            g = g.add(rows, alpha=cfg.weight_decay)
+        if cfg.momentum:
+            buf = block.momentum[name][sel].mul_(cfg.momentum).add_(g)
+            if not isinstance(sel, slice):
+                block.momentum[name][sel] = buf
+            g = buf
+        if isinstance(sel, slice):
+            rows.add_(g, alpha=-cfg.lr)
+        else:
+            p[sel] = rows.add_(g, alpha=-cfg.lr)
