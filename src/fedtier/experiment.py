@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from fedtier.config import Config, to_dict
+from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, load_dataset, partition
 from fedtier.errors import FedtierError
 from fedtier.models import build_model
@@ -95,11 +96,12 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         )
         return xs[idx], y_all[idx]
 
+    layout = StateLayout.of(model, upload)
     return ArmSetup(
         cfg=cfg,
         model=model,
         task=task,
-        layout=StateLayout.of(model, upload),
+        layout=layout,
         client_data=client_data,
         test=_test_view(cfg, test, topology.num_edges),
         topology=topology,
@@ -107,6 +109,7 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         target_bits=target_bits,
         election=election,
         upload=build_chain(cfg.upload),
+        costs=CostModel(cfg.costs, topology, cfg.train.epochs, layout.size),
     )
 
 
@@ -180,6 +183,7 @@ def run_arm(
     bar.set_postfix({"arm": arm})
     run_rounds(setup, on_eval, on_round=lambda t: bar.update(1))
     return {
+        **({"costs": last["costs"]} if "costs" in last else {}),
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
         "metrics": last["bits"],
         "rounds": cfg.train.rounds,

@@ -64,6 +64,7 @@ def summary_from(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "cda": {b: m["accuracy"] for b, m in r["bits"].items() if "accuracy" in m},
                 "rounds": r["round"],
                 "wall_s": r.get("wall_s", 0.0),
+                **({"costs": r["costs"]} if "costs" in r else {}),
             }
     return {"arms": arms}
 
@@ -102,6 +103,11 @@ def render_report(out: Path) -> Path:
     plot = plot_accuracy(records, out / "accuracy.png")
     if plot is not None:
         lines += ["## Accuracy per bit width against round", "", f"![accuracy]({plot.name})", ""]
+    if any("costs" in a for a in arms.values()):
+        lines += ["## Communication and energy", "", costs_table(summary), ""]
+        cost_plot = plot_costs(records, out / "costs.png")
+        if cost_plot is not None:
+            lines += [f"![accuracy against simulated time and energy]({cost_plot.name})", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
@@ -129,6 +135,61 @@ def plot_accuracy(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("clean accuracy (%)")
     axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def costs_table(summary: dict[str, Any]) -> str:
+    """Markdown table per arm: fp32 accuracy, bytes uploaded (client → edge), simulated time
+    and device energy in total (fedtier.costs), and the energy saving against the arm with
+    the most energy."""
+    arms = {n: a for n, a in summary.get("arms", {}).items() if "costs" in a}
+    if not arms:
+        return "(no cost records)"
+    most = max(a["costs"].get("energy_j", 0.0) for a in arms.values()) or 1.0
+    lines = [
+        "| arm | acc fp32 (%) | uploaded (MB) | simulated time (s) | energy (J) "
+        "| energy vs max (%) | infeasible | dropped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, a in arms.items():
+        c = a["costs"]
+        acc = a.get("cda", {}).get("32")
+        lines.append(
+            f"| {n} | {'–' if acc is None else f'{100 * acc:.1f}'} "
+            f"| {c.get('bytes_client_edge', 0) / 1e6:.2f} | {c.get('time_s', 0):.1f} "
+            f"| {c.get('energy_j', 0):.1f} | {100 * c.get('energy_j', 0) / most:.0f} "
+            f"| {int(c.get('infeasible', 0))} | {int(c.get('dropped', 0))} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_costs(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """fp32 accuracy against simulated time and against cumulative device energy, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if "bits" in r and "costs" in r]
+    arms = list(dict.fromkeys(r["arm"] for r in evals))
+    if not arms:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for arm in arms:
+        rs = [r for r in evals if r["arm"] == arm]
+        b = next(iter(rs[0]["bits"]))
+        ys = [100 * r["bits"][b].get("accuracy", float("nan")) for r in rs]
+        for ax, key in zip(axes, ("time_s", "energy_j")):
+            ax.plot([r["costs"].get(key, 0.0) for r in rs], ys, marker="o", ms=3, label=arm)
+    axes[0].set_xlabel("simulated time (s)")
+    axes[1].set_xlabel("device energy (J)")
+    axes[0].set_ylabel("accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
