@@ -105,6 +105,21 @@ class CostConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Training schedule on the simulated clock (fedtier.schedules)."""
+
+    name: Literal["sync", "fedasync", "fedbuff", "gossip"] = "sync"
+    time_budget_s: float | None = None  # stop at this simulated time (None: train.rounds)
+    concurrency: int = 20  # async: clients training at the same time
+    mixing: float = 0.6  # FedAsync α
+    staleness_exponent: float = 0.5  # s(τ) = (1 + τ)^−a (FedAsync, FedBuff)
+    buffer: int = 10  # FedBuff K: updates per server step
+    server_lr: float = 1.0  # FedBuff η_g
+    peers: int = 1  # gossip: peers each client averages with
+    cloud_every: int = 5  # gossip: rounds between cloud consensus steps
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -116,6 +131,7 @@ class Config:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     costs: CostConfig = field(default_factory=CostConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     upload: list[dict[str, Any]] = field(default_factory=list)  # client→edge stages, in order
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm → dotted overrides
 
@@ -331,6 +347,7 @@ def validate(cfg: Config) -> None:
     build_chain(cfg.upload)
     _positive(cfg.eval.every, "eval.every", integer=True)
     _validate_costs(cfg.costs)
+    _validate_schedule(cfg.schedule)
     _positive(cfg.eval.batch_size, "eval.batch_size", integer=True)
 
 
@@ -345,3 +362,15 @@ def _validate_costs(c: CostConfig) -> None:
         raise ConfigError(
             "costs.deadline_s", None, "a positive number of seconds (needed by this policy)"
         )
+
+
+def _validate_schedule(s: ScheduleConfig) -> None:
+    if s.time_budget_s is not None:
+        _positive(s.time_budget_s, "schedule.time_budget_s")
+    for name in ("concurrency", "buffer", "peers", "cloud_every"):
+        _positive(getattr(s, name), f"schedule.{name}", integer=True)
+    if not 0 < s.mixing <= 1:
+        raise ConfigError("schedule.mixing", s.mixing, "a number in (0, 1]")
+    if s.staleness_exponent < 0:
+        raise ConfigError("schedule.staleness_exponent", s.staleness_exponent, "a number >= 0")
+    _positive(s.server_lr, "schedule.server_lr")

@@ -19,7 +19,8 @@ from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter
-from fedtier.rounds import ArmSetup, headline, run_rounds
+from fedtier.rounds import ArmSetup, headline
+from fedtier.schedules import run_schedule
 from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
 from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
 from fedtier.topology import Topology, build_topology
@@ -181,7 +182,7 @@ def run_arm(
         )
 
     bar.set_postfix({"arm": arm})
-    run_rounds(setup, on_eval, on_round=lambda t: bar.update(1))
+    run_schedule(setup, on_eval, on_round=lambda t: bar.update(1))
     return {
         **({"costs": last["costs"]} if "costs" in last else {}),
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},

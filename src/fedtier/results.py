@@ -142,25 +142,30 @@ def plot_accuracy(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def costs_table(summary: dict[str, Any]) -> str:
-    """Markdown table per arm: fp32 accuracy, bytes uploaded (client → edge), simulated time
-    and device energy in total (fedtier.costs), and the energy saving against the arm with
-    the most energy."""
+    """Markdown table per arm: fp32 accuracy, bytes uploaded client → edge (and the share of
+    the fp32 arm's, when one is named ``fp32…``), simulated time and device energy in total
+    (fedtier.costs); with optimal allocation also the same run's cost at (f_max, P_max)."""
     arms = {n: a for n, a in summary.get("arms", {}).items() if "costs" in a}
     if not arms:
         return "(no cost records)"
-    most = max(a["costs"].get("energy_j", 0.0) for a in arms.values()) or 1.0
+    fp32 = next((a["costs"] for n, a in arms.items() if n.startswith("fp32")), None)
     lines = [
-        "| arm | acc fp32 (%) | uploaded (MB) | simulated time (s) | energy (J) "
-        "| energy vs max (%) | infeasible | dropped |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | acc fp32 (%) | uploaded (MB) | vs fp32 | time (s) | energy (J) "
+        "| at max f, P: time (s) | energy (J) | energy saved | infeasible | dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, a in arms.items():
         c = a["costs"]
         acc = a.get("cda", {}).get("32")
+        up = c.get("bytes_client_edge", 0.0)
+        share = f"{up / fp32['bytes_client_edge']:.3f}" if fp32 else "–"
+        at_max = c.get("energy_at_max_j")
+        saved = f"{100 * (1 - c['energy_j'] / at_max):.1f}%" if at_max else "–"
         lines.append(
-            f"| {n} | {'–' if acc is None else f'{100 * acc:.1f}'} "
-            f"| {c.get('bytes_client_edge', 0) / 1e6:.2f} | {c.get('time_s', 0):.1f} "
-            f"| {c.get('energy_j', 0):.1f} | {100 * c.get('energy_j', 0) / most:.0f} "
+            f"| {n} | {'–' if acc is None else f'{100 * acc:.1f}'} | {up / 1e6:.2f} | {share} "
+            f"| {c.get('time_s', 0):.1f} | {c.get('energy_j', 0):.2f} "
+            f"| {c.get('time_at_max_s', c.get('time_s', 0)):.1f} "
+            f"| {at_max if at_max is not None else c.get('energy_j', 0):.2f} | {saved} "
             f"| {int(c.get('infeasible', 0))} | {int(c.get('dropped', 0))} |"
         )
     return "\n".join(lines)

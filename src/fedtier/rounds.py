@@ -88,7 +88,8 @@ def run_rounds(
             mean_update, m = cloud_rule(torch.stack(deltas), torch.tensor(weights))
             _add(stages, "cloud", m)
             w = step.apply(w, mean_update, len(plan.clients))
-        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
+        done = out_of_time(setup)
+        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds or done:
             record = {
                 "round": t + 1,
                 "plan": plan.to_dict(),
@@ -100,7 +101,16 @@ def run_rounds(
             on_eval(record)
             stages.clear()
         on_round(t)
+        if done:
+            break
     return w
+
+
+def out_of_time(setup: ArmSetup) -> bool:
+    """True once the simulated clock has reached ``schedule.time_budget_s`` (a synchronous
+    run stops at the first round that ends at or after it)."""
+    budget = setup.cfg.schedule.time_budget_s
+    return budget is not None and setup.costs is not None and setup.costs.totals["time_s"] >= budget
 
 
 def server_lr(setup: ArmSetup) -> float:

@@ -76,6 +76,9 @@ def test_costs_in_a_run_optimal_saves_energy_at_the_same_deadline():
     assert opt["energy_j"] < mx["energy_j"]
     assert opt["time_s"] == pytest.approx(2 * 30.0) and mx["time_s"] < opt["time_s"]
     assert mx["infeasible"] == opt["infeasible"] == 0
+    # the optimal run also prices itself at (f_max, P_max): exactly the max run's costs
+    assert opt["energy_at_max_j"] == pytest.approx(mx["energy_j"])
+    assert opt["time_at_max_s"] == pytest.approx(mx["time_s"])
 
 
 @pytest.mark.parametrize(
