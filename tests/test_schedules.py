@@ -51,7 +51,7 @@ def test_one_client_in_flight_async_is_sequential_sgd_for_both_rules():
 
 
 def test_time_budget_stops_every_schedule_at_equal_simulated_time():
-    for name in ("sync", "fedasync"):
+    for name in ("sync", "fedasync", "gossip"):
         _, full = _run(**{"schedule.name": name})
         budget = full[-1]["costs"]["time_s"] / 2
         _, cut = _run(**{"schedule.name": name, "schedule.time_budget_s": budget})

@@ -12,8 +12,9 @@ attacks, clipping, codecs) and the cost model (``setup.costs``: bytes, time, ene
 * ``gossip`` — decentralised averaging among the clients of an edge (GoSGD-style, survey):
   each sampled client trains from its own model, then averages with ``gossip.peers`` random
   peers of its edge (their updates travel the upload path); every ``gossip.cloud_every``
-  rounds the edges and the cloud average all client models once (hierarchical consensus).
-  The evaluated model is the mean of the client models.
+  rounds the edges and the cloud average the models of the clients that trained since the
+  last consensus and send the result to everyone (hierarchical consensus). The evaluated
+  model is that average.
 
 In the asynchronous schedules edges relay each update to the cloud as it arrives (no edge
 aggregation), a client starts again as soon as its update is delivered, and evaluation
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtier.rounds import ArmSetup, evaluate, run_rounds
+from fedtier.rounds import ArmSetup, evaluate, out_of_time, run_rounds
 from fedtier.topology import expected_sampled, plan_round
 from fedtier.upload import UploadContext
 
@@ -196,23 +197,19 @@ def run_gossip(
         if setup.costs is not None:
             setup.costs.cloud_round(0)
         if (t + 1) % sc.cloud_every == 0 and models:
-            # consensus: the clients never sampled since the last one still hold w
-            untouched = setup.topology.num_clients - len(models)
-            w = (torch.stack(list(models.values())).sum(0) + untouched * w) / (
-                setup.topology.num_clients
-            )
+            # consensus over the clients that trained since the last one (the others still
+            # hold w and simply receive the new consensus)
+            w = torch.stack(list(models.values())).mean(0)
             if setup.costs is not None:
                 setup.costs.cloud_round(setup.topology.num_edges, clock=False)
             models.clear()
-        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
-            current = w
-            if models:
-                untouched = setup.topology.num_clients - len(models)
-                current = (torch.stack(list(models.values())).sum(0) + untouched * w) / (
-                    setup.topology.num_clients
-                )
+        done = out_of_time(setup)
+        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds or done:
+            current = torch.stack(list(models.values())).mean(0) if models else w
             _eval(setup, current, t + 1, [], stages, on_eval, t + 1)
         on_round(t)
+        if done:
+            break
     return w
 
 
