@@ -48,6 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"\n{cfg.name}: clean accuracy (%) after post-training quantization (B = {summary.get('target_bits')})"
     )
     print(cda_table(summary))
+    if any("costs" in a for a in summary.get("arms", {}).values()):
+        from fedtier.results import costs_table
+
+        print("\ncommunication and energy (fedtier.costs):")
+        print(costs_table(summary))
     print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, accuracy.png)")
     return 0
 

@@ -94,6 +94,35 @@ class EvalConfig:
 
 
 @dataclass
+class CostConfig:
+    """SS-Diff's wireless and energy model (SPEC §6; fedtier.costs)."""
+
+    bandwidth_hz: float = 180e3  # B: bandwidth of one OFDMA resource block (an LTE block)
+    noise_dbm_hz: float = -174.0  # N0: noise power spectral density
+    path_loss_exponent: float = 3.5  # η in d^−η
+    resource_blocks: int = 0  # N blocks per edge; 0 = one per scheduled device
+    overflow: Literal["wait", "drop"] = "wait"  # devices beyond the blocks: wait, or not scheduled
+    allocation: Literal["max", "optimal"] = "max"  # (f_max, P_max), or energy-optimal under T_max
+    deadline_s: float | None = None  # T_max per round; required by allocation: optimal
+    stragglers: Literal["wait", "drop"] = "wait"  # devices missing T_max: round waits, or dropped
+
+
+@dataclass
+class ScheduleConfig:
+    """Training schedule on the simulated clock (fedtier.schedules)."""
+
+    name: Literal["sync", "fedasync", "fedbuff", "gossip"] = "sync"
+    time_budget_s: float | None = None  # stop at this simulated time (None: train.rounds)
+    concurrency: int = 20  # async: clients training at the same time
+    mixing: float = 0.6  # FedAsync α
+    staleness_exponent: float = 0.5  # s(τ) = (1 + τ)^−a (FedAsync, FedBuff)
+    buffer: int = 10  # FedBuff K: updates per server step
+    server_lr: float = 1.0  # FedBuff η_g
+    peers: int = 1  # gossip: peers each client averages with
+    cloud_every: int = 5  # gossip: rounds between cloud consensus steps
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -104,6 +133,8 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    costs: CostConfig = field(default_factory=CostConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     upload: list[dict[str, Any]] = field(default_factory=list)  # client→edge stages, in order
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm → dotted overrides
 
@@ -318,4 +349,31 @@ def validate(cfg: Config) -> None:
             raise ConfigError(name, rule, f"one of {sorted(RULES)}")
     build_chain(cfg.upload)
     _positive(cfg.eval.every, "eval.every", integer=True)
+    _validate_costs(cfg.costs)
+    _validate_schedule(cfg.schedule)
     _positive(cfg.eval.batch_size, "eval.batch_size", integer=True)
+
+
+def _validate_costs(c: CostConfig) -> None:
+    _positive(c.bandwidth_hz, "costs.bandwidth_hz")
+    _positive(c.path_loss_exponent, "costs.path_loss_exponent")
+    if c.resource_blocks < 0:
+        raise ConfigError("costs.resource_blocks", c.resource_blocks, "an integer >= 0")
+    if c.deadline_s is not None:
+        _positive(c.deadline_s, "costs.deadline_s")
+    elif c.allocation == "optimal" or c.stragglers == "drop":
+        raise ConfigError(
+            "costs.deadline_s", None, "a positive number of seconds (needed by this policy)"
+        )
+
+
+def _validate_schedule(s: ScheduleConfig) -> None:
+    if s.time_budget_s is not None:
+        _positive(s.time_budget_s, "schedule.time_budget_s")
+    for name in ("concurrency", "buffer", "peers", "cloud_every"):
+        _positive(getattr(s, name), f"schedule.{name}", integer=True)
+    if not 0 < s.mixing <= 1:
+        raise ConfigError("schedule.mixing", s.mixing, "a number in (0, 1]")
+    if s.staleness_exponent < 0:
+        raise ConfigError("schedule.staleness_exponent", s.staleness_exponent, "a number >= 0")
+    _positive(s.server_lr, "schedule.server_lr")

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from fedtier.config import Config, to_dict
+from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, load_dataset, partition
 from fedtier.errors import FedtierError
 from fedtier.local.select import select_executor
@@ -19,7 +20,8 @@ from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter
-from fedtier.rounds import ArmSetup, headline, run_rounds
+from fedtier.rounds import ArmSetup, headline
+from fedtier.schedules import run_schedule
 from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
 from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
 from fedtier.topology import Topology, build_topology
@@ -96,11 +98,12 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         )
         return xs[idx], y_all[idx]
 
+    layout = StateLayout.of(model, upload)
     setup = ArmSetup(
         cfg=cfg,
         model=model,
         task=task,
-        layout=StateLayout.of(model, upload),
+        layout=layout,
         client_data=client_data,
         test=_test_view(cfg, test, topology.num_edges),
         topology=topology,
@@ -108,6 +111,7 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         target_bits=target_bits,
         election=election,
         upload=build_chain(cfg.upload),
+        costs=CostModel(cfg.costs, topology, cfg.train.epochs, layout.size),
     )
     setup.executor_name = select_executor(setup)
     return setup
@@ -187,8 +191,9 @@ def run_arm(
         )
 
     bar.set_postfix({"arm": arm})
-    run_rounds(setup, on_eval, on_round=lambda t: bar.update(1))
+    run_schedule(setup, on_eval, on_round=lambda t: bar.update(1))
     return {
+        **({"costs": last["costs"]} if "costs" in last else {}),
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
         "metrics": last["bits"],
         "rounds": cfg.train.rounds,

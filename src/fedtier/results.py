@@ -64,6 +64,7 @@ def summary_from(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "cda": {b: m["accuracy"] for b, m in r["bits"].items() if "accuracy" in m},
                 "rounds": r["round"],
                 "wall_s": r.get("wall_s", 0.0),
+                **({"costs": r["costs"]} if "costs" in r else {}),
             }
     return {"arms": arms}
 
@@ -102,6 +103,11 @@ def render_report(out: Path) -> Path:
     plot = plot_accuracy(records, out / "accuracy.png")
     if plot is not None:
         lines += ["## Accuracy per bit width against round", "", f"![accuracy]({plot.name})", ""]
+    if any("costs" in a for a in arms.values()):
+        lines += ["## Communication and energy", "", costs_table(summary), ""]
+        cost_plot = plot_costs(records, out / "costs.png")
+        if cost_plot is not None:
+            lines += [f"![accuracy against simulated time and energy]({cost_plot.name})", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
@@ -129,6 +135,66 @@ def plot_accuracy(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("clean accuracy (%)")
     axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def costs_table(summary: dict[str, Any]) -> str:
+    """Markdown table per arm: fp32 accuracy, bytes uploaded client → edge (and the share of
+    the fp32 arm's, when one is named ``fp32…``), simulated time and device energy in total
+    (fedtier.costs); with optimal allocation also the same run's cost at (f_max, P_max)."""
+    arms = {n: a for n, a in summary.get("arms", {}).items() if "costs" in a}
+    if not arms:
+        return "(no cost records)"
+    fp32 = next((a["costs"] for n, a in arms.items() if n.startswith("fp32")), None)
+    lines = [
+        "| arm | acc fp32 (%) | uploaded (MB) | vs fp32 | time (s) | energy (J) "
+        "| at max f, P: time (s) | energy (J) | energy saved | infeasible | dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, a in arms.items():
+        c = a["costs"]
+        acc = a.get("cda", {}).get("32")
+        up = c.get("bytes_client_edge", 0.0)
+        share = f"{up / fp32['bytes_client_edge']:.3f}" if fp32 else "–"
+        at_max = c.get("energy_at_max_j")
+        saved = f"{100 * (1 - c['energy_j'] / at_max):.1f}%" if at_max else "–"
+        lines.append(
+            f"| {n} | {'–' if acc is None else f'{100 * acc:.1f}'} | {up / 1e6:.2f} | {share} "
+            f"| {c.get('time_s', 0):.1f} | {c.get('energy_j', 0):.2f} "
+            f"| {c.get('time_at_max_s', c.get('time_s', 0)):.1f} "
+            f"| {at_max if at_max is not None else c.get('energy_j', 0):.2f} | {saved} "
+            f"| {int(c.get('infeasible', 0))} | {int(c.get('dropped', 0))} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_costs(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """fp32 accuracy against simulated time and against cumulative device energy, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if "bits" in r and "costs" in r]
+    arms = list(dict.fromkeys(r["arm"] for r in evals))
+    if not arms:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for arm in arms:
+        rs = [r for r in evals if r["arm"] == arm]
+        b = next(iter(rs[0]["bits"]))
+        ys = [100 * r["bits"][b].get("accuracy", float("nan")) for r in rs]
+        for ax, key in zip(axes, ("time_s", "energy_j")):
+            ax.plot([r["costs"].get(key, 0.0) for r in rs], ys, marker="o", ms=3, label=arm)
+    axes[0].set_xlabel("simulated time (s)")
+    axes[1].set_xlabel("device energy (J)")
+    axes[0].set_ylabel("accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

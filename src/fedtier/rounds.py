@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ class ArmSetup:
     executor: Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor] | None = None
     local_state: dict[int, torch.Tensor] = field(default_factory=dict)  # FedBN: device-kept part
     executor_name: str = "sequential"  # which executor trains the clients (fedtier.local.select)
+    costs: Any = None  # fedtier.costs.CostModel: bytes, simulated time and energy (None = off)
 
     def __post_init__(self) -> None:
         self.upload_mask = self.layout.mask()
@@ -81,21 +83,35 @@ def run_rounds(
             delta, weight = edge_update(setup, w, edge, clients, t, stages)
             deltas.append(delta)
             weights.append(weight)
-        mean_update, m = cloud_rule(torch.stack(deltas), torch.tensor(weights))
-        _add(stages, "cloud", m)
-        w = step.apply(w, mean_update, len(plan.clients))
-        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
-            on_eval(
-                {
-                    "round": t + 1,
-                    "plan": plan.to_dict(),
-                    "stages": dict(stages),
-                    "bits": evaluate(setup, w),
-                }
-            )
+        if setup.costs is not None:
+            setup.costs.cloud_round(len(deltas))
+        if sum(weights) > 0:  # every update may have missed the deadline
+            mean_update, m = cloud_rule(torch.stack(deltas), torch.tensor(weights))
+            _add(stages, "cloud", m)
+            w = step.apply(w, mean_update, len(plan.clients))
+        done = out_of_time(setup)
+        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds or done:
+            record = {
+                "round": t + 1,
+                "plan": plan.to_dict(),
+                "stages": dict(stages),
+                "bits": evaluate(setup, w),
+            }
+            if setup.costs is not None:
+                record["costs"] = setup.costs.snapshot()
+            on_eval(record)
             stages.clear()
         on_round(t)
+        if done:
+            break
     return w
+
+
+def out_of_time(setup: ArmSetup) -> bool:
+    """True once the simulated clock has reached ``schedule.time_budget_s`` (a synchronous
+    run stops at the first round that ends at or after it)."""
+    budget = setup.cfg.schedule.time_budget_s
+    return budget is not None and setup.costs is not None and setup.costs.totals["time_s"] >= budget
 
 
 def server_lr(setup: ArmSetup) -> float:
@@ -116,17 +132,31 @@ def edge_update(
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
     weights = client_weights(cfg.aggregate.rule, sizes)
     rule = get_rule(cfg.aggregate.edge_rule)
-    w_edge = w
+    w_edge, reached = w, False
+    if setup.costs is not None:
+        clients = setup.costs.schedule(clients)
+        sizes, weights = sizes[: len(clients)], weights[: len(clients)]
     for k in range(kappa):
         step = t * kappa + k
         assert setup.executor is not None
         deltas = setup.executor(setup, w_edge, clients, step)
-        deltas, m = setup.upload(deltas, UploadContext(step, edge, clients, sizes, cfg.seed))
+        ctx = UploadContext(step, edge, clients, sizes, cfg.seed, radio=setup.costs)
+        deltas, m = setup.upload(deltas, ctx)
         _add(stages, "client", m)
-        mean, m = rule(deltas, weights)
+        row_weights = weights
+        if setup.costs is not None:
+            uploaded = int(setup.upload_mask.sum())
+            kept = setup.costs.edge_round(edge, clients, ctx.payload_bytes, uploaded).kept
+            if not kept.all():  # stragglers dropped at the deadline
+                keep = torch.from_numpy(kept)
+                deltas, row_weights = deltas[keep], weights[keep]
+                if len(row_weights) == 0:
+                    continue
+        mean, m = rule(deltas, row_weights)
         _add(stages, "edge", m)
         w_edge = w_edge + mean
-    return w_edge - w, float(weights.sum())
+        reached = True
+    return w_edge - w, float(weights.sum()) if reached else 0.0
 
 
 def train_sequential(

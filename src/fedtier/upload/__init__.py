@@ -9,5 +9,8 @@ from fedtier.upload.chain import (
     clip_norm,
     named_chain,
 )
+from fedtier.upload.compress import CODEC_STAGES
+
+STAGES.update(CODEC_STAGES)
 
 __all__ = ["STAGES", "Chain", "Stage", "UploadContext", "build_chain", "clip_norm", "named_chain"]

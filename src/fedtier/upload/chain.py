@@ -9,7 +9,7 @@ compression codecs and radio cost models are all stages (see ``STAGES``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +26,8 @@ class UploadContext:
     clients: list[int]
     num_samples: torch.Tensor  # [C]
     seed: int
+    radio: Any = None  # the cost model (fedtier.costs.CostModel), for resource-aware codecs
+    payload_bytes: dict[int, int] = field(default_factory=dict)  # client → bytes a codec sent
 
 
 class Stage(Protocol):
