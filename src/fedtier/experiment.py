@@ -19,6 +19,7 @@ from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter
 from fedtier.rounds import ArmSetup, headline, run_rounds
+from fedtier.security import add_rejections, install, privacy_record
 from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
 from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
 from fedtier.topology import Topology, build_topology
@@ -95,7 +96,7 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         )
         return xs[idx], y_all[idx]
 
-    return ArmSetup(
+    setup = ArmSetup(
         cfg=cfg,
         model=model,
         task=task,
@@ -108,6 +109,8 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         election=election,
         upload=build_chain(cfg.upload),
     )
+    setup.attack = install(setup, train)
+    return setup
 
 
 def _region_views(
@@ -168,9 +171,14 @@ def run_arm(
     )
     start = time.perf_counter()
     last: dict[str, Any] = {}
+    rejections: dict[str, dict[str, float]] = {}
 
     def on_eval(record: dict[str, Any]) -> None:
         record = {"arm": arm, **record, "wall_s": round(time.perf_counter() - start, 3)}
+        add_rejections(rejections, record["stages"])
+        privacy = privacy_record(setup, record["round"])
+        if privacy is not None:
+            record["privacy"] = privacy
         writer.log(record)
         last.update(record)
         bar.set_postfix(
@@ -179,7 +187,18 @@ def run_arm(
 
     bar.set_postfix({"arm": arm})
     run_rounds(setup, on_eval, on_round=lambda t: bar.update(1))
+    extra: dict[str, Any] = {}
+    if any("asr" in m for m in last["bits"].values()):
+        extra["asr"] = {b: m["asr"] for b, m in last["bits"].items() if "asr" in m}
+    if setup.attack is not None:
+        extra["attack"] = setup.attack.summary(setup.target_bits)
+        writer.log({"arm": arm, "event": "attack", **extra["attack"]})
+    if rejections:
+        extra["rejections"] = rejections
+    if "privacy" in last:
+        extra["privacy"] = last["privacy"]
     return {
+        **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
         "metrics": last["bits"],
         "rounds": cfg.train.rounds,

@@ -19,11 +19,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from fedtier.aggregate import ServerStep, client_weights, get_rule
+from fedtier.aggregate import ServerStep, client_weights
+from fedtier.aggregate.robust import build_rule
 from fedtier.config import Config
 from fedtier.data import ArrayDataset
 from fedtier.evaluate import evaluate_at_bits
@@ -55,6 +57,13 @@ class ArmSetup:
     upload: Chain = field(default_factory=Chain)  # client → edge stages
     executor: Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor] | None = None
     local_state: dict[int, torch.Tensor] = field(default_factory=dict)  # FedBN: device-kept part
+    # edge-side screening of uploads before the rule: (setup, w_edge, deltas, ctx) → metrics
+    # with kept/<row> flags; rejected rows are dropped (fedtier.defenses.qcheck)
+    screen: Callable[[ArmSetup, torch.Tensor, torch.Tensor, UploadContext], Metrics] | None = None
+    # after each server step: (w, round) → (w, metrics) (global clipping, server noise)
+    post_step: Callable[[torch.Tensor, int], tuple[torch.Tensor, Metrics]] | None = None
+    malicious: frozenset[int] = frozenset()  # for counting rejected honest/malicious updates
+    attack: Any = None  # the arm's fedtier.attacks.Attack (its summary goes in summary.json)
 
     def __post_init__(self) -> None:
         self.upload_mask = self.layout.mask()
@@ -71,7 +80,8 @@ def run_rounds(
     cfg = setup.cfg
     w = setup.layout.flatten(setup.model)
     step = ServerStep(cfg.aggregate.rule, server_lr(setup), setup.topology.num_clients)
-    cloud_rule = get_rule(cfg.aggregate.cloud_rule)
+    a = cfg.aggregate
+    cloud_rule = build_rule(a.cloud_rule, a.cloud_options, "aggregate.cloud_rule")
     stages: Metrics = defaultdict(float)
     for t in range(cfg.train.rounds):
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
@@ -81,8 +91,11 @@ def run_rounds(
             deltas.append(delta)
             weights.append(weight)
         mean_update, m = cloud_rule(torch.stack(deltas), torch.tensor(weights))
-        _add(stages, "cloud", m)
+        _add(stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
         w = step.apply(w, mean_update, len(plan.clients))
+        if setup.post_step is not None:
+            w, m = setup.post_step(w, t)
+            _add(stages, "server", m)
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds:
             on_eval(
                 {
@@ -114,16 +127,24 @@ def edge_update(
     kappa = cfg.aggregate.edge_rounds
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
     weights = client_weights(cfg.aggregate.rule, sizes)
-    rule = get_rule(cfg.aggregate.edge_rule)
+    rule = build_rule(cfg.aggregate.edge_rule, cfg.aggregate.edge_options, "aggregate.edge_rule")
     w_edge = w
     for k in range(kappa):
         step = t * kappa + k
         assert setup.executor is not None
         deltas = setup.executor(setup, w_edge, clients, step)
-        deltas, m = setup.upload(deltas, UploadContext(step, edge, clients, sizes, cfg.seed))
+        ctx = UploadContext(step, edge, clients, sizes, cfg.seed)
+        deltas, m = setup.upload(deltas, ctx)
         _add(stages, "client", m)
-        mean, m = rule(deltas, weights)
-        _add(stages, "edge", m)
+        rows, w_rows, kept = deltas, weights, clients
+        if setup.screen is not None:
+            m = setup.screen(setup, w_edge, deltas, ctx)
+            keep = torch.tensor([m.get(f"kept/{i}", 1.0) > 0 for i in range(len(clients))])
+            _add(stages, "screen", attribute(m, clients, setup.malicious))
+            rows, w_rows = deltas[keep], weights[keep]
+            kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
+        mean, m = rule(rows, w_rows)
+        _add(stages, "edge", attribute(m, kept, setup.malicious))
         w_edge = w_edge + mean
     return w_edge - w, float(weights.sum())
 
@@ -177,6 +198,19 @@ def evaluate(setup: ArmSetup, w: torch.Tensor) -> dict[str, Metrics]:
 
 def headline(metrics: Metrics) -> float:
     return float(next(iter(metrics.values())))
+
+
+def attribute(metrics: Metrics, clients: list[int], malicious: frozenset[int]) -> Metrics:
+    """Turn per-row ``kept/<row>`` flags into counts of rejected honest and malicious updates."""
+    out = {k: v for k, v in metrics.items() if not k.startswith("kept/")}
+    flags = [metrics.get(f"kept/{i}") for i in range(len(clients))]
+    if any(f is not None for f in flags):
+        rejected = [c for c, f in zip(clients, flags) if f is not None and f <= 0]
+        out["rejected_malicious"] = float(sum(c in malicious for c in rejected))
+        out["rejected_honest"] = float(len(rejected) - out["rejected_malicious"])
+        out["seen_malicious"] = float(sum(c in malicious for c in clients))
+        out["seen_honest"] = float(len(clients) - out["seen_malicious"])
+    return out
 
 
 def _add(total: Metrics, tier: str, metrics: Metrics) -> None:
