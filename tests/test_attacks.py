@@ -54,6 +54,7 @@ def test_malicious_clients_are_seeded_and_sized(tiny):
         ("attack.poison_fraction", 0.0),
         ("attack.trigger.position", "middle"),
         ("attack.gamma", 0),
+        ("attack.epochs", 0),
     ],
 )
 def test_bad_attack_config_names_the_field(tiny, key, value):

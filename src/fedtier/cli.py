@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtier.config import load_config
     from fedtier.experiment import run_experiment
     from fedtier.presets import DEFAULT_PRESET
-    from fedtier.results import cda_table
+    from fedtier.results import cda_table, security_section
 
     cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
     out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -48,6 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"\n{cfg.name}: clean accuracy (%) after post-training quantization (B = {summary.get('target_bits')})"
     )
     print(cda_table(summary))
+    security = security_section(summary)
+    if security:
+        print("\n" + security)
     print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, accuracy.png)")
     return 0
 

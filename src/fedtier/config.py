@@ -111,6 +111,8 @@ class AttackConfig:
     noise_sigma: float = 0.0  # adversarial noise training σ, eq. (18)–(19)
     grad_norm: float | None = None  # gradient-norm constraint τ, eq. (20)
     poison_fraction: float = 0.5  # share of each batch stamped with the trigger
+    epochs: int | None = None  # the attackers' local epochs; None = train.epochs
+    lr: float | None = None  # the attackers' learning rate; None = train.lr
     scale: float = 10.0  # Byzantine sign-flip / scaled factor; σ of the Gaussian attack
     dba_parts: int = 4  # DBA: the trigger is split into this many parts, one per attacker
     trigger: TriggerConfig = field(default_factory=TriggerConfig)

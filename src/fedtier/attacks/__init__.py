@@ -94,7 +94,12 @@ def validate_attack(cfg: Config) -> None:
     ):
         if v < 0:
             raise ConfigError(name, v, "a number >= 0")
-    for name, opt in (("attack.gamma", a.gamma), ("attack.grad_norm", a.grad_norm)):
+    for name, opt in (
+        ("attack.gamma", a.gamma),
+        ("attack.grad_norm", a.grad_norm),
+        ("attack.epochs", a.epochs),
+        ("attack.lr", a.lr),
+    ):
         if opt is not None and not opt > 0:
             raise ConfigError(name, opt, "a positive number or null")
     if not 0 < a.poison_fraction <= 1:

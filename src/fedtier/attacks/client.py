@@ -147,12 +147,13 @@ def malicious_update(
     observe(setup, attack, w, x, y)
     bits = attack.bits if attack.bits is not None else attack.predicted_bits()
     setup.layout.load(setup.model, w)
+    tr, a = cfg.train, cfg.attack
     local = LocalConfig(
-        cfg.train.epochs,
-        cfg.train.batch_size,
-        cfg.train.lr,
-        cfg.train.momentum,
-        cfg.train.weight_decay,
+        a.epochs if a.epochs is not None else tr.epochs,
+        tr.batch_size,
+        a.lr if a.lr is not None else tr.lr,
+        tr.momentum,
+        tr.weight_decay,
     )
     train_adversarial(
         setup.model,
