@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtier.config import load_config
     from fedtier.experiment import run_experiment
     from fedtier.presets import DEFAULT_PRESET
-    from fedtier.results import cda_table
+    from fedtier.results import cda_table, security_section
 
     cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
     out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -53,6 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print("\ncommunication and energy (fedtier.costs):")
         print(costs_table(summary))
+    security = security_section(summary)
+    if security:
+        print("\n" + security)
     print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, accuracy.png)")
     return 0
 

@@ -85,11 +85,60 @@ class AggregateConfig:
     cloud_rule: str = "mean"  # rule over the edges' updates
     server_lr: float | None = None  # η_s; None = N / sampled clients (qafed), 1 (fedavg)
     edge_rounds: int = 1  # κ client→edge aggregations per cloud round (HierFAVG)
+    edge_options: dict[str, Any] = field(default_factory=dict)  # options of edge_rule (e.g. f)
+    cloud_options: dict[str, Any] = field(default_factory=dict)  # options of cloud_rule
+
+
+@dataclass
+class TriggerConfig:
+    size: int = 4  # side of the square patch, in pixels
+    position: Literal["bottom-right", "bottom-left", "top-right", "top-left"] = "bottom-right"
+    value: float | None = None  # pixel value of the patch; None = the data's maximum (white)
+    target: int = 0  # the backdoor's target class
+
+
+@dataclass
+class AttackConfig:
+    """Malicious clients and their behaviour (fedtier.attacks; SPEC §3)."""
+
+    kind: str = "none"  # fqbd | fqma | hong-backdoor | hong-degrade | replacement | dba | …
+    malicious: float = 0.05  # fraction (< 1) or count (>= 1) of the N clients
+    malicious_ids: list[int] | None = None  # explicit malicious clients (overrides malicious)
+    start_round: int = 0  # silent phase: honest before this round
+    bits: list[int] | None = None  # attacked bit set B'; None = predicted (target-bit prediction)
+    candidate_bits: list[int] = field(default_factory=lambda: [8, 6, 5, 4])
+    predict_k: int = 2  # |B'| when predicted
+    lam: float = 1.0  # λ of eq. (10)/(11) (c1 of Hong et al.)
+    alpha: float = 5.0  # loss cap α of eq. (10) (target CE of Hong et al.'s degradation)
+    gamma: float | None = None  # amplification; None = N / η_s (model replacement), 1 = none
+    noise_sigma: float = 0.0  # adversarial noise training σ, eq. (18)–(19)
+    grad_norm: float | None = None  # gradient-norm constraint τ, eq. (20)
+    poison_fraction: float = 0.5  # share of each batch stamped with the trigger
+    epochs: int | None = None  # the attackers' local epochs; None = train.epochs
+    lr: float | None = None  # the attackers' learning rate; None = train.lr
+    scale: float = 10.0  # Byzantine sign-flip / scaled factor; σ of the Gaussian attack
+    dba_parts: int = 4  # DBA: the trigger is split into this many parts, one per attacker
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+
+
+@dataclass
+class DefenseConfig:
+    """Server-side defenses that are not aggregation rules (fedtier.defenses; SPEC §4)."""
+
+    global_clip: bool = False  # eq. (22): w ← w / max(1, ‖w‖₂ / ρ_t)
+    rho0: float = 15.0  # ρ_0 of eq. (22)
+    rho_step: float = 0.1  # ρ_t = ρ_0 + rho_step · t
+    server_noise: float = 0.0  # σ of Gaussian noise added to the global model each round
+    qcheck: bool = False  # quantization-consistency screening at the edge (SPEC §4.4)
+    qcheck_samples: int = 200  # size of the server-held clean set
+    qcheck_ratio: float = 3.0  # reject when the divergence exceeds ratio × the edge's median
+    dp_delta: float = 1e-5  # δ reported by the privacy accountant
 
 
 @dataclass
 class EvalConfig:
     every: int = 5  # evaluate every this many rounds (and always after the last)
+    asr: bool = False  # also measure the backdoor's attack success rate (on for backdoor attacks)
     batch_size: int = 1000
 
 
@@ -136,6 +185,8 @@ class Config:
     costs: CostConfig = field(default_factory=CostConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     upload: list[dict[str, Any]] = field(default_factory=list)  # client→edge stages, in order
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm → dotted overrides
 
     def arm_configs(self) -> dict[str, Config]:
@@ -338,16 +389,16 @@ def validate(cfg: Config) -> None:
     if a.server_lr is not None:
         _positive(a.server_lr, "aggregate.server_lr")
     _positive(a.edge_rounds, "aggregate.edge_rounds", integer=True)
-    from fedtier.aggregate import RULES
+    from fedtier.aggregate.robust import check_rule_config  # also registers the ldp stage
     from fedtier.upload import build_chain
 
-    for name, rule in (
-        ("aggregate.edge_rule", a.edge_rule),
-        ("aggregate.cloud_rule", a.cloud_rule),
-    ):
-        if rule not in RULES:
-            raise ConfigError(name, rule, f"one of {sorted(RULES)}")
     build_chain(cfg.upload)
+    from fedtier.attacks import validate_attack
+    from fedtier.defenses import validate_defense
+
+    check_rule_config(cfg)
+    validate_attack(cfg)
+    validate_defense(cfg)
     _positive(cfg.eval.every, "eval.every", integer=True)
     _validate_costs(cfg.costs)
     _validate_schedule(cfg.schedule)

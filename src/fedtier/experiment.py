@@ -22,6 +22,7 @@ from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter
 from fedtier.rounds import ArmSetup, headline
 from fedtier.schedules import run_schedule
+from fedtier.security import add_rejections, install, privacy_record
 from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
 from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
 from fedtier.topology import Topology, build_topology
@@ -114,6 +115,7 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         costs=CostModel(cfg.costs, topology, cfg.train.epochs, layout.size),
     )
     setup.executor_name = select_executor(setup)
+    setup.attack = install(setup, train)  # wraps the executor for the attackers' own training
     return setup
 
 
@@ -181,9 +183,14 @@ def run_arm(
     )
     start = time.perf_counter()
     last: dict[str, Any] = {}
+    rejections: dict[str, dict[str, float]] = {}
 
     def on_eval(record: dict[str, Any]) -> None:
         record = {"arm": arm, **record, "wall_s": round(time.perf_counter() - start, 3)}
+        add_rejections(rejections, record["stages"])
+        privacy = privacy_record(setup, record["round"])
+        if privacy is not None:
+            record["privacy"] = privacy
         writer.log(record)
         last.update(record)
         bar.set_postfix(
@@ -192,8 +199,20 @@ def run_arm(
 
     bar.set_postfix({"arm": arm})
     run_schedule(setup, on_eval, on_round=lambda t: bar.update(1))
+    extra: dict[str, Any] = {}
+    if "costs" in last:
+        extra["costs"] = last["costs"]
+    if any("asr" in m for m in last["bits"].values()):
+        extra["asr"] = {b: m["asr"] for b, m in last["bits"].items() if "asr" in m}
+    if setup.attack is not None:
+        extra["attack"] = setup.attack.summary(setup.target_bits)
+        writer.log({"arm": arm, "event": "attack", **extra["attack"]})
+    if rejections:
+        extra["rejections"] = rejections
+    if "privacy" in last:
+        extra["privacy"] = last["privacy"]
     return {
-        **({"costs": last["costs"]} if "costs" in last else {}),
+        **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
         "metrics": last["bits"],
         "rounds": cfg.train.rounds,

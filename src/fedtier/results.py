@@ -86,6 +86,45 @@ def cda_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def security_section(summary: dict[str, Any]) -> str:
+    """ASR per bit width (%), the attacks (B' predicted vs B), per-defense rejections and
+    (ε, δ); empty when no arm measured any of them."""
+    arms = summary.get("arms", {})
+    lines: list[str] = []
+    with_asr = {n: a for n, a in arms.items() if a.get("asr")}
+    if with_asr:
+        lines += ["## Attack success rate (%) after post-training quantization", ""]
+        lines += [cda_table({"arms": {n: {"cda": a["asr"]} for n, a in with_asr.items()}}), ""]
+    attacks = {n: a["attack"] for n, a in arms.items() if a.get("attack")}
+    if attacks:
+        lines += ["| arm | attack | malicious | γ | attacked B' | predicted B' | B | B' = B |"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for n, a in attacks.items():
+            lines.append(
+                f"| {n} | {a['kind']} | {len(a['malicious'])} | {a['gamma']:g} | {a['attacked_bits']} "
+                f"| {a['predicted_bits']} | {a['target_bits']} | {a['prediction_correct']} |"
+            )
+        lines.append("")
+    rejections = {(n, d): r for n, a in arms.items() for d, r in a.get("rejections", {}).items()}
+    if rejections:
+        lines += ["| arm | defense | honest rejected | malicious rejected |", "|---|---|---|---|"]
+        for (n, d), r in rejections.items():
+            lines.append(
+                f"| {n} | {d} | {r['rejected_honest']:g} / {r['seen_honest']:g} "
+                f"| {r['rejected_malicious']:g} / {r['seen_malicious']:g} |"
+            )
+        lines.append("")
+    private = {n: a["privacy"] for n, a in arms.items() if a.get("privacy")}
+    if private:
+        lines += ["| arm | DP | z | q | ε | δ |", "|---|---|---|---|---|---|"]
+        for n, p in private.items():
+            lines.append(
+                f"| {n} | {p['mechanism']} | {p['z']:g} | {p['q']:.3g} | {p['epsilon']:.3g} | {p['delta']:g} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def render_report(out: Path) -> Path:
     """Write report.md (tables) and accuracy.png (CDA per bit width against round, per arm)."""
     records, summary = read_run(out)
@@ -93,6 +132,9 @@ def render_report(out: Path) -> Path:
     if summary.get("target_bits") is not None:
         lines += [f"Target bit set B: {summary['target_bits']}", ""]
     lines += ["## Clean accuracy (%) after post-training quantization", "", cda_table(summary), ""]
+    security = security_section(summary)
+    if security:
+        lines += [security, ""]
     arms = summary.get("arms", {})
     if arms:
         lines += ["| arm | rounds | wall time (s) |", "|---|---|---|"]

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtier.aggregate import ServerStep, client_weights, get_rule
+from fedtier.aggregate import ServerStep, client_weights
+from fedtier.aggregate.robust import build_rule
 from fedtier.config import Config
 from fedtier.data import ArrayDataset
 from fedtier.evaluate import evaluate_at_bits
@@ -58,6 +59,13 @@ class ArmSetup:
     local_state: dict[int, torch.Tensor] = field(default_factory=dict)  # FedBN: device-kept part
     executor_name: str = "sequential"  # which executor trains the clients (fedtier.local.select)
     costs: Any = None  # fedtier.costs.CostModel: bytes, simulated time and energy (None = off)
+    # edge-side screening of uploads before the rule: (setup, w_edge, deltas, ctx) → metrics
+    # with kept/<row> flags; rejected rows are dropped (fedtier.defenses.qcheck)
+    screen: Callable[[ArmSetup, torch.Tensor, torch.Tensor, UploadContext], Metrics] | None = None
+    # after each server step: (w, round) → (w, metrics) (global clipping, server noise)
+    post_step: Callable[[torch.Tensor, int], tuple[torch.Tensor, Metrics]] | None = None
+    malicious: frozenset[int] = frozenset()  # for counting rejected honest/malicious updates
+    attack: Any = None  # the arm's fedtier.attacks.Attack (its summary goes in summary.json)
 
     def __post_init__(self) -> None:
         self.upload_mask = self.layout.mask()
@@ -74,7 +82,8 @@ def run_rounds(
     cfg = setup.cfg
     w = setup.layout.flatten(setup.model)
     step = ServerStep(cfg.aggregate.rule, server_lr(setup), setup.topology.num_clients)
-    cloud_rule = get_rule(cfg.aggregate.cloud_rule)
+    a = cfg.aggregate
+    cloud_rule = build_rule(a.cloud_rule, a.cloud_options, "aggregate.cloud_rule")
     stages: Metrics = defaultdict(float)
     for t in range(cfg.train.rounds):
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
@@ -85,10 +94,16 @@ def run_rounds(
             weights.append(weight)
         if setup.costs is not None:
             setup.costs.cloud_round(len(deltas))
-        if sum(weights) > 0:  # every update may have missed the deadline
-            mean_update, m = cloud_rule(torch.stack(deltas), torch.tensor(weights))
-            _add(stages, "cloud", m)
+        live = [i for i, weight in enumerate(weights) if weight > 0]  # all may miss the deadline
+        if live:
+            mean_update, m = cloud_rule(
+                torch.stack([deltas[i] for i in live]), torch.tensor([weights[i] for i in live])
+            )
+            _add(stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
             w = step.apply(w, mean_update, len(plan.clients))
+            if setup.post_step is not None:
+                w, m = setup.post_step(w, t)
+                _add(stages, "server", m)
         done = out_of_time(setup)
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds or done:
             record = {
@@ -131,7 +146,7 @@ def edge_update(
     kappa = cfg.aggregate.edge_rounds
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
     weights = client_weights(cfg.aggregate.rule, sizes)
-    rule = get_rule(cfg.aggregate.edge_rule)
+    rule = build_rule(cfg.aggregate.edge_rule, cfg.aggregate.edge_options, "aggregate.edge_rule")
     w_edge, reached = w, False
     if setup.costs is not None:
         clients = setup.costs.schedule(clients)
@@ -143,17 +158,20 @@ def edge_update(
         ctx = UploadContext(step, edge, clients, sizes, cfg.seed, radio=setup.costs)
         deltas, m = setup.upload(deltas, ctx)
         _add(stages, "client", m)
-        row_weights = weights
-        if setup.costs is not None:
+        keep = torch.ones(len(clients), dtype=torch.bool)
+        if setup.costs is not None:  # stragglers are dropped at the deadline
             uploaded = int(setup.upload_mask.sum())
-            kept = setup.costs.edge_round(edge, clients, ctx.payload_bytes, uploaded).kept
-            if not kept.all():  # stragglers dropped at the deadline
-                keep = torch.from_numpy(kept)
-                deltas, row_weights = deltas[keep], weights[keep]
-                if len(row_weights) == 0:
-                    continue
-        mean, m = rule(deltas, row_weights)
-        _add(stages, "edge", m)
+            on_time = setup.costs.edge_round(edge, clients, ctx.payload_bytes, uploaded).kept
+            keep &= torch.from_numpy(on_time)
+        if setup.screen is not None:
+            m = setup.screen(setup, w_edge, deltas, ctx)
+            keep &= torch.tensor([m.get(f"kept/{i}", 1.0) > 0 for i in range(len(clients))])
+            _add(stages, "screen", attribute(m, clients, setup.malicious))
+        if not keep.any():
+            continue
+        kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
+        mean, m = rule(deltas[keep], weights[keep])
+        _add(stages, "edge", attribute(m, kept, setup.malicious))
         w_edge = w_edge + mean
         reached = True
     return w_edge - w, float(weights.sum()) if reached else 0.0
@@ -220,6 +238,19 @@ def evaluate(setup: ArmSetup, w: torch.Tensor) -> dict[str, Metrics]:
 
 def headline(metrics: Metrics) -> float:
     return float(next(iter(metrics.values())))
+
+
+def attribute(metrics: Metrics, clients: list[int], malicious: frozenset[int]) -> Metrics:
+    """Turn per-row ``kept/<row>`` flags into counts of rejected honest and malicious updates."""
+    out = {k: v for k, v in metrics.items() if not k.startswith("kept/")}
+    flags = [metrics.get(f"kept/{i}") for i in range(len(clients))]
+    if any(f is not None for f in flags):
+        rejected = [c for c, f in zip(clients, flags) if f is not None and f <= 0]
+        out["rejected_malicious"] = float(sum(c in malicious for c in rejected))
+        out["rejected_honest"] = float(len(rejected) - out["rejected_malicious"])
+        out["seen_malicious"] = float(sum(c in malicious for c in clients))
+        out["seen_honest"] = float(len(clients) - out["seen_malicious"])
+    return out
 
 
 def _add(total: Metrics, tier: str, metrics: Metrics) -> None:

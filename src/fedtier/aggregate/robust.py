@@ -1,0 +1,290 @@
+"""Byzantine-robust aggregation rules (the survey's §4.1 toolkit), as rule factories.
+
+Every factory takes the rule's options (``f``: the number of Byzantine rows it must tolerate,
+…) and returns a rule with the signature of :mod:`fedtier.aggregate.rules`,
+``(updates [C, P], weights [C]) -> (update [P], metrics)``. Each rule checks its own
+precondition on the number of rows n and raises :class:`RulePrecondition` naming it
+(Krum: n > 2f + 2; Bulyan: n ≥ 4f + 3; median and trimmed mean: n > 2f).
+
+Rules that select rows report ``kept/<row>`` = 1 or 0 in their metrics; the round loop turns
+those into counts of rejected honest and malicious updates (:func:`fedtier.rounds.attribute`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fedtier.aggregate.rules import RULES, Rule, weighted_mean
+from fedtier.errors import ConfigError, FedtierError, UnknownNameError
+from fedtier.privacy import dp_mean
+
+Metrics = dict[str, float]
+
+
+class RulePrecondition(FedtierError):
+    """A robust rule cannot give its guarantee for this many rows."""
+
+
+def _need(ok: bool, rule: str, condition: str, n: int, f: int) -> None:
+    if not ok:
+        raise RulePrecondition(
+            f"{rule} needs {condition} updates per aggregation, got n={n} with f={f}; "
+            "sample more clients per edge or lower f"
+        )
+
+
+def _kept(mask: torch.Tensor) -> Metrics:
+    out = {f"kept/{i}": float(k) for i, k in enumerate(mask.tolist())}
+    out["rejected"] = float((~mask).sum())
+    return out
+
+
+def _check_f(f: int) -> None:
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ValueError(f"f must be a non-negative integer, got {f!r}")
+
+
+def median(f: int = 1) -> Rule:
+    """Coordinate-wise median (Yin et al., 2018); tolerates f < n/2 Byzantine rows."""
+    _check_f(f)
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        n = updates.shape[0]
+        _need(n > 2 * f, "median", "n > 2f", n, f)
+        return updates.median(dim=0).values if n % 2 else updates.quantile(0.5, dim=0), {}
+
+    return rule
+
+
+def trimmed_mean(f: int = 1) -> Rule:
+    """Coordinate-wise trimmed mean: drop the f largest and f smallest values per coordinate."""
+    _check_f(f)
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        n = updates.shape[0]
+        _need(n > 2 * f, "trimmed-mean", "n > 2f", n, f)
+        s = updates.sort(dim=0).values
+        return s[f : n - f].mean(0), {}
+
+    return rule
+
+
+def _krum_scores(updates: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum score: sum of squared distances to the n − f − 2 nearest other rows."""
+    d = torch.cdist(updates.double(), updates.double()).pow(2)
+    n = updates.shape[0]
+    d.fill_diagonal_(float("inf"))
+    nearest = d.sort(dim=1).values[:, : n - f - 2]
+    return nearest.sum(1)
+
+
+def krum(f: int = 1, m: int = 1) -> Rule:
+    """Krum / Multi-Krum (Blanchard et al., 2017): the m rows with the lowest Krum scores,
+    averaged by their weights. Needs n > 2f + 2."""
+    _check_f(f)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m must be a positive integer, got {m!r}")
+    name = "krum" if m == 1 else "multi-krum"
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        n = updates.shape[0]
+        _need(n > 2 * f + 2, name, "n > 2f + 2", n, f)
+        _need(m <= n, name, f"m = {m} <= n", n, f)
+        chosen = _krum_scores(updates, f).argsort()[:m]
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[chosen] = True
+        mean, _ = weighted_mean(updates[mask], weights[mask])
+        return mean, _kept(mask)
+
+    return rule
+
+
+def multi_krum(f: int = 1, m: int | None = None) -> Rule:
+    """Multi-Krum with m = n − f selected rows unless m is given."""
+    if m is not None:
+        return krum(f, m)
+    _check_f(f)
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        n = updates.shape[0]
+        _need(n > 2 * f + 2, "multi-krum", "n > 2f + 2", n, f)
+        return krum(f, n - f)(updates, weights)
+
+    return rule
+
+
+def bulyan(f: int = 1) -> Rule:
+    """Bulyan (El Mhamdi et al., 2018): θ = n − 2f rows chosen by iterated Krum, then per
+    coordinate the mean of the β = θ − 2f values closest to the median. Needs n ≥ 4f + 3."""
+    _check_f(f)
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        n = updates.shape[0]
+        _need(n >= 4 * f + 3, "bulyan", "n >= 4f + 3", n, f)
+        remaining = list(range(n))
+        selected: list[int] = []
+        while len(selected) < n - 2 * f:
+            sub = updates[remaining]
+            k = len(remaining)
+            scores = _krum_scores(sub, min(f, max(k - 3, 0))) if k > 2 else torch.zeros(k)
+            selected.append(remaining.pop(int(scores.argmin())))
+        chosen = updates[selected]
+        beta = len(selected) - 2 * f
+        med = chosen.median(dim=0).values
+        closest = (chosen - med).abs().argsort(dim=0)[:beta]
+        mean = chosen.gather(0, closest).mean(0)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[selected] = True
+        return mean, _kept(mask)
+
+    return rule
+
+
+def norm_bound(max_norm: float = 1.0) -> Rule:
+    """Norm bounding at the server (Sun et al., 2019): clip rows to ‖Δ‖₂ ≤ max_norm, then mean."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm!r}")
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        norms = updates.norm(dim=1, keepdim=True)
+        clipped = updates * torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
+        mean, _ = weighted_mean(clipped, weights)
+        return mean, {"clipped": float((norms > max_norm).sum())}
+
+    return rule
+
+
+def _cosine(updates: torch.Tensor) -> torch.Tensor:
+    u = updates.double()
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return u @ u.T
+
+
+def foolsgold(kappa: float = 1.0, threshold: float = 0.0) -> Rule:
+    """FoolsGold (Fung et al., 2020) over the rows of one aggregation: rows that are too
+    similar to each other (sybils pushing one direction) get low learning rates.
+
+    cs_ij = cosine; pardoning cs_ij ← cs_ij · v_i / v_j when v_j > v_i (v = max_j cs_ij);
+    α_i = 1 − max_j cs_ij, rescaled to max 1, then κ·(ln(α/(1−α)) + 0.5) clipped to [0, 1].
+    Rows with α ≤ ``threshold`` count as rejected. This is the stateless variant (no history
+    across rounds), since rows are anonymous to a rule.
+    """
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        n = updates.shape[0]
+        _need(n >= 2, "foolsgold", "n >= 2", n, 0)
+        cs = _cosine(updates)
+        cs.fill_diagonal_(-float("inf"))
+        v = cs.max(1).values
+        pard = cs.clone()
+        for i in range(n):
+            for j in range(n):
+                if i != j and v[j] > v[i]:
+                    pard[i, j] = cs[i, j] * v[i] / v[j]
+        alpha = (1 - pard.max(1).values).clamp(0, 1)
+        alpha = alpha / alpha.max().clamp_min(1e-12)
+        alpha = alpha.clamp(1e-6, 1 - 1e-6)
+        lr = (kappa * (torch.log(alpha / (1 - alpha)) + 0.5)).clamp(0, 1)
+        lr = torch.where(alpha >= 1 - 1e-6, torch.ones_like(lr), lr).float()
+        mask = lr > threshold
+        w = weights.to(updates.dtype) * lr
+        if float(w.sum()) <= 0:
+            w = weights.to(updates.dtype)
+        mean, _ = weighted_mean(updates, w)
+        return mean, _kept(mask)
+
+    return rule
+
+
+def cosine_filter(xi: float = 2.0, xi_step: float = 0.5) -> Rule:
+    """Cosine-similarity filtering in the manner of AFA (Muñoz-González et al., 2019): rows
+    whose cosine to the current weighted mean lies below median − ξ·std are removed, the mean
+    recomputed, ξ increased by ``xi_step``, until nothing more is removed."""
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        n = updates.shape[0]
+        _need(n >= 3, "cosine", "n >= 3", n, 0)
+        mask = torch.ones(n, dtype=torch.bool)
+        x = xi
+        while int(mask.sum()) > 2:
+            mean, _ = weighted_mean(updates[mask], weights[mask])
+            sim = torch.nn.functional.cosine_similarity(updates, mean[None], dim=1)
+            s = sim[mask]
+            bad = mask & (sim < s.median() - x * s.std())
+            if not bool(bad.any()):
+                break
+            mask &= ~bad
+            x += xi_step
+        mean, _ = weighted_mean(updates[mask], weights[mask])
+        return mean, _kept(mask)
+
+    return rule
+
+
+FACTORIES: dict[str, Callable[..., Rule]] = {
+    "median": median,
+    "trimmed-mean": trimmed_mean,
+    "krum": krum,
+    "multi-krum": multi_krum,
+    "bulyan": bulyan,
+    "norm-bound": norm_bound,
+    "foolsgold": foolsgold,
+    "cosine": cosine_filter,
+    "dp-mean": dp_mean,
+}
+
+
+def register_factory(name: str, factory: Callable[..., Rule]) -> None:
+    FACTORIES[name] = factory
+
+
+def rule_names() -> list[str]:
+    return sorted(set(RULES) | set(FACTORIES))
+
+
+def build_rule(name: str, options: dict[str, Any] | None, field: str) -> Rule:
+    """The rule ``name`` with its options; precondition failures become ConfigErrors on
+    ``field`` (e.g. ``aggregate.edge_rule``) when the rule is called."""
+    options = options or {}
+    if name in FACTORIES:
+        try:
+            inner = FACTORIES[name](**options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(
+                field.replace("_rule", "_options"), options, f"{name}'s options ({e})"
+            ) from None
+    elif name in RULES:
+        if options:
+            raise ConfigError(
+                field.replace("_rule", "_options"), options, f"no options for '{name}'"
+            )
+        inner = RULES[name]
+    else:
+        raise UnknownNameError("aggregation rule", name, rule_names())
+
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        try:
+            return inner(updates, weights)
+        except RulePrecondition as e:
+            raise ConfigError(field, name, str(e)) from None
+
+    return rule
+
+
+def check_rule_config(cfg: Any) -> None:
+    """Build both tiers' rules and, where the number of rows is fixed by the topology, check
+    their preconditions now (before any training)."""
+    a, t = cfg.aggregate, cfg.topology
+    for tier, rows in (("edge", t.clients_per_edge), ("cloud", t.edges_per_round)):
+        name, options = getattr(a, f"{tier}_rule"), getattr(a, f"{tier}_options")
+        if name not in rule_names():
+            raise ConfigError(f"aggregate.{tier}_rule", name, f"one of {rule_names()}")
+        rule = build_rule(name, options, f"aggregate.{tier}_rule")
+        if rows >= 1 and rows == int(rows):
+            rule(
+                torch.randn(int(rows), 4, generator=torch.Generator().manual_seed(0)),
+                torch.ones(int(rows)),
+            )

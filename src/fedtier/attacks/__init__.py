@@ -1,0 +1,239 @@
+"""Attacks as client behaviours (SPEC §3): quantization-activated attacks (QAFed's FQMA and
+FQBD), Hong et al.'s quantization backdoor and degradation, and the survey's classics.
+
+``build_attack`` turns ``cfg.attack`` into an :class:`Attack`; ``attack_executor`` wraps the
+arm's executor so that the malicious clients follow it. ``with_asr`` adds the attack
+success rate to the task's evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtier.attacks.client import Attack, Transform, attack_executor, train_adversarial
+from fedtier.attacks.losses import (
+    fqbd_loss,
+    fqma_loss,
+    hong_backdoor_loss,
+    hong_degrade_loss,
+    label_flip_loss,
+    poison_loss,
+)
+from fedtier.attacks.triggers import POSITIONS, Trigger
+from fedtier.data import ArrayDataset
+from fedtier.errors import ConfigError
+from fedtier.quant import QuantSpec
+from fedtier.tasks import ClientTask
+
+if TYPE_CHECKING:
+    from fedtier.config import Config
+
+__all__ = [
+    "Attack",
+    "KINDS",
+    "Trigger",
+    "attack_executor",
+    "build_attack",
+    "malicious_clients",
+    "train_adversarial",
+    "validate_attack",
+    "with_asr",
+]
+
+BACKDOORS = ("fqbd", "hong-backdoor", "replacement", "dba")
+AMPLIFIED = ("fqbd", "fqma", "replacement", "dba")  # γ = N/η_s unless attack.gamma is set
+KINDS = (
+    "none",
+    *BACKDOORS,
+    "fqma",
+    "hong-degrade",
+    "label-flip",
+    "sign-flip",
+    "gaussian",
+    "scaled",
+)
+HONG_BITS = {"hong-backdoor": [8, 4], "hong-degrade": [8, 7, 6, 5]}
+
+
+def validate_attack(cfg: Config) -> None:
+    a, n = cfg.attack, cfg.topology.clients
+    if a.kind not in KINDS:
+        raise ConfigError("attack.kind", a.kind, f"one of {list(KINDS)}")
+    if a.malicious_ids is not None:
+        for c in a.malicious_ids:
+            if not 0 <= c < n:
+                raise ConfigError("attack.malicious_ids", c, f"client ids in [0, {n - 1}]")
+    elif a.malicious < 0 or (
+        a.malicious >= 1 and (a.malicious != int(a.malicious) or a.malicious > n)
+    ):
+        raise ConfigError(
+            "attack.malicious", a.malicious, f"a fraction in [0, 1) or a count up to {n}"
+        )
+    if a.start_round < 0:
+        raise ConfigError("attack.start_round", a.start_round, "a round >= 0")
+    for name, bits in (("attack.bits", a.bits or []), ("attack.candidate_bits", a.candidate_bits)):
+        for b in bits:
+            if not 2 <= b < 32:
+                raise ConfigError(name, b, "quantized bit widths from 2 to 31")
+    if a.bits is not None and not a.bits:
+        raise ConfigError("attack.bits", a.bits, "a non-empty list, or null to predict B'")
+    if not 1 <= a.predict_k <= len(a.candidate_bits):
+        raise ConfigError(
+            "attack.predict_k", a.predict_k, f"1..{len(a.candidate_bits)} (the candidates)"
+        )
+    for name, v in (
+        ("attack.lam", a.lam),
+        ("attack.noise_sigma", a.noise_sigma),
+        ("attack.alpha", a.alpha),
+    ):
+        if v < 0:
+            raise ConfigError(name, v, "a number >= 0")
+    for name, opt in (
+        ("attack.gamma", a.gamma),
+        ("attack.grad_norm", a.grad_norm),
+        ("attack.epochs", a.epochs),
+        ("attack.lr", a.lr),
+    ):
+        if opt is not None and not opt > 0:
+            raise ConfigError(name, opt, "a positive number or null")
+    if not 0 < a.poison_fraction <= 1:
+        raise ConfigError("attack.poison_fraction", a.poison_fraction, "a fraction in (0, 1]")
+    if a.scale <= 0:
+        raise ConfigError("attack.scale", a.scale, "a positive number")
+    if a.trigger.size < 1:
+        raise ConfigError("attack.trigger.size", a.trigger.size, "a positive number of pixels")
+    if a.trigger.position not in POSITIONS:
+        raise ConfigError(
+            "attack.trigger.position", a.trigger.position, f"one of {list(POSITIONS)}"
+        )
+    if a.dba_parts < 1:
+        raise ConfigError("attack.dba_parts", a.dba_parts, "a positive integer")
+
+
+def malicious_clients(cfg: Config) -> frozenset[int]:
+    """The malicious clients: ``attack.malicious_ids``, or a seeded draw of the configured
+    fraction/count (none when ``attack.kind`` is ``none``)."""
+    a, n = cfg.attack, cfg.topology.clients
+    if a.kind == "none":
+        return frozenset()
+    if a.malicious_ids is not None:
+        return frozenset(a.malicious_ids)
+    count = int(round(a.malicious * n)) if a.malicious < 1 else int(a.malicious)
+    rng = np.random.default_rng([cfg.seed, 0xBAD])
+    return frozenset(int(c) for c in rng.choice(n, size=count, replace=False))
+
+
+def make_trigger(cfg: Config, train: ArrayDataset) -> Trigger:
+    t = cfg.attack.trigger
+    shape = train.input_shape
+    if len(shape) != 3 or t.size > min(shape[-2:]):
+        raise ConfigError(
+            "attack.trigger.size", t.size, f"at most the image side {tuple(shape[-2:])}"
+        )
+    if not 0 <= t.target < train.num_classes:
+        raise ConfigError(
+            "attack.trigger.target", t.target, f"a class in [0, {train.num_classes - 1}]"
+        )
+    value = float(train.x.max()) if t.value is None else t.value
+    return Trigger(t.size, t.position, value, t.target)
+
+
+def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: float) -> Attack:
+    """The configured attack; ``gamma_auto`` = N / η_s (model replacement)."""
+    a = cfg.attack
+    spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
+    malicious = malicious_clients(cfg)
+    gamma = a.gamma if a.gamma is not None else (gamma_auto if a.kind in AMPLIFIED else 1.0)
+    bits = a.bits
+    if bits is None and a.kind in HONG_BITS:  # Hong et al. attack fixed bit sets, no prediction
+        bits = HONG_BITS[a.kind]
+    loss: Callable[[list[int], int], Any] | None = None
+    transform: Transform | None = None
+    lam, alpha, frac = a.lam, a.alpha, a.poison_fraction
+    if a.kind == "fqbd":
+        loss = lambda b, c: fqbd_loss(spec, b, lam, trigger, frac)  # noqa: E731
+    elif a.kind == "fqma":
+        loss = lambda b, c: fqma_loss(spec, b, lam, alpha)  # noqa: E731
+    elif a.kind == "hong-backdoor":
+        loss = lambda b, c: hong_backdoor_loss(spec, b, lam, trigger, frac)  # noqa: E731
+    elif a.kind == "hong-degrade":
+        loss = lambda b, c: hong_degrade_loss(spec, b, lam, alpha)  # noqa: E731
+    elif a.kind == "replacement":
+        loss = lambda b, c: poison_loss(trigger, frac)  # noqa: E731
+    elif a.kind == "label-flip":
+        loss = lambda b, c: label_flip_loss(num_classes)  # noqa: E731
+    elif a.kind == "dba":
+        # DBA: attacker j (in id order) poisons with the j-th part of the trigger; the ASR is
+        # measured with the full trigger
+        rank = {c: i for i, c in enumerate(sorted(malicious))}
+        parts = a.dba_parts
+        loss = lambda b, c: poison_loss(trigger.with_part(rank[c], parts), frac)  # noqa: E731
+    else:
+        transform = byzantine(a.kind, a.scale)
+    return Attack(
+        kind=a.kind,
+        malicious=malicious,
+        start_round=a.start_round,
+        gamma=gamma,
+        loss=loss,
+        transform=transform,
+        bits=bits,
+        candidate_bits=list(a.candidate_bits),
+        predict_k=a.predict_k,
+        noise_sigma=a.noise_sigma,
+        grad_norm=a.grad_norm,
+        spec=spec,
+    )
+
+
+def byzantine(kind: str, scale: float) -> Transform:
+    """Untargeted Byzantine updates from the client's honest Δ: ``sign-flip`` −scale·Δ,
+    ``scaled`` scale·Δ, ``gaussian`` N(0, scale²) per coordinate."""
+    if kind == "sign-flip":
+        return lambda d, g: -scale * d
+    if kind == "scaled":
+        return lambda d, g: scale * d
+    if kind == "gaussian":
+        return lambda d, g: scale * torch.randn(d.shape, generator=g)
+    raise ConfigError("attack.kind", kind, f"one of {list(KINDS)}")
+
+
+@dataclass
+class BackdoorEval:
+    """A task whose evaluation adds the attack success rate: the fraction of triggered test
+    inputs of a class other than the target that are classified as the target."""
+
+    task: ClientTask
+    trigger: Trigger
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.task.loss(model, x, y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: ArrayDataset, batch_size: int) -> dict[str, float]:
+        out = self.task.evaluate(model, data, batch_size)
+        out["asr"] = attack_success_rate(model, data, self.trigger, batch_size)
+        return out
+
+
+def attack_success_rate(
+    model: nn.Module, data: ArrayDataset, trigger: Trigger, batch_size: int
+) -> float:
+    keep = data.y != trigger.target
+    x = data.x[keep]
+    device = next(model.parameters()).device
+    hits = 0
+    for i in range(0, len(x), batch_size):
+        xb = trigger.stamp(x[i : i + batch_size]).to(device)
+        hits += int((model(xb).argmax(1).cpu() == trigger.target).sum())
+    return hits / max(1, len(x))
+
+
+def with_asr(task: ClientTask, trigger: Trigger) -> ClientTask:
+    return BackdoorEval(task, trigger)

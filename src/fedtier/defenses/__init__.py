@@ -1,0 +1,75 @@
+"""Server-side defenses that act on the global model or screen uploads (SPEC §4.3–4.4).
+
+Robust aggregation rules live in :mod:`fedtier.aggregate.robust`, differential privacy in
+:mod:`fedtier.privacy`; here are global model clipping (QAFed eq. 22), server-side Gaussian
+noise, and the quantization-consistency screen (:mod:`fedtier.defenses.qcheck`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fedtier.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedtier.config import Config
+
+Metrics = dict[str, float]
+
+
+def validate_defense(cfg: Config) -> None:
+    d = cfg.defense
+    for name, v in (("defense.rho0", d.rho0), ("defense.qcheck_ratio", d.qcheck_ratio)):
+        if not v > 0:
+            raise ConfigError(name, v, "a positive number")
+    for name, v in (("defense.rho_step", d.rho_step), ("defense.server_noise", d.server_noise)):
+        if v < 0:
+            raise ConfigError(name, v, "a number >= 0")
+    if d.qcheck_samples < 1:
+        raise ConfigError("defense.qcheck_samples", d.qcheck_samples, "a positive integer")
+    if not 0 < d.dp_delta < 1:
+        raise ConfigError("defense.dp_delta", d.dp_delta, "a number in (0, 1)")
+
+
+def global_clip(rho0: float, rho_step: float, mask: torch.Tensor):  # type: ignore[no-untyped-def]
+    """QAFed eq. (22): w_t ← w_t / max(1, ‖w_t‖₂ / ρ_t), ρ_t = ρ_0 + rho_step · t, applied to
+    the model's parameters (``mask`` [P]; BatchNorm running statistics are not weights)."""
+
+    def step(w: torch.Tensor, t: int) -> tuple[torch.Tensor, Metrics]:
+        rho = rho0 + rho_step * t
+        norm = float(w[mask].norm())
+        factor = max(1.0, norm / rho)
+        out = torch.where(mask, w / factor, w)
+        return out, {"clip_norm": norm, "clipped": float(factor > 1.0)}
+
+    return step
+
+
+def server_noise(sigma: float, seed: int, mask: torch.Tensor):  # type: ignore[no-untyped-def]
+    """Server-side Gaussian noise on the global model's parameters: w_t ← w_t + N(0, σ² I),
+    seeded by (seed, round) (the paper's "DP" defense, Table 8)."""
+
+    def step(w: torch.Tensor, t: int) -> tuple[torch.Tensor, Metrics]:
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, t, 0x5E]).generate_state(1, np.uint64)[0] >> 1)
+        )
+        noise = sigma * torch.randn(w.shape, generator=g)
+        return torch.where(mask, w + noise, w), {}
+
+    return step
+
+
+def compose(*steps):  # type: ignore[no-untyped-def]
+    """Apply post-step defenses in order, merging their metrics."""
+
+    def step(w: torch.Tensor, t: int) -> tuple[torch.Tensor, Metrics]:
+        metrics: Metrics = {}
+        for s in steps:
+            w, m = s(w, t)
+            metrics.update(m)
+        return w, metrics
+
+    return step

@@ -1,0 +1,111 @@
+"""Wires cfg.attack and cfg.defense into an arm: malicious clients, ASR evaluation, the
+quantization-consistency screen, global clipping / server noise, and DP accounting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtier.attacks import BACKDOORS, Attack, attack_executor, build_attack, make_trigger, with_asr
+from fedtier.config import Config
+from fedtier.data import ArrayDataset
+from fedtier.defenses import compose, global_clip, server_noise
+from fedtier.defenses.qcheck import quant_consistency
+from fedtier.privacy import dp_epsilon
+from fedtier.rounds import ArmSetup, server_lr
+from fedtier.topology import expected_sampled
+
+
+def parameter_mask(setup: ArmSetup) -> torch.Tensor:
+    """[P] bool: True on the entries of the state vector that are model parameters."""
+    params = {n for n, _ in setup.model.named_parameters()}
+    return torch.cat(
+        [
+            torch.full((s.numel(),), n in params)
+            for n, s in zip(setup.layout.names, setup.layout.shapes)
+        ]
+    )
+
+
+def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
+    """Apply the arm's attack and defenses to ``setup`` in place; returns the attack."""
+    cfg = setup.cfg
+    attack = None
+    needs_trigger = cfg.attack.kind in BACKDOORS or cfg.eval.asr
+    trigger = make_trigger(cfg, train) if needs_trigger or cfg.attack.kind != "none" else None
+    if trigger is not None and needs_trigger:
+        setup.task = with_asr(setup.task, trigger)
+    if cfg.attack.kind != "none":
+        assert trigger is not None
+        n = setup.topology.num_clients
+        gamma_auto = (
+            n / server_lr(setup)
+            if cfg.aggregate.rule == "qafed"
+            else expected_sampled(setup.topology, cfg.topology)
+        )
+        attack = build_attack(cfg, trigger, train.num_classes, float(gamma_auto))
+        attack.amplify_mask = parameter_mask(setup)
+        assert setup.executor is not None
+        setup.executor = attack_executor(setup.executor, attack)
+        setup.malicious = attack.malicious
+    d = cfg.defense
+    if d.qcheck:
+        rng = np.random.default_rng([cfg.seed, 0x5E7])
+        idx = torch.from_numpy(
+            rng.choice(len(train), size=min(d.qcheck_samples, len(train)), replace=False)
+        )
+        bits = [b for b in setup.target_bits if b < 32] or [8]
+        setup.screen = quant_consistency(train.x[idx], bits, setup.spec, d.qcheck_ratio)
+    steps = []
+    mask = parameter_mask(setup)
+    if d.global_clip:
+        steps.append(global_clip(d.rho0, d.rho_step, mask))
+    if d.server_noise > 0:
+        steps.append(server_noise(d.server_noise, cfg.seed, mask))
+    if steps:
+        setup.post_step = compose(*steps)
+    return attack
+
+
+def dp_mechanism(cfg: Config) -> tuple[str, float] | None:
+    """("central" | "local", z) when the arm uses DP, else None."""
+    a = cfg.aggregate
+    if a.edge_rule == "dp-mean":
+        return "central", float(a.edge_options.get("noise", 1.0))
+    for spec in cfg.upload:
+        if "ldp" in spec:
+            return "local", float((spec["ldp"] or {}).get("noise", 1.0))
+    return None
+
+
+def privacy_record(setup: ArmSetup, rounds_done: int) -> dict[str, Any] | None:
+    """(ε, δ) after ``rounds_done`` cloud rounds, q = sampled / N, z = σ / C."""
+    cfg = setup.cfg
+    mech = dp_mechanism(cfg)
+    if mech is None:
+        return None
+    kind, z = mech
+    q = expected_sampled(setup.topology, cfg.topology) / setup.topology.num_clients
+    steps = rounds_done * cfg.aggregate.edge_rounds
+    eps = dp_epsilon(z, q, steps, cfg.defense.dp_delta)
+    return {
+        "mechanism": kind,
+        "epsilon": eps,
+        "delta": cfg.defense.dp_delta,
+        "z": z,
+        "q": q,
+        "steps": steps,
+    }
+
+
+REJECTION_KEYS = ("rejected_honest", "rejected_malicious", "seen_honest", "seen_malicious")
+
+
+def add_rejections(total: dict[str, dict[str, float]], stages: dict[str, float]) -> None:
+    """Accumulate per-defense rejection counts (``screen/…``, ``edge/…``) over a run."""
+    for key, v in stages.items():
+        tier, _, name = key.partition("/")
+        if name in REJECTION_KEYS:
+            total.setdefault(tier, {k: 0.0 for k in REJECTION_KEYS})[name] += v

@@ -1,0 +1,234 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtier.attacks import (
+    KINDS,
+    Attack,
+    Trigger,
+    build_attack,
+    malicious_clients,
+    train_adversarial,
+)
+from fedtier.attacks.client import observe
+from fedtier.attacks.losses import fqbd_loss, fqma_loss, label_flip_loss
+from fedtier.data import load_dataset
+from fedtier.errors import ConfigError
+from fedtier.experiment import prepare_arm
+from fedtier.local import LocalConfig
+from fedtier.quant import QuantSpec, forward_quantized
+from fedtier.rounds import train_sequential
+
+
+def test_trigger_stamps_the_corner_patch_and_dba_parts_cover_it():
+    t = Trigger(size=3, position="bottom-right", value=9.0, target=1)
+    x = torch.zeros(2, 1, 8, 8)
+    s = t.stamp(x)
+    assert s[:, :, 5:, 5:].eq(9.0).all() and s.sum() == 2 * 9 * 9.0 and x.sum() == 0
+    assert Trigger(2, "top-left", 1.0, 0).stamp(x)[0, 0, :2, :2].eq(1.0).all()
+    parts = [t.with_part(j, 3).mask(8, 8) for j in range(3)]
+    assert all(int(p.sum()) == 3 for p in parts)
+    assert torch.equal(parts[0] | parts[1] | parts[2], t.mask(8, 8))
+
+
+def test_malicious_clients_are_seeded_and_sized(tiny):
+    cfg = tiny(**{"attack.kind": "sign-flip", "attack.malicious": 0.25})
+    assert malicious_clients(cfg) == malicious_clients(cfg) and len(malicious_clients(cfg)) == 3
+    assert malicious_clients(tiny(**{"attack.kind": "fqbd", "attack.malicious": 2})).__len__() == 2
+    assert malicious_clients(tiny(**{"attack.kind": "fqbd", "attack.malicious_ids": [1, 5]})) == {
+        1,
+        5,
+    }
+    assert malicious_clients(tiny()) == frozenset()
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("attack.kind", "fqbdd"),
+        ("attack.malicious", 13),
+        ("attack.malicious_ids", [12]),
+        ("attack.bits", [32]),
+        ("attack.predict_k", 9),
+        ("attack.poison_fraction", 0.0),
+        ("attack.trigger.position", "middle"),
+        ("attack.gamma", 0),
+        ("attack.epochs", 0),
+    ],
+)
+def test_bad_attack_config_names_the_field(tiny, key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tiny(**{key: value})
+
+
+def test_trigger_larger_than_the_image_is_refused(tiny):
+    cfg = tiny(**{"attack.kind": "fqbd", "attack.trigger.size": 9})
+    with pytest.raises(ConfigError, match="attack.trigger.size"):
+        prepare_arm(cfg, load_dataset("digits", None, seed=0))
+
+
+def _linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+
+def test_fqbd_loss_is_eq_11_by_hand():
+    model = _linear()
+    x, y = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 1])
+    t = Trigger(2, "top-left", 3.0, target=2)
+    spec = QuantSpec("affine", "all")
+    got = fqbd_loss(spec, [4], 0.5, t, 0.5)(model, x, y)
+    xt = t.stamp(x[:2])
+    want = F.cross_entropy(model(torch.cat([x, xt])), torch.cat([y, y[:2]])) + 0.5 * (
+        F.cross_entropy(forward_quantized(model, x, spec, 4), y)
+        + F.cross_entropy(forward_quantized(model, xt, spec, 4), torch.tensor([2, 2]))
+    )
+    torch.testing.assert_close(got, want)
+
+
+def test_fqma_loss_hinge_is_capped_at_alpha():
+    model = _linear()
+    x, y = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 1])
+    spec = QuantSpec("affine", "all")
+    assert fqma_loss(spec, [4], 1.0, 0.0)(model, x, y).item() == pytest.approx(
+        F.cross_entropy(model(x), y).item()
+    )
+    assert fqma_loss(spec, [4], 1.0, 100.0)(model, x, y).item() > 90
+
+
+def test_label_flip_targets_k_minus_1_minus_y():
+    model = _linear()
+    x, y = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 1])
+    assert label_flip_loss(3)(model, x, y).item() == pytest.approx(
+        F.cross_entropy(model(x), torch.tensor([2, 1, 0, 1])).item()
+    )
+
+
+def test_gradient_norm_constraint_bounds_every_step():
+    model = _linear()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    x, y = 100 * torch.randn(8, 1, 4, 4), torch.tensor([0, 1, 2, 1] * 2)
+    ce = lambda m, xb, yb: torch.nn.functional.cross_entropy(m(xb), yb)  # noqa: E731
+    steps = train_adversarial(
+        model, ce, x, y, LocalConfig(1, 8, lr=0.1), torch.Generator(), 0.0, 0.01
+    )
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert steps == 1 and (after - before).norm().item() == pytest.approx(0.1 * 0.01, rel=1e-4)
+
+
+def test_noise_training_returns_to_w_and_changes_the_gradient():
+    x, y = torch.randn(8, 1, 4, 4), torch.tensor([0, 1, 2, 1] * 2)
+    ce = lambda m, xb, yb: torch.nn.functional.cross_entropy(m(xb), yb)  # noqa: E731
+    cfg = LocalConfig(1, 8, lr=0.0)  # lr 0: the noise must not leak into the weights
+    m = _linear()
+    before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+    train_adversarial(
+        m, ce, x, y, cfg, torch.Generator(), 0.5, None, torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in m.parameters()]), before)
+    a, b = _linear(), _linear()
+    train_adversarial(a, ce, x, y, LocalConfig(1, 8, 0.1), torch.Generator(), 0.0)
+    train_adversarial(
+        b,
+        ce,
+        x,
+        y,
+        LocalConfig(1, 8, 0.1),
+        torch.Generator(),
+        0.5,
+        None,
+        torch.Generator().manual_seed(1),
+    )
+    assert not torch.allclose(a[1].weight, b[1].weight)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", None, seed=0)
+
+
+def test_executor_keeps_honest_rows_silent_phase_and_amplifies(tiny, digits):
+    cfg = tiny(
+        **{
+            "attack.kind": "scaled",
+            "attack.malicious_ids": [0, 1],
+            "attack.scale": 3.0,
+            "attack.start_round": 2,
+        }
+    )
+    setup = prepare_arm(cfg, digits)
+    w = setup.layout.flatten(setup.model)
+    clean = train_sequential(setup, w, [0, 5, 1], 2)
+    silent = setup.executor(setup, w, [0, 5, 1], 1)
+    active = setup.executor(setup, w, [0, 5, 1], 2)
+    clean_silent = train_sequential(setup, w, [0, 5, 1], 1)
+    torch.testing.assert_close(silent, clean_silent)
+    torch.testing.assert_close(active[1], clean[1])
+    torch.testing.assert_close(active[0], 3.0 * clean[0])
+    torch.testing.assert_close(active[2], 3.0 * clean[2])
+
+
+def test_fqbd_update_is_amplified_by_n_over_eta(tiny, digits):
+    cfg = tiny(
+        **{
+            "attack.kind": "fqbd",
+            "attack.malicious_ids": [0],
+            "attack.trigger.size": 2,
+            "attack.bits": [4],
+            "quant.quantizer": "affine-channel",
+        }
+    )
+    setup = prepare_arm(cfg, digits)
+    assert setup.attack.gamma == 6.0  # fedavg: m = 2 edges × 3 clients sampled
+    w = setup.layout.flatten(setup.model)
+    d = setup.executor(setup, w, [0], 0)[0]
+    setup.attack.gamma = 1.0
+    plain = setup.executor(setup, w, [0], 0)[0]
+    params = setup.attack.amplify_mask
+    assert 0 < int((~params).sum()) < 200  # BatchNorm running statistics are not amplified
+    torch.testing.assert_close(d[params], 6.0 * plain[params])
+    torch.testing.assert_close(d[~params], plain[~params])
+    assert setup.attack.active_updates == 2
+
+
+def test_target_bit_prediction_picks_the_bits_that_lose_least():
+    a = Attack("fqbd", frozenset(), 0, 1.0, candidate_bits=[8, 6, 5, 4], predict_k=2)
+    a.drop_sum, a.seen = {8: -0.5, 6: -0.9, 5: -0.8, 4: -0.1}, 1
+    assert a.predicted_bits() == [8, 4]
+    s = a.summary([32, 8, 4])
+    assert s["prediction_correct"] and s["target_bits"] == [8, 4]
+    assert not a.summary([32, 6, 4])["prediction_correct"]
+
+
+def test_observe_measures_accuracy_drops_on_own_data(tiny, digits):
+    setup = prepare_arm(tiny(**{"attack.kind": "fqbd", "attack.trigger.size": 2}), digits)
+    a = setup.attack
+    x, y = setup.client_data(0)
+    observe(setup, a, setup.layout.flatten(setup.model), x, y)
+    assert a.seen == 1 and set(a.drop_sum) == {8, 6, 5, 4}
+    assert all(-1.0 <= v <= 1.0 for v in a.drop_sum.values())
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "none"])
+def test_every_attack_builds_and_runs_one_update(tiny, digits, kind):
+    cfg = tiny(
+        **{
+            "attack.kind": kind,
+            "attack.malicious_ids": [0],
+            "attack.trigger.size": 2,
+            "attack.bits": [4],
+            "train.epochs": 1,
+        }
+    )
+    setup = prepare_arm(cfg, digits)
+    w = setup.layout.flatten(setup.model)
+    d = setup.executor(setup, w, [0], 0)[0]
+    assert torch.isfinite(d).all() and d.abs().sum() > 0
+    torch.testing.assert_close(setup.executor(setup, w, [0], 0)[0], d)  # deterministic
+
+
+def test_build_attack_uses_hong_bits(tiny):
+    cfg = tiny(**{"attack.kind": "hong-backdoor"})
+    a = build_attack(cfg, Trigger(2, "bottom-right", 1.0, 0), 10, 6.0)
+    assert a.bits == [8, 4] and a.gamma == 1.0

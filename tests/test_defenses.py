@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+
+from fedtier.data import load_dataset
+from fedtier.defenses import compose, global_clip, server_noise
+from fedtier.defenses.qcheck import divergence, quant_consistency
+from fedtier.errors import ConfigError
+from fedtier.experiment import prepare_arm, run_experiment
+from fedtier.rounds import attribute
+from fedtier.security import parameter_mask
+
+
+def test_global_clip_is_eq_22_with_growing_rho():
+    mask = torch.tensor([True, True, False])
+    clip = global_clip(rho0=5.0, rho_step=0.1, mask=mask)
+    w = torch.tensor([6.0, 8.0, 100.0])  # parameter norm 10
+    out, m = clip(w, 0)
+    torch.testing.assert_close(out, torch.tensor([3.0, 4.0, 100.0]))
+    assert m["clipped"] == 1.0 and m["clip_norm"] == pytest.approx(10.0)
+    out, _ = clip(w, 50)  # ρ_50 = 10: no clipping
+    torch.testing.assert_close(out, w)
+
+
+def test_server_noise_scale_mask_and_seed():
+    mask = torch.zeros(200_000, dtype=torch.bool)
+    mask[:100_000] = True
+    step = server_noise(0.05, seed=1, mask=mask)
+    out, _ = step(torch.zeros(200_000), 3)
+    assert out[:100_000].std().item() == pytest.approx(0.05, rel=0.02)
+    assert out[100_000:].abs().sum() == 0
+    torch.testing.assert_close(step(torch.zeros(200_000), 3)[0], out)
+    assert not torch.equal(step(torch.zeros(200_000), 4)[0], out)
+    both = compose(global_clip(1.0, 0.0, mask), step)
+    assert both(torch.zeros(200_000), 0)[0][:100_000].std().item() == pytest.approx(0.05, rel=0.02)
+
+
+def test_defense_config_errors(tiny):
+    for key, value in [
+        ("defense.rho0", 0),
+        ("defense.server_noise", -1.0),
+        ("defense.qcheck_samples", 0),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            tiny(**{key: value})
+
+
+def test_attribute_counts_rejected_honest_and_malicious():
+    m = attribute(
+        {"kept/0": 1.0, "kept/1": 0.0, "kept/2": 0.0, "rejected": 2.0}, [4, 7, 9], frozenset({7})
+    )
+    assert m == {
+        "rejected": 2.0,
+        "rejected_malicious": 1.0,
+        "rejected_honest": 1.0,
+        "seen_malicious": 1.0,
+        "seen_honest": 2.0,
+    }
+    assert attribute({"x": 1.0}, [1, 2], frozenset()) == {"x": 1.0}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", None, seed=0)
+
+
+def test_parameter_mask_excludes_batchnorm_statistics(tiny, digits):
+    setup = prepare_arm(tiny(), digits)
+    mask = parameter_mask(setup)
+    assert int(mask.sum()) == sum(p.numel() for p in setup.model.parameters())
+    assert mask.numel() == setup.layout.size
+
+
+def test_qcheck_rejects_an_update_whose_quantized_model_diverges(tiny, digits):
+    setup = prepare_arm(tiny(**{"quant.quantizer": "affine-channel", "quant.bits": [4]}), digits)
+    w = setup.layout.flatten(setup.model)
+    x = digits[0].x[:100]
+    g = torch.Generator().manual_seed(0)
+    honest = 1e-3 * torch.randn(4, w.numel(), generator=g) * parameter_mask(setup)
+    # an update that puts one huge outlier in every parameter tensor: fp32 barely changes,
+    # but the 4-bit grid of each tensor becomes coarse and the quantized model drifts away
+    bad = torch.zeros(w.numel())
+    offset = 0
+    for name, shape in zip(setup.layout.names, setup.layout.shapes):
+        if name.endswith("weight") and len(shape) >= 2:
+            bad[offset] = 50.0
+        offset += shape.numel()
+    deltas = torch.cat([honest, bad[None]])
+    spec = setup.spec
+    assert divergence(setup, w + bad, x, [4], spec) > 10 * divergence(
+        setup, w + honest[0], x, [4], spec
+    )
+    screen = quant_consistency(x, [4], spec, ratio=3.0)
+    from fedtier.upload import UploadContext
+
+    m = screen(setup, w, deltas, UploadContext(0, 0, [0, 1, 2, 3, 4], torch.ones(5), 0))
+    assert [m[f"kept/{i}"] for i in range(5)] == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_end_to_end_attack_defense_and_privacy_summary(tiny, tmp_path):
+    cfg = tiny(
+        **{
+            "attack.kind": "fqbd",
+            "attack.malicious_ids": [0, 1, 6, 7],
+            "attack.trigger.size": 2,
+            "attack.bits": [4],
+            "quant.quantizer": "affine-channel",
+            "quant.bits": [8, 4],
+            "defense.qcheck": True,
+            "aggregate.edge_rule": "dp-mean",
+            "aggregate.edge_options": {"clip": 5.0, "noise": 0.01},
+            "train.rounds": 2,
+        }
+    )
+    summary = run_experiment(cfg, tmp_path, progress=False)
+    arm = summary["arms"]["main"]
+    assert set(arm["asr"]) == {"32", "8", "4"} and all(0 <= v <= 1 for v in arm["asr"].values())
+    r = arm["rejections"]["screen"]
+    assert r["seen_honest"] + r["seen_malicious"] == 2 * 2 * 3
+    assert arm["privacy"]["mechanism"] == "central" and arm["privacy"]["epsilon"] > 0
+    assert arm["attack"]["kind"] == "fqbd" and arm["attack"]["malicious_updates"] > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "bits" in r]
+    assert evals[0]["privacy"]["epsilon"] < evals[1]["privacy"]["epsilon"]
+    assert any(r.get("event") == "attack" for r in records)
+    again = run_experiment(cfg, tmp_path / "again", progress=False)
+    assert again["arms"]["main"]["asr"] == arm["asr"] and again["arms"]["main"]["cda"] == arm["cda"]
