@@ -13,7 +13,7 @@ from tqdm import tqdm
 from fedtier.config import Config, to_dict
 from fedtier.data import ArrayDataset, load_dataset, partition
 from fedtier.errors import FedtierError
-from fedtier.local.select import select_executor
+from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
@@ -187,7 +187,10 @@ def run_arm(
         )
 
     bar.set_postfix({"arm": arm})
-    run_rounds(setup, on_eval, on_round=lambda t: bar.update(1))
+    try:
+        run_rounds(setup, on_eval, on_round=lambda t: bar.update(1))
+    finally:
+        close_executor(setup)
     return {
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
         "metrics": last["bits"],
