@@ -53,11 +53,7 @@ def peak_mb() -> float:
 
 def client_samples(cfg: Config, sizes: np.ndarray, topology: Any) -> int:
     """Samples processed by the clients over all rounds (E passes over each sampled client)."""
-    total = 0
-    for t in range(cfg.train.rounds):
-        plan = plan_round(topology, cfg.topology, cfg.seed, t)
-        total += int(sum(sizes[c] for c in plan.clients)) * cfg.train.epochs
-    return total
+    return client_samples_upto(cfg, sizes, topology, cfg.train.rounds)
 
 
 # --------------------------------------------------------------------------- fedtier
@@ -70,20 +66,43 @@ def run_fedtier(cfg: Config, data: tuple[ArrayDataset, ArrayDataset] | None = No
     setup = prepare_arm(cfg, data)
     startup = time.perf_counter() - start
     evals: list[dict] = []
-    t0 = time.perf_counter()
+    stamps = [time.perf_counter()]
     try:
-        run_rounds(setup, evals.append)
+        run_rounds(setup, evals.append, on_round=lambda t: stamps.append(time.perf_counter()))
     finally:
         close_executor(setup)
-    wall = time.perf_counter() - t0
-    samples = client_samples(cfg, setup.topology.num_samples, setup.topology)
     return {
         "executor": setup.executor_name,
-        "s_per_round": wall / cfg.train.rounds,
-        "samples_per_s": samples / wall,
-        "startup_s": startup,
+        **timing(stamps, startup, cfg, setup.topology.num_samples, setup.topology),
         "accuracy": evals[-1]["bits"]["32"]["accuracy"],
     }
+
+
+def timing(
+    stamps: list[float], startup: float, cfg: Config, sizes: np.ndarray, topology: Any
+) -> Result:
+    """Seconds per round over rounds 2..R (round 1, with its one-off warm-up such as worker
+    start or Flower's actors, counts as start-up), and client-samples per second."""
+    timed = max(len(stamps) - 2, 1)
+    wall = stamps[-1] - stamps[-1 - timed]
+    first = cfg.train.rounds - timed
+    samples = client_samples(cfg, sizes, topology) - client_samples_upto(
+        cfg, sizes, topology, first
+    )
+    return {
+        "s_per_round": wall / timed,
+        "samples_per_s": samples / wall,
+        "startup_s": startup + (stamps[-1 - timed] - stamps[0]),
+    }
+
+
+def client_samples_upto(cfg: Config, sizes: np.ndarray, topology: Any, rounds: int) -> int:
+    """Client samples of the first ``rounds`` rounds."""
+    return sum(
+        int(sum(sizes[c] for c in plan_round(topology, cfg.topology, cfg.seed, t).clients))
+        * cfg.train.epochs
+        for t in range(rounds)
+    )
 
 
 # --------------------------------------------------------------------------- hand-written
@@ -109,7 +128,7 @@ def run_hand_loop(cfg: Config) -> Result:
     model = build_model(cfg.model.name, train.input_shape, train.num_classes)
     qat_bits = [b for b in (cfg.quant.bits or []) if b < 32] if cfg.quant.qat else []
     startup = time.perf_counter() - start
-    t0 = time.perf_counter()
+    stamps = [time.perf_counter()]
     for t in range(cfg.train.rounds):
         plan = plan_round(topology, cfg.topology, cfg.seed, t)
         states, weights = [], []
@@ -136,16 +155,12 @@ def run_hand_loop(cfg: Config) -> Result:
         model.load_state_dict(
             {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in states[0]}
         )
-    with torch.no_grad():
-        model.eval()
-        accuracy = (model(test.x).argmax(1) == test.y).float().mean().item()
-    wall = time.perf_counter() - t0
-    return {
-        "s_per_round": wall / cfg.train.rounds,
-        "samples_per_s": client_samples(cfg, sizes, topology) / wall,
-        "startup_s": startup,
-        "accuracy": accuracy,
-    }
+        if t + 1 == cfg.train.rounds:
+            with torch.no_grad():
+                model.eval()
+                accuracy = (model(test.x).argmax(1) == test.y).float().mean().item()
+        stamps.append(time.perf_counter())
+    return {**timing(stamps, startup, cfg, sizes, topology), "accuracy": accuracy}
 
 
 # --------------------------------------------------------------------------- Flower
@@ -344,7 +359,7 @@ def describe_machine() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["bench-small-mnist", "bench-fedavg-mnist"])
+    p.add_argument("--presets", nargs="*", default=["bench-small-mnist", "bench-fedavg-mnist"])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument(
         "--executors",
