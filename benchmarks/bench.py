@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fedtier.config import Config, load_config
 from fedtier.data import ArrayDataset, load_dataset
 from fedtier.experiment import prepare_arm, split_clients
+from fedtier.local.select import close_executor
 from fedtier.models import build_model
 from fedtier.rounds import run_rounds
 from fedtier.topology import build_topology, plan_round
@@ -52,11 +53,7 @@ def peak_mb() -> float:
 
 def client_samples(cfg: Config, sizes: np.ndarray, topology: Any) -> int:
     """Samples processed by the clients over all rounds (E passes over each sampled client)."""
-    total = 0
-    for t in range(cfg.train.rounds):
-        plan = plan_round(topology, cfg.topology, cfg.seed, t)
-        total += int(sum(sizes[c] for c in plan.clients)) * cfg.train.epochs
-    return total
+    return client_samples_upto(cfg, sizes, topology, cfg.train.rounds)
 
 
 # --------------------------------------------------------------------------- fedtier
@@ -69,17 +66,43 @@ def run_fedtier(cfg: Config, data: tuple[ArrayDataset, ArrayDataset] | None = No
     setup = prepare_arm(cfg, data)
     startup = time.perf_counter() - start
     evals: list[dict] = []
-    t0 = time.perf_counter()
-    run_rounds(setup, evals.append)
-    wall = time.perf_counter() - t0
-    samples = client_samples(cfg, setup.topology.num_samples, setup.topology)
+    stamps = [time.perf_counter()]
+    try:
+        run_rounds(setup, evals.append, on_round=lambda t: stamps.append(time.perf_counter()))
+    finally:
+        close_executor(setup)
     return {
         "executor": setup.executor_name,
-        "s_per_round": wall / cfg.train.rounds,
-        "samples_per_s": samples / wall,
-        "startup_s": startup,
+        **timing(stamps, startup, cfg, setup.topology.num_samples, setup.topology),
         "accuracy": evals[-1]["bits"]["32"]["accuracy"],
     }
+
+
+def timing(
+    stamps: list[float], startup: float, cfg: Config, sizes: np.ndarray, topology: Any
+) -> Result:
+    """Seconds per round over rounds 2..R (round 1, with its one-off warm-up such as worker
+    start or Flower's actors, counts as start-up), and client-samples per second."""
+    timed = max(len(stamps) - 2, 1)
+    wall = stamps[-1] - stamps[-1 - timed]
+    first = cfg.train.rounds - timed
+    samples = client_samples(cfg, sizes, topology) - client_samples_upto(
+        cfg, sizes, topology, first
+    )
+    return {
+        "s_per_round": wall / timed,
+        "samples_per_s": samples / wall,
+        "startup_s": startup + (stamps[-1 - timed] - stamps[0]),
+    }
+
+
+def client_samples_upto(cfg: Config, sizes: np.ndarray, topology: Any, rounds: int) -> int:
+    """Client samples of the first ``rounds`` rounds."""
+    return sum(
+        int(sum(sizes[c] for c in plan_round(topology, cfg.topology, cfg.seed, t).clients))
+        * cfg.train.epochs
+        for t in range(rounds)
+    )
 
 
 # --------------------------------------------------------------------------- hand-written
@@ -105,7 +128,7 @@ def run_hand_loop(cfg: Config) -> Result:
     model = build_model(cfg.model.name, train.input_shape, train.num_classes)
     qat_bits = [b for b in (cfg.quant.bits or []) if b < 32] if cfg.quant.qat else []
     startup = time.perf_counter() - start
-    t0 = time.perf_counter()
+    stamps = [time.perf_counter()]
     for t in range(cfg.train.rounds):
         plan = plan_round(topology, cfg.topology, cfg.seed, t)
         states, weights = [], []
@@ -132,16 +155,12 @@ def run_hand_loop(cfg: Config) -> Result:
         model.load_state_dict(
             {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in states[0]}
         )
-    with torch.no_grad():
-        model.eval()
-        accuracy = (model(test.x).argmax(1) == test.y).float().mean().item()
-    wall = time.perf_counter() - t0
-    return {
-        "s_per_round": wall / cfg.train.rounds,
-        "samples_per_s": client_samples(cfg, sizes, topology) / wall,
-        "startup_s": startup,
-        "accuracy": accuracy,
-    }
+        if t + 1 == cfg.train.rounds:
+            with torch.no_grad():
+                model.eval()
+                accuracy = (model(test.x).argmax(1) == test.y).float().mean().item()
+        stamps.append(time.perf_counter())
+    return {**timing(stamps, startup, cfg, sizes, topology), "accuracy": accuracy}
 
 
 # --------------------------------------------------------------------------- Flower
@@ -179,7 +198,7 @@ def run_flower(cfg: Config) -> Result:
             net = build_model(cfg.model.name, train.input_shape, train.num_classes)
             set_weights(net, parameters)
             opt = torch.optim.SGD(net.parameters(), lr=tr.lr)
-            idx = torch.from_numpy(parts[self.cid])
+            idx = torch.from_numpy(np.copy(parts[self.cid]))
             x, y = train.x[idx], train.y[idx]
             for _ in range(tr.epochs):
                 order = torch.randperm(len(y))
@@ -226,12 +245,14 @@ def run_flower(cfg: Config) -> Result:
         num_supernodes=n,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    wall = stamps[-1] - stamps[0]
-    expected = float(sizes.mean()) * per_round * tr.epochs * tr.rounds
+    # Round 1 also starts Ray's client actors: it counts as start-up, rounds 2..R are timed.
+    rounds = max(tr.rounds - 1, 1)
+    wall = stamps[-1] - stamps[-1 - rounds]
+    expected = float(sizes.mean()) * per_round * tr.epochs * rounds
     return {
-        "s_per_round": wall / tr.rounds,
+        "s_per_round": wall / rounds,
         "samples_per_s": expected / wall,  # Flower samples its own clients: expected count
-        "startup_s": stamps[0] - start,
+        "startup_s": stamps[-1 - rounds] - start,
         "accuracy": final.get("accuracy", float("nan")),
         "note": "peak memory of the driver process only (Ray workers not counted)",
     }
@@ -270,7 +291,9 @@ def run_population(preset: str, clients: int, rounds: int, per_client: int) -> R
 # --------------------------------------------------------------------------- driver
 
 
-def _child(fn: Callable[..., Result], args: tuple, queue: Any) -> None:
+def _child(fn: Callable[..., Result], args: tuple, queue: Any, threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     try:
         result = fn(*args)
         result["peak_mb"] = peak_mb()
@@ -279,14 +302,19 @@ def _child(fn: Callable[..., Result], args: tuple, queue: Any) -> None:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
+THREADS = 0  # torch threads in each column's process; 0 = torch's default
+
+
 def in_fresh_process(fn: Callable[..., Result], *args: Any) -> Result:
     """Run fn(*args) in a new process; its result plus its peak memory."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc = ctx.Process(target=_child, args=(fn, args, queue, THREADS))
     proc.start()
     result = queue.get()
-    proc.join()
+    proc.join(timeout=60)
+    if proc.is_alive():  # finished its work but does not exit: do not hang the benchmark
+        proc.terminate()
     return result
 
 
@@ -331,7 +359,7 @@ def describe_machine() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["bench-small-mnist", "bench-fedavg-mnist"])
+    p.add_argument("--presets", nargs="*", default=["bench-small-mnist", "bench-fedavg-mnist"])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument(
         "--executors",
@@ -343,7 +371,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-loop", action="store_true", help="skip the hand-written loop column")
     p.add_argument("--qat", action="store_true", help="also QAT with B = {8, 4} on the CNN")
     p.add_argument("--population", action="store_true", help="also 100 vs 10,000 clients")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per column (0: default)")
     args = p.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     print(f"machine: {describe_machine()}")
     flower = not args.no_flower and flower_available()
     if not args.no_flower and not flower:

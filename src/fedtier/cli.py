@@ -42,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtier.results import cda_table, security_section
 
     cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+    show_log()
     out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = run_experiment(cfg, out, progress=not args.no_progress)
     print(
@@ -58,6 +59,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n" + security)
     print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, accuracy.png)")
     return 0
+
+
+def show_log() -> None:
+    """Print fedtier's INFO log lines (e.g. which executor trains the clients) on stderr."""
+    import logging
+
+    log = logging.getLogger("fedtier")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedtier: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def cmd_presets() -> int:

@@ -14,7 +14,7 @@ from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, load_dataset, partition
 from fedtier.errors import FedtierError
-from fedtier.local.select import select_executor
+from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
@@ -198,7 +198,10 @@ def run_arm(
         )
 
     bar.set_postfix({"arm": arm})
-    run_schedule(setup, on_eval, on_round=lambda t: bar.update(1))
+    try:
+        run_schedule(setup, on_eval, on_round=lambda t: bar.update(1))
+    finally:
+        close_executor(setup)
     extra: dict[str, Any] = {}
     if "costs" in last:
         extra["costs"] = last["costs"]

@@ -13,10 +13,8 @@ workers finish together.
 
 from __future__ import annotations
 
-import atexit
 import os
-import weakref
-from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.pool import Pool
 
 import torch
 import torch.multiprocessing as tmp
@@ -85,29 +83,31 @@ class ProcessExecutor:
     def __init__(self, workers: int | None = None, channels_last: bool | None = None) -> None:
         self.workers = workers or available_workers()
         self.channels_last = channels_last
-        self._pool: ProcessPoolExecutor | None = None
-        self._finalizer: weakref.finalize | None = None
+        self._pool: Pool | None = None
 
-    def _start(self, setup: ArmSetup) -> ProcessPoolExecutor:
+    def _start(self, setup: ArmSetup) -> Pool:
         if self._pool is None:
             channels_last = self.channels_last
             if channels_last is None:
                 channels_last = not _has_batchnorm(setup.model)
-            self._pool = ProcessPoolExecutor(
+            # multiprocessing.Pool's workers are daemonic: they end with this process even if
+            # close() is never called (a ProcessPoolExecutor can hang the interpreter's exit).
+            self._pool = _context().Pool(
                 self.workers,
-                mp_context=_context(),
                 initializer=_init_worker,
                 initargs=(setup.model, setup.task, setup.layout, channels_last),
             )
-            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True)
-            atexit.register(self.close)
         return self._pool
 
     def close(self) -> None:
         """Stop the worker processes (the next call starts them again)."""
-        if self._finalizer is not None:
-            self._finalizer()
-        self._pool, self._finalizer = None, None
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+        self._pool = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __call__(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
@@ -126,9 +126,7 @@ class ProcessExecutor:
         data = {c: setup.client_data(c) for c in clients}
         largest_first = sorted(clients, key=lambda c: -len(data[c][1]))
         futures = {
-            c: pool.submit(_train_one, starts[c], *data[c], local, seed, step, c)
+            c: pool.apply_async(_train_one, (starts[c], *data[c], local, seed, step, c))
             for c in largest_first
         }
-        return torch.stack(
-            [client_delta(setup, c, starts[c], futures[c].result()) for c in clients]
-        )
+        return torch.stack([client_delta(setup, c, starts[c], futures[c].get()) for c in clients])

@@ -80,3 +80,10 @@ def select_executor(setup: ArmSetup) -> str:
     else:
         log.info(message)
     return name
+
+
+def close_executor(setup: ArmSetup) -> None:
+    """Release what the arm's executor holds (the process pool's workers), if anything."""
+    close = getattr(setup.executor, "close", None)
+    if close is not None:
+        close()
