@@ -232,3 +232,16 @@ def test_build_attack_uses_hong_bits(tiny):
     cfg = tiny(**{"attack.kind": "hong-backdoor"})
     a = build_attack(cfg, Trigger(2, "bottom-right", 1.0, 0), 10, 6.0)
     assert a.bits == [8, 4] and a.gamma == 1.0
+
+
+def test_backdoor_losses_handle_a_batch_of_two_with_batchnorm():
+    from fedtier.attacks.losses import hong_backdoor_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+    ).train()
+    x, y = torch.randn(2, 1, 4, 4), torch.tensor([0, 1])
+    t = Trigger(2, "top-left", 3.0, target=2)
+    loss = hong_backdoor_loss(QuantSpec("affine", "all"), [4], 1.0, t, 0.5)(model, x, y)
+    assert torch.isfinite(loss)

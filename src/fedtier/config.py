@@ -116,6 +116,7 @@ class AttackConfig:
     poison_fraction: float = 0.5  # share of each batch stamped with the trigger
     epochs: int | None = None  # the attackers' local epochs; None = train.epochs
     lr: float | None = None  # the attackers' learning rate; None = train.lr
+    momentum: float | None = None  # the attackers' SGD momentum; None = train.momentum
     scale: float = 10.0  # Byzantine sign-flip / scaled factor; σ of the Gaussian attack
     dba_parts: int = 4  # DBA: the trigger is split into this many parts, one per attacker
     trigger: TriggerConfig = field(default_factory=TriggerConfig)

@@ -102,6 +102,8 @@ def validate_attack(cfg: Config) -> None:
     ):
         if opt is not None and not opt > 0:
             raise ConfigError(name, opt, "a positive number or null")
+    if a.momentum is not None and not 0 <= a.momentum < 1:
+        raise ConfigError("attack.momentum", a.momentum, "a number in [0, 1) or null")
     if not 0 < a.poison_fraction <= 1:
         raise ConfigError("attack.poison_fraction", a.poison_fraction, "a fraction in (0, 1]")
     if a.scale <= 0:

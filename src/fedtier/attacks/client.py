@@ -152,7 +152,7 @@ def malicious_update(
         a.epochs if a.epochs is not None else tr.epochs,
         tr.batch_size,
         a.lr if a.lr is not None else tr.lr,
-        tr.momentum,
+        a.momentum if a.momentum is not None else tr.momentum,
         tr.weight_decay,
     )
     train_adversarial(

@@ -21,7 +21,8 @@ Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _poisoned(x: torch.Tensor, trigger: Trigger, fraction: float) -> torch.Tensor:
-    k = max(1, math.ceil(fraction * len(x)))
+    # at least two rows: BatchNorm cannot normalise a batch of one in training mode
+    k = min(len(x), max(2, math.ceil(fraction * len(x))))
     return trigger.stamp(x[:k])
 
 
