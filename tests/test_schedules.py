@@ -68,3 +68,13 @@ def test_time_budget_stops_every_schedule_at_equal_simulated_time():
 def test_schedule_config_errors_name_the_field(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         tiny_config(**{key: value})
+
+
+def test_gossip_with_every_peer_and_a_consensus_each_round_is_the_synchronous_mean():
+    common = {"aggregate.rule": "qafed", "train.rounds": 2}
+    sync, _ = _run(**common)
+    gossip, _ = _run(
+        **common,
+        **{"schedule.name": "gossip", "schedule.peers": 10, "schedule.cloud_every": 1},
+    )
+    torch.testing.assert_close(gossip, sync, rtol=1e-5, atol=1e-6)

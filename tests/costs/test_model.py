@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fedtier.config import CostConfig, TopologyConfig
 from fedtier.costs import CostModel
@@ -112,3 +113,20 @@ def test_report_has_the_costs_table_and_plot(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Communication and energy" in report and "| q4 |" in report
     assert (tmp_path / "costs.png").is_file()
+
+
+def test_in_a_run_blocks_limit_who_is_scheduled_and_a_missed_deadline_keeps_the_model():
+    data = load_dataset("digits")
+    cfg = tiny_config(**{"train.rounds": 2, "costs.resource_blocks": 2, "costs.overflow": "drop"})
+    evals = []
+    run_rounds(prepare_arm(cfg, data), evals.append)
+    c = evals[-1]["costs"]
+    assert c["device_rounds"] == 2 * 2 * 2 and c["unscheduled"] == 2 * 2 * 1
+    cfg = tiny_config(**{"train.rounds": 2, "costs.deadline_s": 1e-6, "costs.stragglers": "drop"})
+    setup = prepare_arm(cfg, data)
+    w0 = setup.layout.flatten(setup.model)
+    evals = []
+    w = run_rounds(setup, evals.append)
+    assert evals[-1]["costs"]["dropped"] == 2 * 2 * 3
+    assert evals[-1]["costs"]["time_s"] == pytest.approx(2e-6)
+    assert torch.equal(w, w0)  # nothing arrived in time
