@@ -78,3 +78,17 @@ def test_gossip_with_every_peer_and_a_consensus_each_round_is_the_synchronous_me
         **{"schedule.name": "gossip", "schedule.peers": 10, "schedule.cloud_every": 1},
     )
     torch.testing.assert_close(gossip, sync, rtol=1e-5, atol=1e-6)
+
+
+def test_a_client_without_a_model_pulls_the_mean_of_its_edge_peers():
+    import numpy as np
+
+    from fedtier.schedules import _gossip_start
+
+    w = torch.zeros(3)
+    models = {1: torch.ones(3), 2: 3 * torch.ones(3), 7: 100 * torch.ones(3)}  # 7: other edge
+    rng = np.random.default_rng(0)
+    assert torch.equal(_gossip_start(models, 1, {0, 1, 2}, 2, w, rng), torch.ones(3))  # own
+    torch.testing.assert_close(_gossip_start(models, 0, {0, 1, 2}, 2, w, rng), 2 * torch.ones(3))
+    assert torch.equal(_gossip_start(models, 0, {0, 1, 2}, 0, w, rng), w)  # no peers: w
+    assert torch.equal(_gossip_start({}, 0, {0, 1, 2}, 2, w, rng), w)  # nobody trained yet

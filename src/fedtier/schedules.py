@@ -10,8 +10,9 @@ attacks, clipping, codecs) and the cost model (``setup.costs``: bytes, time, ene
 * ``fedbuff`` — FedBuff (Nguyen et al., 2022): arriving updates, weighted by (1 + τ)^(−a), are
   summed in a buffer; every K arrivals w ← w + η_g · buffer / K.
 * ``gossip`` — decentralised averaging among the clients of an edge (GoSGD-style, survey):
-  each sampled client trains from its own model, then averages with ``gossip.peers`` random
-  peers of its edge (their updates travel the upload path); every ``gossip.cloud_every``
+  each sampled client trains from its own model (or, when it has not trained since the last
+  consensus, from the mean of ``gossip.peers`` random edge peers that have: pull gossip),
+  then averages with ``gossip.peers`` random peers of its edge (their updates travel the upload path); every ``gossip.cloud_every``
   rounds the edges and the cloud average the models of the clients that trained since the
   last consensus and send the result to everyone (hierarchical consensus). The evaluated
   model is that average.
@@ -167,11 +168,14 @@ def run_gossip(
     w = setup.layout.flatten(setup.model)
     models: dict[int, torch.Tensor] = {}  # clients that moved away from the last consensus
     stages: dict[str, float] = {}
+    edge_members = {e: set(cs.tolist()) for e, cs in enumerate(setup.topology.edge_clients)}
     for t in range(cfg.train.rounds):
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
         rng = np.random.default_rng([cfg.seed, t, 0x6055])
         for edge, clients in plan.edges.items():
-            start = [models.get(c, w) for c in clients]
+            start = [
+                _gossip_start(models, c, edge_members[edge], sc.peers, w, rng) for c in clients
+            ]
             assert setup.executor is not None
             deltas = torch.stack(
                 [setup.executor(setup, x, [c], t)[0] for x, c in zip(start, clients)]
@@ -211,6 +215,26 @@ def run_gossip(
         if done:
             break
     return w
+
+
+def _gossip_start(
+    models: dict[int, torch.Tensor],
+    client: int,
+    members: set[int],
+    peers: int,
+    w: torch.Tensor,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Where a client starts: its own model if it has trained since the last consensus;
+    otherwise it pulls (averages) the models of up to ``peers`` random clients of its edge
+    that have (pull gossip), so progress spreads between consensus rounds; else w."""
+    if client in models:
+        return models[client]
+    holders = sorted(c for c in models if c in members)
+    if not holders or peers <= 0:
+        return w
+    chosen = rng.choice(holders, size=min(peers, len(holders)), replace=False)
+    return torch.stack([models[int(c)] for c in chosen]).mean(0)
 
 
 SCHEDULES: dict[str, Schedule] = {

@@ -216,7 +216,7 @@ def _groups(
     """
     lengths = [len(b) for b in batches]
     if pad or len(set(lengths)) == 1:
-        width = batch_size if pad and len(set(lengths)) > 1 else lengths[0]
+        width = max(lengths)  # pad to the longest batch of this step, not to batch_size
         idx = torch.zeros(len(batches), width, dtype=torch.long)
         mask = torch.zeros(len(batches), width)
         for j, b in enumerate(batches):
