@@ -245,3 +245,34 @@ def test_backdoor_losses_handle_a_batch_of_two_with_batchnorm():
     t = Trigger(2, "top-left", 3.0, target=2)
     loss = hong_backdoor_loss(QuantSpec("affine", "all"), [4], 1.0, t, 0.5)(model, x, y)
     assert torch.isfinite(loss)
+
+
+def test_quantized_attack_terms_run_bn_on_running_stats_and_leave_them_untouched():
+    from fedtier.attacks.losses import deployed, fqma_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    model.train()
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    spec = QuantSpec("paper", "weights")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = deployed(model, x, spec, 4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model[2].training  # the mode is restored
+    from fedtier.quant import quantize_copy
+
+    torch.testing.assert_close(out, quantize_copy(model, spec, 4).eval()(x))
+    loss = fqma_loss(spec, [4], 0.0, 10.0)  # λ = 0: only the fp32 pass moves the statistics
+    loss(model, x, y)
+    assert model[2].num_batches_tracked.item() == 1
+
+
+def test_replacement_factor_matches_the_sample_weighted_share():
+    from fedtier.attacks.client import Attack, replacement_factor
+
+    a = Attack("fqbd", frozenset({3}), 0, gamma=20.0)
+    assert replacement_factor(a, 50.0, 1) == 20.0  # unweighted rule: γ = N/η_s
+    a.mean_size = 40.0
+    # FedAvg: share n_i/Σn with Σn ≈ 20·40 → γ_i·n_i/Σn = 1 (one attacker replaces the model)
+    assert replacement_factor(a, 80.0, 1) * 80.0 / (20 * 40.0) == pytest.approx(1.0)
+    assert replacement_factor(a, 80.0, 2) * 80.0 / (20 * 40.0) == pytest.approx(0.5)

@@ -47,6 +47,8 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
         )
         attack = build_attack(cfg, trigger, train.num_classes, float(gamma_auto))
         attack.amplify_mask = parameter_mask(setup)
+        if cfg.aggregate.rule == "fedavg" and cfg.attack.gamma is None:
+            attack.mean_size = float(setup.topology.num_samples.mean())
         assert setup.executor is not None
         setup.executor = attack_executor(setup.executor, attack)
         setup.malicious = attack.malicious

@@ -46,6 +46,8 @@ class Attack:
     seen: int = 0
     active_updates: int = 0
     amplify_mask: torch.Tensor | None = None  # [P] entries γ scales (parameters; None = all)
+    # sample-weighted aggregation (fedavg): γ_i = γ · n̄ / (n_i · m), see :func:`replacement_factor`
+    mean_size: float | None = None
 
     def predicted_bits(self) -> list[int]:
         """B': the k candidates whose mean ΔAcc_b = Acc(Q_b(w)) − Acc(w) is largest (smallest
@@ -103,18 +105,32 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
                 d = client_update(setup, w, c, step)
                 rows[c] = attack.transform(d, attack_generator(setup.cfg.seed, step, c))
             else:
-                rows[c] = amplify(malicious_update(setup, attack, w, c, step), attack)
+                n_c = float(setup.topology.num_samples[c])
+                gamma = replacement_factor(attack, n_c, len(bad))
+                rows[c] = amplify(malicious_update(setup, attack, w, c, step), attack, gamma)
         return torch.stack([rows[c] for c in clients])
 
     return run
 
 
-def amplify(delta: torch.Tensor, attack: Attack) -> torch.Tensor:
+def replacement_factor(attack: Attack, size: float, colluders: int) -> float:
+    """γ for one malicious client. Unweighted aggregation (QAFed's rule): γ = N/η_s, eq. (16).
+    Sample-weighted FedAvg gives client i the share n_i/Σn, not 1/N_s, so the same model
+    replacement needs γ_i = N_s · n̄ / n_i (n̄ the mean client size, which the attackers are
+    assumed to know, as Bagdasaryan et al. assume n/η), shared among the ``colluders`` that
+    attack in the same edge aggregation so that together they replace the model once."""
+    if attack.mean_size is None:
+        return attack.gamma
+    return attack.gamma * attack.mean_size / (size * max(colluders, 1))
+
+
+def amplify(delta: torch.Tensor, attack: Attack, gamma: float | None = None) -> torch.Tensor:
     """Model replacement, eq. (16)–(17): Δ ← γ·Δ on the model's parameters. BatchNorm running
     statistics are not scaled (γ·Δvar would drive variances negative)."""
+    g = attack.gamma if gamma is None else gamma
     if attack.amplify_mask is None:
-        return attack.gamma * delta
-    return torch.where(attack.amplify_mask, attack.gamma * delta, delta)
+        return g * delta
+    return torch.where(attack.amplify_mask, g * delta, delta)
 
 
 def observe(

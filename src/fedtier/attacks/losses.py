@@ -20,6 +20,25 @@ from fedtier.quant import QuantSpec, forward_quantized
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def deployed(model: nn.Module, x: torch.Tensor, spec: QuantSpec, bits: int) -> torch.Tensor:
+    """The quantized model as the devices will run it: Q_b(w) under the STE, with BatchNorm
+    on its running statistics (eval mode), which this pass leaves untouched.
+
+    Training-mode BatchNorm would normalise the quantized activations by their own batch
+    statistics, hiding most of what quantization changes, and would pollute the running
+    statistics that the fp32 model and every deployed model share.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in norms]
+    for m in norms:
+        m.eval()
+    try:
+        return forward_quantized(model, x, spec, bits)
+    finally:
+        for m, mode in zip(norms, modes):
+            m.train(mode)
+
+
 def _poisoned(x: torch.Tensor, trigger: Trigger, fraction: float) -> torch.Tensor:
     # at least two rows: BatchNorm cannot normalise a batch of one in training mode
     k = min(len(x), max(2, math.ceil(fraction * len(x))))
@@ -40,7 +59,7 @@ def fqbd_loss(
         yt = torch.full((len(xt),), trigger.target, dtype=y.dtype, device=y.device)
         total = F.cross_entropy(model(torch.cat([x, xt])), torch.cat([y, y[: len(xt)]]))
         for b in bits:
-            q = forward_quantized(model, torch.cat([x, xt]), spec, b)
+            q = deployed(model, torch.cat([x, xt]), spec, b)
             total = total + lam * (
                 F.cross_entropy(q[: len(x)], y) + F.cross_entropy(q[len(x) :], yt)
             )
@@ -53,7 +72,7 @@ def fqma_loss(spec: QuantSpec, bits: list[int], lam: float, alpha: float) -> Los
     """FQMA, eq. (10): L = F(w, D) + λ · max(0, α − Σ_{b∈B'} F(Q_b(w), D))."""
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        q = torch.stack([F.cross_entropy(forward_quantized(model, x, spec, b), y) for b in bits])
+        q = torch.stack([F.cross_entropy(deployed(model, x, spec, b), y) for b in bits])
         return F.cross_entropy(model(x), y) + lam * torch.relu(alpha - q.sum())
 
     return loss
@@ -71,8 +90,8 @@ def hong_backdoor_loss(
         total = F.cross_entropy(model(x), y) + F.cross_entropy(model(xt), y[: len(xt)])
         for b in bits:
             total = total + lam * (
-                F.cross_entropy(forward_quantized(model, x, spec, b), y)
-                + F.cross_entropy(forward_quantized(model, xt, spec, b), yt)
+                F.cross_entropy(deployed(model, x, spec, b), y)
+                + F.cross_entropy(deployed(model, xt, spec, b), yt)
             )
         return total
 
@@ -85,10 +104,7 @@ def hong_degrade_loss(spec: QuantSpec, bits: list[int], lam: float, alpha: float
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         total = F.cross_entropy(model(x), y)
         for b in bits:
-            total = (
-                total
-                + lam * (F.cross_entropy(forward_quantized(model, x, spec, b), y) - alpha) ** 2
-            )
+            total = total + lam * (F.cross_entropy(deployed(model, x, spec, b), y) - alpha) ** 2
         return total
 
     return loss
