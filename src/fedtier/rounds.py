@@ -169,8 +169,12 @@ def edge_update(
             _add(stages, "screen", attribute(m, clients, setup.malicious))
         if not keep.any():
             continue
-        kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
-        mean, m = rule(deltas[keep], weights[keep])
+        if bool(keep.all()):  # no row dropped: aggregate without copying the block
+            kept = clients
+            mean, m = rule(deltas, weights)
+        else:
+            kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
+            mean, m = rule(deltas[keep], weights[keep])
         _add(stages, "edge", attribute(m, kept, setup.malicious))
         w_edge = w_edge + mean
         reached = True
@@ -216,6 +220,23 @@ def client_delta(
     if not bool(upload.all()):
         setup.local_state[client] = new
     return torch.where(upload, new - start, torch.zeros_like(new))
+
+
+def client_deltas(
+    setup: ArmSetup, clients: list[int], w: torch.Tensor, new: torch.Tensor
+) -> torch.Tensor:
+    """:func:`client_delta` of every row of ``new`` [C, P] (trained from w, rows in
+    ``clients`` order) in one operation; ``new`` is overwritten with the deltas.
+
+    A client's start differs from w only where the state is kept on the device, and the
+    delta is zero there, so new − w equals new − start wherever it is uploaded.
+    """
+    upload = setup.upload_mask
+    if bool(upload.all()):
+        return new.sub_(w)
+    for c, row in zip(clients, new):
+        setup.local_state[c] = row.clone()
+    return new.sub_(w).masked_fill_(~upload, 0.0)
 
 
 def evaluate(setup: ArmSetup, w: torch.Tensor) -> dict[str, Metrics]:

@@ -17,10 +17,18 @@ update (momentum and weight decay exactly as ``torch.optim.SGD``). The sequentia
   change it) the active clients are grouped by batch length and each group is one call.
 * BatchNorm buffers (and QAT's per-precision statistics) are stacked per client too and
   updated in place by the train-mode forward pass, as in the sequential executor.
+* Bookkeeping is per block, not per client: each entry's [C, ...] start is one expand and
+  copy of w, the deltas are one subtraction of w from the trained [C, P] block (upload mask
+  applied once, :func:`fedtier.rounds.client_deltas`), and each step's batch indices and
+  mask are built with a few tensor operations.
+* Memory: every step allocates the block's gradients afresh; glibc is told to reuse freed
+  blocks rather than map fresh pages for them (:func:`_reuse_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils.rnn import pad_sequence
 
 from fedtier.local.sgd import LocalConfig, _has_batchnorm, batch_schedule, client_generator
 from fedtier.quant import forward_quantized
-from fedtier.rounds import ArmSetup, client_delta, client_start, local_config
+from fedtier.rounds import ArmSetup, client_deltas, client_start, local_config
 from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
 
 MaskedLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -116,10 +125,10 @@ def train_vectorised(
 
         say_once(f"vectorised executor: falling back to sequential because {reason}")
         return train_sequential(setup, w, clients, step)
+    _reuse_freed_memory()
     cfg, model = setup.cfg, setup.model
     local = local_config(cfg)
     batchnorm = _has_batchnorm(model)
-    starts = [client_start(setup, w, c) for c in clients]
     data = [setup.client_data(c) for c in clients]
     schedules = [
         batch_schedule(
@@ -128,11 +137,12 @@ def train_vectorised(
         for c, (_, y) in zip(clients, data)
     ]
     order = sorted(range(len(clients)), key=lambda i: -len(schedules[i]))  # stable
+    ordered = [clients[i] for i in order]
     device = next(model.parameters()).device
-    block = _stack(setup, [starts[i] for i in order], local, device)
+    block = _stack(setup, _starts(setup, w, ordered, device), local)
     x_all = torch.cat([data[i][0] for i in order]).to(device)
     y_all = torch.cat([data[i][1] for i in order]).to(device)
-    offsets = torch.tensor([0] + [len(data[i][1]) for i in order]).cumsum(0)[:-1].tolist()
+    offsets = torch.tensor([0] + [len(data[i][1]) for i in order]).cumsum(0)[:-1]
     loss = masked_loss(setup.task)
     pad = loss is not None and not batchnorm
     if loss is None:
@@ -147,8 +157,8 @@ def train_vectorised(
     steps = [len(schedules[i]) for i in order]
     for k in range(steps[0] if steps else 0):
         active = sum(1 for s in steps if s > k)
-        batches = [schedules[order[j]][k] + offsets[j] for j in range(active)]
-        for members, idx, mask in _groups(batches, local.batch_size, pad):
+        batches = [schedules[order[j]][k] for j in range(active)]
+        for members, idx, mask in _groups(batches, offsets[:active], pad):
             sel: slice | torch.Tensor = (
                 slice(0, active) if members is None else torch.tensor(members, device=device)
             )
@@ -157,15 +167,40 @@ def train_vectorised(
             idx = idx.to(device)
             grads = step_fn(params, buffers, x_all[idx], y_all[idx], mask.to(device))
             _sgd(block, grads, sel, local)
+            del grads  # free before the next step allocates its own (reuses the memory)
             if members is not None:  # gathered copies: write the updated buffers back
                 for n, b in buffers.items():
                     block.buffers[n][sel] = b
     new = torch.cat(
-        [_get(block, n).reshape(len(clients), -1).float().cpu() for n in setup.layout.names], 1
+        [_get(block, n).reshape(len(clients), -1).float() for n in setup.layout.names], 1
     )
-    rows = torch.empty_like(new)
-    rows[torch.tensor(order)] = new
-    return torch.stack([client_delta(setup, c, starts[i], rows[i]) for i, c in enumerate(clients)])
+    deltas = client_deltas(setup, ordered, w, new.cpu())
+    if order == list(range(len(order))):
+        return deltas
+    return deltas[torch.tensor(order).argsort()]  # block order → ``clients`` order
+
+
+@functools.cache
+def _reuse_freed_memory() -> None:
+    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse (once per process).
+
+    Every step allocates the C clients' gradients afresh (one [C, P] block, 16 MB for 50
+    MLP clients). By default glibc may serve such a block by a fresh mmap, or trim it off
+    the heap when freed, and then each step pays a page fault per 4 kB page, which can cost
+    as much as the step's arithmetic. Fixed thresholds (as ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` in mallopt(3)) reuse the memory instead. No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit systems
+        mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
 
 
 def _loss_of(module: _TaskLoss) -> Callable[..., torch.Tensor]:
@@ -176,28 +211,42 @@ def _loss_of(module: _TaskLoss) -> Callable[..., torch.Tensor]:
     return loss
 
 
-def _stack(
-    setup: ArmSetup, starts: list[torch.Tensor], local: LocalConfig, device: torch.device
-) -> _Block:
-    """Per-client copies of the working model's state, from the clients' start vectors."""
-    model = setup.model
-    flat = torch.stack(starts).to(device)  # [C, P]
-    stacked: dict[str, torch.Tensor] = {}
+def _starts(
+    setup: ArmSetup, w: torch.Tensor, clients: list[int], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Each layout entry's start for all clients ([C, ...], :func:`client_start` of each).
+
+    Clients without device-kept state all start from w: each entry is w's slice expanded
+    to C copies, with no [C, P] block in between.
+    """
+    if any(c in setup.local_state for c in clients):
+        source = torch.stack([client_start(setup, w, c) for c in clients]).to(device)
+    else:
+        source = w.to(device).expand(len(clients), -1)
+    starts: dict[str, torch.Tensor] = {}
     offset = 0
     for name, shape in zip(setup.layout.names, setup.layout.shapes):
         n = shape.numel()
-        stacked[name] = flat[:, offset : offset + n].reshape(len(starts), *shape).clone()
+        entry = source[:, offset : offset + n].reshape(len(clients), *shape)
+        starts[name] = entry.clone(memory_format=torch.contiguous_format)
         offset += n
+    return starts
+
+
+def _stack(setup: ArmSetup, starts: dict[str, torch.Tensor], local: LocalConfig) -> _Block:
+    """Per-client copies of the working model's state from the clients' ``starts``."""
+    model = setup.model
+    count = len(next(iter(starts.values())))
     param_names = {n for n, _ in model.named_parameters()}
     buffers = {}
     for name, tensor in model.state_dict().items():
         if name in param_names:
             continue
-        if name in stacked:
-            buffers[name] = stacked[name].to(tensor.dtype)
+        if name in starts:
+            buffers[name] = starts[name].to(tensor.dtype)
         else:  # integer buffers (num_batches_tracked): not state, but mutated by the forward
-            buffers[name] = tensor.detach().expand(len(starts), *tensor.shape).clone()
-    params = {n: stacked[n].to(p.dtype) for n, p in model.named_parameters()}
+            buffers[name] = tensor.detach().expand(count, *tensor.shape).clone()
+    params = {n: starts[n].to(p.dtype) for n, p in model.named_parameters()}
     momentum = {n: torch.zeros_like(p) for n, p in params.items()} if local.momentum > 0 else {}
     return _Block(params, buffers, momentum)
 
@@ -207,26 +256,23 @@ def _get(block: _Block, name: str) -> torch.Tensor:
 
 
 def _groups(
-    batches: list[torch.Tensor], batch_size: int, pad: bool
+    batches: list[torch.Tensor], offsets: torch.Tensor, pad: bool
 ) -> list[tuple[list[int] | None, torch.Tensor, torch.Tensor]]:
     """(members, indices [G, L], mask [G, L]) per call; members None = all active clients.
 
-    With ``pad`` every batch is padded to ``batch_size`` (padding masked out) and one call
-    serves all; otherwise clients are grouped by batch length.
+    ``batches`` index each client's own samples, ``offsets`` where they start in the block's
+    data. With ``pad`` (or equal lengths) every batch is padded to the longest one (padding
+    masked out, index 0) and one call serves all; otherwise clients are grouped by length.
     """
     lengths = [len(b) for b in batches]
     if pad or len(set(lengths)) == 1:
-        width = max(lengths)  # pad to the longest batch of this step, not to batch_size
-        idx = torch.zeros(len(batches), width, dtype=torch.long)
-        mask = torch.zeros(len(batches), width)
-        for j, b in enumerate(batches):
-            idx[j, : len(b)] = b
-            mask[j, : len(b)] = 1.0
-        return [(None, idx, mask)]
+        real = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+        idx = torch.where(real, pad_sequence(batches, batch_first=True) + offsets[:, None], 0)
+        return [(None, idx, real.to(torch.get_default_dtype()))]
     out: list[tuple[list[int] | None, torch.Tensor, torch.Tensor]] = []
     for length in sorted(set(lengths), reverse=True):
         members = [j for j, n in enumerate(lengths) if n == length]
-        idx = torch.stack([batches[j] for j in members])
+        idx = torch.stack([batches[j] for j in members]) + offsets[members, None]
         out.append((members, idx, torch.ones(len(members), length)))
     return out
 
