@@ -203,8 +203,16 @@ def train_adversarial(
     w' = w + σ·ε, ε ~ N(0, I), and applies that gradient to w (so the attack survives the
     server's noise). Gradient-norm constraint, eq. (20): g ← g · min(1, τ / ‖g‖₂).
     Same batch order as honest training (:func:`fedtier.local.train_client`).
+
+    BatchNorm stays on the received running statistics (eval mode) and they are not
+    updated: the attacker optimises the function the devices will run, and its upload
+    changes only the parameters, so model replacement (γ scales parameters only) replaces
+    a model whose weights and statistics belong together.
     """
     model.train()
+    for m in model.modules():  # BatchNorm frozen: see the docstring
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
