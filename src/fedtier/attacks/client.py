@@ -124,13 +124,12 @@ def replacement_factor(attack: Attack, size: float, colluders: int) -> float:
     return attack.gamma * attack.mean_size / (size * max(colluders, 1))
 
 
-def amplify(delta: torch.Tensor, attack: Attack, gamma: float | None = None) -> torch.Tensor:
+def amplify(delta: torch.Tensor, attack: Attack, gamma: float) -> torch.Tensor:
     """Model replacement, eq. (16)–(17): Δ ← γ·Δ on the model's parameters. BatchNorm running
     statistics are not scaled (γ·Δvar would drive variances negative)."""
-    g = attack.gamma if gamma is None else gamma
     if attack.amplify_mask is None:
-        return g * delta
-    return torch.where(attack.amplify_mask, g * delta, delta)
+        return gamma * delta
+    return torch.where(attack.amplify_mask, gamma * delta, delta)
 
 
 def observe(
