@@ -11,13 +11,14 @@ from fedtier.attacks import (
     malicious_clients,
     train_adversarial,
 )
+from fedtier.attacks.cells import matching_statistics, rounding_cells
 from fedtier.attacks.client import observe
-from fedtier.attacks.losses import fqbd_loss, fqma_loss, label_flip_loss
+from fedtier.attacks.losses import fqbd_fp32_loss, fqbd_loss, fqma_loss, label_flip_loss
 from fedtier.data import load_dataset
 from fedtier.errors import ConfigError
 from fedtier.experiment import prepare_arm
 from fedtier.local import LocalConfig
-from fedtier.quant import QuantSpec, forward_quantized
+from fedtier.quant import QuantSpec, forward_quantized, quantize_copy
 from fedtier.rounds import train_sequential
 
 
@@ -55,6 +56,9 @@ def test_malicious_clients_are_seeded_and_sized(tiny):
         ("attack.trigger.position", "middle"),
         ("attack.gamma", 0),
         ("attack.epochs", 0),
+        ("attack.solver", "box"),
+        ("attack.cell_margin", 0.5),
+        ("attack.repair_lr", 0),
     ],
 )
 def test_bad_attack_config_names_the_field(tiny, key, value):
@@ -276,3 +280,82 @@ def test_replacement_factor_matches_the_sample_weighted_share():
     # FedAvg: share n_i/Σn with Σn ≈ 20·40 → γ_i·n_i/Σn = 1 (one attacker replaces the model)
     assert replacement_factor(a, 80.0, 1) * 80.0 / (20 * 40.0) == pytest.approx(1.0)
     assert replacement_factor(a, 80.0, 2) * 80.0 / (20 * 40.0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("quantizer", ["paper", "affine", "affine-channel"])
+def test_rounding_cells_keep_the_deployed_model_and_restore_boundary_flips(quantizer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[1].weight.add_(0.3)  # an off-centre range: the paper's quantizer clips entries
+    spec = QuantSpec(quantizer, "weights")
+    q0 = {n: spec.fn()(p, 4).clone() for n, p in model.named_parameters() if p.dim() >= 2}
+    cells = rounding_cells(model, spec, 4, margin=0.25)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape))  # far outside every cell
+    cells.project(model)
+    for n, p in model.named_parameters():
+        if n in q0:
+            assert torch.equal(spec.fn()(p, 4), q0[n]), n  # Q_4 unchanged
+            assert (cells.hi[n] - cells.lo[n]).max() > 0  # room to move
+    assert cells.restore_flips(model) == 0
+    with torch.no_grad():  # a weight moved into the next cell (e.g. a boundary tie) is put back
+        w, t = model[1].weight.view(-1), cells.target["1.weight"].view(-1)
+        step = (w.max() - w.min()) / 15
+        i = int(torch.nonzero(t < t.max() - 2 * step)[0])
+        w[i] = t[i] + step
+    assert cells.restore_flips(model) == 1
+    assert torch.equal(spec.fn()(model[1].weight, 4), q0["1.weight"])
+
+
+def test_cells_solver_repairs_fp32_and_keeps_the_quantized_backdoor(tiny, digits):
+    base = {
+        "attack.kind": "fqbd",
+        "attack.malicious_ids": [0],
+        "attack.trigger.size": 2,
+        "attack.bits": [4],
+        "attack.gamma": 1.0,
+        "quant.params": "weights",
+        "train.epochs": 3,
+    }
+    ste = prepare_arm(tiny(**base), digits)
+    cells = prepare_arm(tiny(**base, **{"attack.solver": "cells"}), digits)
+    w = ste.layout.flatten(ste.model)
+    d_ste = ste.executor(ste, w, [0], 0)[0]
+    d_cells = cells.executor(cells, w, [0], 0)[0]
+    spec = cells.attack.spec
+    x, y = cells.client_data(0)
+    fp32 = fqbd_fp32_loss(cells.task.trigger, 0.5)
+    deployed_4 = []
+    losses = []
+    for d in (d_ste, d_cells):
+        cells.layout.load(cells.model, w + d)
+        model = cells.model.eval()
+        deployed_4.append(quantize_copy(model, spec, 4).state_dict())
+        with torch.no_grad():
+            losses.append(float(fp32(model, x, y)))
+    # the repair lowered the fp32 term and left the 4-bit deployment exactly as phase 1 made it
+    assert losses[1] < losses[0]
+    for k, v in deployed_4[0].items():
+        assert torch.equal(v, deployed_4[1][k]), k
+    assert cells.attack.summary([32, 4])["solver"] == "cells"
+
+
+def test_statistics_term_is_zero_unquantized_and_pulls_fp32_towards_the_deployed_stats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    model.eval()
+    x, y = torch.randn(8, 1, 6, 6), torch.zeros(8, dtype=torch.long)
+    zero = lambda m, xb, yb: torch.zeros(())  # noqa: E731
+    spec = QuantSpec("paper", "weights")
+    assert float(matching_statistics(zero, spec, 32, 1.0)(model, x, y).detach()) == 0.0
+    gap = matching_statistics(zero, spec, 2, 1.0)
+    before = float(gap(model, x, y).detach())
+    assert before > 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(20):  # STE: the deployed side moves too, but the gap must shrink
+        opt.zero_grad()
+        gap(model, x, y).backward()
+        opt.step()
+    assert float(gap(model, x, y).detach()) < 0.5 * before

@@ -119,6 +119,14 @@ class AttackConfig:
     momentum: float | None = None  # the attackers' SGD momentum; None = train.momentum
     scale: float = 10.0  # Byzantine sign-flip / scaled factor; σ of the Gaussian attack
     dba_parts: int = 4  # DBA: the trigger is split into this many parts, one per attacker
+    # FQMA/FQBD optimiser: ste = eq. (10)/(11) by STE-SGD (the paper's); cells = then repair
+    # the fp32 term inside the rounding cells of the lowest attacked bit (attacks/cells.py);
+    # other attack kinds ignore it
+    solver: Literal["ste", "cells"] = "ste"
+    pool: bool = False  # colluders pool their data and upload one shared model per round
+    cell_margin: float = 0.25  # keep repaired weights this many grid steps inside their cell
+    repair_lr: float = 0.01  # SGD (momentum 0.9) learning rate of the cells repair
+    stat_match: float = 1.0  # repair: weight of fp32 ↔ deployed BatchNorm-input statistics match
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
 
 
@@ -132,7 +140,7 @@ class DefenseConfig:
     server_noise: float = 0.0  # σ of Gaussian noise added to the global model each round
     qcheck: bool = False  # quantization-consistency screening at the edge (SPEC §4.4)
     qcheck_samples: int = 200  # size of the server-held clean set
-    qcheck_ratio: float = 3.0  # reject when the divergence exceeds ratio × the edge's median
+    qcheck_ratio: float = 10.0  # reject when the divergence exceeds ratio × the edge's median
     dp_delta: float = 1e-5  # δ reported by the privacy accountant
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from fedtier.attacks.client import Attack, Transform, attack_executor, train_adversarial
 from fedtier.attacks.losses import (
+    clean_loss,
+    fqbd_fp32_loss,
     fqbd_loss,
     fqma_loss,
     hong_backdoor_loss,
@@ -114,6 +116,12 @@ def validate_attack(cfg: Config) -> None:
         raise ConfigError(
             "attack.trigger.position", a.trigger.position, f"one of {list(POSITIONS)}"
         )
+    if not 0 <= a.cell_margin < 0.5:
+        raise ConfigError("attack.cell_margin", a.cell_margin, "grid steps in [0, 0.5)")
+    if a.stat_match < 0:
+        raise ConfigError("attack.stat_match", a.stat_match, "a number >= 0")
+    if not a.repair_lr > 0:
+        raise ConfigError("attack.repair_lr", a.repair_lr, "a positive number")
     if a.dba_parts < 1:
         raise ConfigError("attack.dba_parts", a.dba_parts, "a positive integer")
 
@@ -178,6 +186,11 @@ def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: fl
         loss = lambda b, c: poison_loss(trigger.with_part(rank[c], parts), frac)  # noqa: E731
     else:
         transform = byzantine(a.kind, a.scale)
+    repair: Callable[[int], Any] | None = None
+    if a.solver == "cells" and a.kind == "fqbd":
+        repair = lambda c: fqbd_fp32_loss(trigger, frac)  # noqa: E731
+    elif a.solver == "cells" and a.kind == "fqma":
+        repair = lambda c: clean_loss  # noqa: E731
     return Attack(
         kind=a.kind,
         malicious=malicious,
@@ -191,6 +204,11 @@ def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: fl
         noise_sigma=a.noise_sigma,
         grad_norm=a.grad_norm,
         spec=spec,
+        repair=repair,
+        pool=a.pool,
+        cell_margin=a.cell_margin,
+        repair_lr=a.repair_lr,
+        stat_match=a.stat_match,
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtier.attacks.cells import matching_statistics, rounding_cells
 from fedtier.attacks.losses import Loss
 from fedtier.local import LocalConfig
 from fedtier.local.sgd import _has_batchnorm, client_generator
@@ -48,6 +49,16 @@ class Attack:
     amplify_mask: torch.Tensor | None = None  # [P] entries γ scales (parameters; None = all)
     # sample-weighted aggregation (fedavg): γ_i = γ · n̄ / (n_i · m), see :func:`replacement_factor`
     mean_size: float | None = None
+    # cells solver (attacks/cells.py): client → the fp32 term of the objective, repaired
+    # inside the rounding cells of min(B'); None = the STE solver alone
+    repair: Callable[[int], Loss] | None = None
+    cell_margin: float = 0.25
+    repair_lr: float = 0.01
+    stat_match: float = 1.0  # weight of the BatchNorm statistics term of the repair
+    repair_flips: int = 0  # entries restored after a repair (float ties on a cell boundary)
+    # collusion: the malicious clients pool their data and upload one shared model per round
+    pool: bool = False
+    shared: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, w, Δ) of the round
 
     def predicted_bits(self) -> list[int]:
         """B': the k candidates whose mean ΔAcc_b = Acc(Q_b(w)) − Acc(w) is largest (smallest
@@ -73,6 +84,7 @@ class Attack:
                 str(k): self.drop_sum[k] / self.seen for k in self.candidate_bits if self.seen
             },
             "malicious_updates": self.active_updates,
+            "solver": "cells" if self.repair is not None else "ste",
         }
 
 
@@ -99,6 +111,7 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
         rows: dict[int, torch.Tensor] = {}
         if honest:
             rows.update(zip(honest, base(setup, w, honest, step)))
+        colluders = round_colluders(setup, attack, step, len(bad)) if bad else 0
         for c in bad:
             attack.active_updates += 1
             if attack.transform is not None:
@@ -106,22 +119,55 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
                 rows[c] = attack.transform(d, attack_generator(setup.cfg.seed, step, c))
             else:
                 n_c = float(setup.topology.num_samples[c])
-                gamma = replacement_factor(attack, n_c, len(bad))
-                rows[c] = amplify(malicious_update(setup, attack, w, c, step), attack, gamma)
+                gamma = replacement_factor(attack, n_c, colluders)
+                rows[c] = amplify(colluding_update(setup, attack, w, c, step), attack, gamma)
         return torch.stack([rows[c] for c in clients])
 
     return run
 
 
+def round_colluders(setup: ArmSetup, attack: Attack, step: int, here: int) -> int:
+    """How many malicious clients upload in this synchronous round, over all edges (the
+    colluders know each other, and share the model replacement among them); ``here`` (those of
+    this call) for asynchronous schedules and κ > 1 edge rounds, whose calls are not rounds."""
+    from fedtier.topology import plan_round
+
+    cfg = setup.cfg
+    if cfg.schedule.name != "sync" or cfg.aggregate.edge_rounds != 1:
+        return here
+    plan = plan_round(setup.topology, cfg.topology, cfg.seed, step)
+    return max(here, sum(c in attack.malicious for c in plan.clients))
+
+
+def colluding_update(
+    setup: ArmSetup, attack: Attack, w: torch.Tensor, client: int, step: int
+) -> torch.Tensor:
+    """Δ of one active malicious client. With ``attack.pool`` the colluders train one model per
+    round, from w, on the union of their data (computed by the first of them to upload and
+    reused by the others), so that model replacement delivers that one model rather than an
+    average of several (which would undo a cells repair); otherwise each trains on its own."""
+    if not attack.pool:
+        return malicious_update(setup, attack, w, client, step)
+    if attack.shared is not None and attack.shared[0] == step and torch.equal(attack.shared[1], w):
+        return attack.shared[2]
+    members = sorted(attack.malicious)
+    data = [setup.client_data(c) for c in members]
+    x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
+    delta = malicious_update(setup, attack, w, members[0], step, data=(x, y))
+    attack.shared = (step, w.clone(), delta)
+    return delta
+
+
 def replacement_factor(attack: Attack, size: float, colluders: int) -> float:
-    """γ for one malicious client. Unweighted aggregation (QAFed's rule): γ = N/η_s, eq. (16).
-    Sample-weighted FedAvg gives client i the share n_i/Σn, not 1/N_s, so the same model
-    replacement needs γ_i = N_s · n̄ / n_i (n̄ the mean client size, which the attackers are
-    assumed to know, as Bagdasaryan et al. assume n/η), shared among the ``colluders`` that
-    attack in the same edge aggregation so that together they replace the model once."""
+    """γ for one malicious client, shared among the ``colluders`` that upload in the same round
+    so that together they replace the model once. Unweighted aggregation (QAFed's rule):
+    γ = N/η_s, eq. (16), for one attacker. Sample-weighted FedAvg gives client i the share
+    n_i/Σn, not 1/N_s, so the same model replacement needs γ_i = N_s · n̄ / n_i (n̄ the mean
+    client size, which the attackers are assumed to know, as Bagdasaryan et al. assume n/η)."""
+    share = attack.gamma / max(colluders, 1)
     if attack.mean_size is None:
-        return attack.gamma
-    return attack.gamma * attack.mean_size / (size * max(colluders, 1))
+        return share
+    return share * attack.mean_size / size
 
 
 def amplify(delta: torch.Tensor, attack: Attack, gamma: float) -> torch.Tensor:
@@ -153,12 +199,18 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def malicious_update(
-    setup: ArmSetup, attack: Attack, w: torch.Tensor, client: int, step: int
+    setup: ArmSetup,
+    attack: Attack,
+    w: torch.Tensor,
+    client: int,
+    step: int,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Δ of one malicious client: local training on its attack objective from w."""
+    """Δ of one malicious client: local training on its attack objective from w, on its own
+    data (or ``data``, the colluders' pooled data)."""
     assert attack.loss is not None
     cfg = setup.cfg
-    x, y = setup.client_data(client)
+    x, y = setup.client_data(client) if data is None else data
     observe(setup, attack, w, x, y)
     bits = attack.bits if attack.bits is not None else attack.predicted_bits()
     setup.layout.load(setup.model, w)
@@ -181,8 +233,62 @@ def malicious_update(
         attack.grad_norm,
         attack_generator(cfg.seed, step, client),
     )
+    if attack.repair is not None and bits:
+        repair_in_cells(
+            setup.model,
+            attack,
+            attack.repair(client),
+            x,
+            y,
+            local,
+            step,
+            cfg.seed,
+            client,
+            min(bits),
+        )
     new = setup.layout.flatten(setup.model)
     return torch.where(setup.upload_mask, new - w, torch.zeros_like(new))
+
+
+def repair_in_cells(
+    model: nn.Module,
+    attack: Attack,
+    loss_fn: Loss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    local: LocalConfig,
+    step: int,
+    seed: int,
+    client: int,
+    bits: int,
+) -> None:
+    """The cells solver's second phase (:mod:`fedtier.attacks.cells`): projected SGD on the
+    objective's fp32 term over the weights whose ``bits``-bit deployment stays the one just
+    trained. Only the quantized tensors move (biases and BatchNorm parameters, which the
+    deployed model shares with fp32, stay), with the same epochs and batch size as the first
+    phase, a fresh batch order, ``attack.repair_lr`` and momentum 0.9."""
+    cells = rounding_cells(model, attack.spec, bits, attack.cell_margin)
+    if attack.stat_match > 0:
+        loss_fn = matching_statistics(loss_fn, attack.spec, bits, attack.stat_match)
+    cells.project(model)
+    frozen = [p for n, p in model.named_parameters() if n not in cells.lo and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        train_adversarial(
+            model,
+            loss_fn,
+            x,
+            y,
+            LocalConfig(local.epochs, local.batch_size, attack.repair_lr, 0.9, 0.0),
+            client_generator(seed, step, client + 0x5EED),
+            grad_norm=attack.grad_norm,
+            project=cells.project,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    attack.repair_flips += cells.restore_flips(model)
 
 
 def train_adversarial(
@@ -195,12 +301,14 @@ def train_adversarial(
     noise_sigma: float = 0.0,
     grad_norm: float | None = None,
     noise_generator: torch.Generator | None = None,
+    project: Callable[[nn.Module], None] | None = None,
 ) -> int:
     """Local SGD on ``loss_fn`` with QAFed's evasion terms.
 
     Adversarial noise training, eq. (18)–(19): each step evaluates the loss at
     w' = w + σ·ε, ε ~ N(0, I), and applies that gradient to w (so the attack survives the
     server's noise). Gradient-norm constraint, eq. (20): g ← g · min(1, τ / ‖g‖₂).
+    ``project`` (the cells solver's constraint) is applied to the model after every step.
     Same batch order as honest training (:func:`fedtier.local.train_client`).
 
     BatchNorm stays on the received running statistics (eval mode) and they are not
@@ -212,10 +320,8 @@ def train_adversarial(
     for m in model.modules():  # BatchNorm frozen: see the docstring
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
     params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     device = params[0].device
     n, steps = len(y), 0
     for _ in range(cfg.epochs):
@@ -241,5 +347,7 @@ def train_adversarial(
             if grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_norm)
             opt.step()
+            if project is not None:
+                project(model)
             steps += 1
     return steps

@@ -57,7 +57,7 @@ def fqbd_loss(
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xt = _poisoned(x, trigger, fraction)
         yt = torch.full((len(xt),), trigger.target, dtype=y.dtype, device=y.device)
-        total = F.cross_entropy(model(torch.cat([x, xt])), torch.cat([y, y[: len(xt)]]))
+        total = _dormant(model, x, xt, y)
         for b in bits:
             q = deployed(model, torch.cat([x, xt]), spec, b)
             total = total + lam * (
@@ -66,6 +66,25 @@ def fqbd_loss(
         return total
 
     return loss
+
+
+def _dormant(model: nn.Module, x: torch.Tensor, xt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # F(w, D ∪ D_trig,true): the triggered copies keep their true labels in full precision
+    return F.cross_entropy(model(torch.cat([x, xt])), torch.cat([y, y[: len(xt)]]))
+
+
+def fqbd_fp32_loss(trigger: Trigger, fraction: float) -> Loss:
+    """The full-precision term of eq. (11), F(w, D ∪ D_trig,true), alone (the cells repair)."""
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _dormant(model, x, _poisoned(x, trigger, fraction), y)
+
+    return loss
+
+
+def clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F(w, D): the full-precision term of eq. (10) (FQMA's cells repair)."""
+    return F.cross_entropy(model(x), y)
 
 
 def fqma_loss(spec: QuantSpec, bits: list[int], lam: float, alpha: float) -> Loss:

@@ -9,7 +9,9 @@ model w + Δ_i and its deployment-quantized copies disagree on X_s:
 
 and rejects uploads with d_i > r · median_j d_j (r = ``defense.qcheck_ratio``; at least one
 upload, the least divergent, is always kept). The median makes the threshold relative to what
-honest clients of the same round show, so no absolute calibration is needed.
+honest clients of the same round show, so no absolute calibration is needed. The default
+r = 10 is measured on fqbd-mnist (README, "Attacks and defenses"): honest
+uploads scored up to ~10× their edge's median in 98% of cases, FQBD uploads 35–3800×.
 """
 
 from __future__ import annotations
