@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         "--executors",
         nargs="+",
         default=["auto"],
-        help="fedtier columns: train.executor values (auto, sequential, vectorised)",
+        help="fedtier columns: train.executor values (auto, sequential, vectorised, dense, processes)",
     )
     p.add_argument("--no-flower", action="store_true", help="skip the Flower column")
     p.add_argument("--no-loop", action="store_true", help="skip the hand-written loop column")

@@ -60,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     task: Literal["classification", "autoencoder"] = "classification"
-    executor: Literal["auto", "sequential", "vectorised", "processes"] = (
+    executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice
     )
 

@@ -68,6 +68,19 @@ def test_ste_passes_gradient_unchanged():
     torch.testing.assert_close(w.grad, g)
 
 
+def test_ste_keeps_a_channels_last_weight_with_one_input_channel_channels_last():
+    # [16, 1, 5, 5] is contiguous in both layouts; elementwise ops pick NCHW strides, which
+    # would send the quantized pass of a channels-last CNN down the slower NCHW kernels.
+    conv = nn.Conv2d(1, 16, 5, padding=2).to(memory_format=torch.channels_last)
+    w = conv.weight
+    q = ste(w, paper_quantize, 8)
+    assert q.stride() == w.stride() != paper_quantize(w.detach(), 8).stride()
+    torch.testing.assert_close(q, paper_quantize(w.detach(), 8), atol=0, rtol=0)
+    x = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    out = nn.functional.conv2d(x, q, conv.bias, padding=2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_unknown_quantizer_lists_known():
     with pytest.raises(UnknownNameError, match="affine-channel"):
         get_quantizer("int3")

@@ -112,14 +112,11 @@ class ProcessExecutor:
     def __call__(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
     ) -> torch.Tensor:
-        from fedtier.local.select import say_once
-        from fedtier.local.vectorised import not_vectorisable
-        from fedtier.rounds import train_sequential
+        from fedtier.local.vectorised import sequential_unless
 
-        reason = not_vectorisable(setup, clients)
-        if reason is not None:
-            say_once(f"processes executor: falling back to sequential because {reason}")
-            return train_sequential(setup, w, clients, step)
+        fallback = sequential_unless("processes", setup, w, clients, step)
+        if fallback is not None:
+            return fallback
         pool = self._start(setup)
         local, seed = local_config(setup.cfg), setup.cfg.seed
         starts = {c: client_start(setup, w, c) for c in clients}

@@ -31,20 +31,31 @@ def is_compute_bound(model: nn.Module) -> bool:
 
 def choose_executor(setup: ArmSetup) -> tuple[str, str]:
     """(executor name, why) for ``setup.cfg.train.executor``, resolving ``auto``."""
+    from fedtier.local.dense import not_dense
     from fedtier.local.vectorised import not_vectorisable
 
     wanted = setup.cfg.train.executor
     if wanted == "sequential":
         return "sequential", "train.executor is 'sequential'"
     reason = not_vectorisable(setup)
-    if wanted == "vectorised":
-        if reason is not None:
-            return "sequential", f"train.executor is 'vectorised' but {reason}"
-        return "vectorised", "train.executor is 'vectorised'"
+    if wanted in ("vectorised", "dense") and reason is not None:
+        return "sequential", f"train.executor is '{wanted}' but {reason}"
     if reason is not None:
         return "sequential", reason
+    if wanted == "vectorised":
+        return "vectorised", "train.executor is 'vectorised'"
     if wanted == "processes":
         return "processes", "train.executor is 'processes'"
+    dense_reason = not_dense(setup)
+    if wanted == "dense":
+        if dense_reason is not None:
+            return "vectorised", f"train.executor is 'dense' but {dense_reason}"
+        return "dense", "train.executor is 'dense'"
+    if dense_reason is None:
+        return "dense", (
+            "the model is Linear layers trained with plain SGD and the clients are small: "
+            "first layer in sample space"
+        )
     if is_compute_bound(setup.model):
         from fedtier.local.parallel import available_workers
 
@@ -64,6 +75,7 @@ def select_executor(setup: ArmSetup) -> str:
     The choice is logged at INFO; a fallback from an explicitly requested executor is a
     warning, said once.
     """
+    from fedtier.local.dense import train_dense
     from fedtier.local.parallel import ProcessExecutor
     from fedtier.local.vectorised import train_vectorised
 
@@ -71,6 +83,7 @@ def select_executor(setup: ArmSetup) -> str:
     executors: dict[str, Callable[[], Executor]] = {
         "sequential": lambda: train_sequential,
         "vectorised": lambda: train_vectorised,
+        "dense": lambda: train_dense,
         "processes": ProcessExecutor,
     }
     setup.executor = executors[name]()

@@ -70,7 +70,7 @@ def batch_schedule(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            if len(idx) < 2 and n >= 2 and skip_singletons:
+            if skip_singletons and n >= 2 and len(idx) < 2:
                 continue  # BatchNorm cannot normalise a batch of one
             batches.append(idx)
     return batches

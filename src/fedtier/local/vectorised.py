@@ -118,25 +118,14 @@ def train_vectorised(
     Falls back to :func:`fedtier.rounds.train_sequential` (saying why, once) when the
     clients cannot be vectorised exactly (see :func:`not_vectorisable`).
     """
-    reason = not_vectorisable(setup, clients)
-    if reason is not None:
-        from fedtier.local.select import say_once
-        from fedtier.rounds import train_sequential
-
-        say_once(f"vectorised executor: falling back to sequential because {reason}")
-        return train_sequential(setup, w, clients, step)
+    fallback = sequential_unless("vectorised", setup, w, clients, step)
+    if fallback is not None:
+        return fallback
     _reuse_freed_memory()
-    cfg, model = setup.cfg, setup.model
-    local = local_config(cfg)
+    model = setup.model
+    local = local_config(setup.cfg)
     batchnorm = _has_batchnorm(model)
-    data = [setup.client_data(c) for c in clients]
-    schedules = [
-        batch_schedule(
-            len(y), local, client_generator(cfg.seed, step, c), skip_singletons=batchnorm
-        )
-        for c, (_, y) in zip(clients, data)
-    ]
-    order = sorted(range(len(clients)), key=lambda i: -len(schedules[i]))  # stable
+    data, schedules, order = block_schedules(setup, clients, step, local, batchnorm)
     ordered = [clients[i] for i in order]
     device = next(model.parameters()).device
     block = _stack(setup, _starts(setup, w, ordered, device), local)
@@ -178,6 +167,39 @@ def train_vectorised(
     if order == list(range(len(order))):
         return deltas
     return deltas[torch.tensor(order).argsort()]  # block order → ``clients`` order
+
+
+def sequential_unless(
+    executor: str, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
+) -> torch.Tensor | None:
+    """The sequential executor's deltas when ``clients`` cannot be trained together exactly
+    (saying why, once, on behalf of ``executor``); None when they can."""
+    reason = not_vectorisable(setup, clients)
+    if reason is None:
+        return None
+    from fedtier.local.select import say_once
+    from fedtier.rounds import train_sequential
+
+    say_once(f"{executor} executor: falling back to sequential because {reason}")
+    return train_sequential(setup, w, clients, step)
+
+
+def block_schedules(
+    setup: ArmSetup, clients: list[int], step: int, local: LocalConfig, skip_singletons: bool
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[list[torch.Tensor]], list[int]]:
+    """(data, batch schedules, order) of ``clients``: each client's (x, y) and the batches the
+    sequential executor draws for it, and the clients' positions sorted by decreasing step
+    count (stable), so the clients still training at step k are a prefix of the block."""
+    seed = setup.cfg.seed
+    data = [setup.client_data(c) for c in clients]
+    schedules = [
+        batch_schedule(
+            len(y), local, client_generator(seed, step, c), skip_singletons=skip_singletons
+        )
+        for c, (_, y) in zip(clients, data)
+    ]
+    order = sorted(range(len(clients)), key=lambda i: -len(schedules[i]))
+    return data, schedules, order
 
 
 @functools.cache

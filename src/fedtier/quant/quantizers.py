@@ -85,7 +85,7 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(w, quantizer, bits):  # type: ignore[override]
-        return quantizer(w, bits)
+        return strided_like(quantizer(w, bits), w)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -94,6 +94,19 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         return grad, None, None
+
+
+def strided_like(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``q`` with the strides of ``w`` (a copy only when they differ).
+
+    A channels-last conv weight with one input channel ([C_out, 1, k, k], the first conv on
+    grey images) also counts as contiguous, and elementwise ops return it in contiguous
+    strides; a convolution with such a weight then writes its output in NCHW, and every
+    later layer of the quantized pass runs the slower NCHW kernels or converts layouts.
+    """
+    if q.stride() == w.stride():
+        return q
+    return torch.empty_like(w).copy_(q)
 
 
 def ste(w: torch.Tensor, quantizer: Quantizer, bits: int) -> torch.Tensor:
