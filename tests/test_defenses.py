@@ -126,3 +126,20 @@ def test_end_to_end_attack_defense_and_privacy_summary(tiny, tmp_path):
     assert any(r.get("event") == "attack" for r in records)
     again = run_experiment(cfg, tmp_path / "again", progress=False)
     assert again["arms"]["main"]["asr"] == arm["asr"] and again["arms"]["main"]["cda"] == arm["cda"]
+
+
+def test_grid_distance_is_small_for_grid_blind_weights_and_large_inside_repaired_cells(
+    tiny, digits
+):
+    from fedtier.attacks.cells import rounding_cells
+    from fedtier.defenses.qcheck import grid_distance
+
+    setup = prepare_arm(tiny(**{"quant.params": "weights"}), digits)
+    spec = setup.spec
+    w = setup.layout.flatten(setup.model)
+    blind = grid_distance(setup, w, [8, 4], spec)
+    assert blind < 0.1
+    setup.layout.load(setup.model, w)
+    rounding_cells(setup.model, spec, 4, margin=0.25).project(setup.model)
+    inside = setup.layout.flatten(setup.model)
+    assert grid_distance(setup, inside, [8, 4], spec) > 0.4  # residuals piled at ±¼ step

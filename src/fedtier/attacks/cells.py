@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fedtier.attacks.losses import Loss, deployed
-from fedtier.quant import QuantSpec
+from fedtier.quant import QuantSpec, grid
 
 
 @dataclass
@@ -64,31 +64,21 @@ class Cells:
         return flips
 
 
-def _groups(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """w as [groups, -1]: one group per tensor, or per output channel for ``affine-channel``."""
-    if spec.quantizer == "affine-channel" and w.dim() >= 2:
-        return w.reshape(w.shape[0], -1)
-    return w.reshape(1, -1)
-
-
 def rounding_cells(model: nn.Module, spec: QuantSpec, bits: int, margin: float) -> Cells:
     """The cells of ``model``'s current weights under ``spec`` at ``bits`` (see the module
     docstring); ``margin`` in [0, 0.5) grid steps. Call :meth:`Cells.project` to move the
     weights into the margin-shrunk cells before training."""
     if not 0 <= margin < 0.5:
         raise ValueError(f"margin must be in [0, 0.5) grid steps, got {margin}")
-    quantize = spec.fn()
     target, start, lo, hi = {}, {}, {}, {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not spec.selects(name, p):
                 continue
             w = p.detach().clone()
-            q = quantize(w, bits)
-            g, gq = _groups(w, spec), _groups(q, spec)
+            g, gq, step = grid(w, spec, bits)
             gmin = g.min(dim=1, keepdim=True).values
             gmax = g.max(dim=1, keepdim=True).values
-            step = (gmax - gmin) / (2**bits - 1)
             half = (0.5 - margin) * step
             # the cell around the deployed value, inside the pinned range; entries the paper's
             # quantizer clips lie beyond their level, and their cell runs on to the range's end
@@ -99,7 +89,7 @@ def rounding_cells(model: nn.Module, spec: QuantSpec, bits: int, margin: float) 
             pinned[rows, g.argmin(dim=1)] = True
             pinned[rows, g.argmax(dim=1)] = True
             low, high = torch.where(pinned, g, low), torch.where(pinned, g, high)
-            target[name], start[name] = q, w
+            target[name], start[name] = gq.reshape(w.shape), w
             lo[name], hi[name] = low.reshape(w.shape), high.reshape(w.shape)
     return Cells(spec, bits, target, start, lo, hi)
 

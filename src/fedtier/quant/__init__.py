@@ -1,6 +1,12 @@
 """Quantization: the paper's quantizer, affine quantizers, STE, QAT forward, PTQ copies."""
 
-from fedtier.quant.model import QuantSpec, forward_quantized, quantize_copy, quantized_parameters
+from fedtier.quant.model import (
+    QuantSpec,
+    forward_quantized,
+    grid,
+    quantize_copy,
+    quantized_parameters,
+)
 from fedtier.quant.quantizers import (
     FULL_PRECISION,
     QUANTIZERS,
@@ -19,6 +25,7 @@ __all__ = [
     "affine_quantize",
     "forward_quantized",
     "get_quantizer",
+    "grid",
     "paper_quantize",
     "quantize_copy",
     "quantized_parameters",

@@ -94,3 +94,18 @@ def distinct_levels(model: nn.Module, spec: QuantSpec) -> Iterable[tuple[str, in
     for name, w in model.named_parameters():
         if spec.selects(name, w):
             yield name, int(torch.unique(w.detach()).numel())
+
+
+def grid(
+    w: torch.Tensor, spec: QuantSpec, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w and Q_b(w) as [groups, -1] (one group per tensor, per output channel for
+    ``affine-channel``) and each group's grid step Δ = range / (2^b − 1) [groups, 1], which is
+    the step of the paper's and of the affine quantizers."""
+    q = spec.fn()(w, bits)
+    if spec.quantizer == "affine-channel" and w.dim() >= 2:
+        g, gq = w.reshape(w.shape[0], -1), q.reshape(w.shape[0], -1)
+    else:
+        g, gq = w.reshape(1, -1), q.reshape(1, -1)
+    span = g.max(dim=1, keepdim=True).values - g.min(dim=1, keepdim=True).values
+    return g, gq, span / (2**bits - 1)
