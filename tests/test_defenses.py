@@ -143,3 +143,13 @@ def test_grid_distance_is_small_for_grid_blind_weights_and_large_inside_repaired
     rounding_cells(setup.model, spec, 4, margin=0.25).project(setup.model)
     inside = setup.layout.flatten(setup.model)
     assert grid_distance(setup, inside, [8, 4], spec) > 0.4  # residuals piled at ±¼ step
+
+
+def test_landing_scales_add_the_cloud_share_in_rounds_of_several_edges(tiny, digits):
+    from fedtier.defenses.qcheck import landing_scales
+    from fedtier.upload import UploadContext
+
+    ctx = UploadContext(0, 0, [0, 1, 2], torch.ones(3), 0)
+    assert landing_scales(prepare_arm(tiny(), digits), ctx) == [1.0, 0.5]  # 2 edges per round
+    one = prepare_arm(tiny(**{"topology.edges_per_round": 1}), digits)
+    assert landing_scales(one, ctx) == [1.0]

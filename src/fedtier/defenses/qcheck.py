@@ -12,7 +12,9 @@ and rejects uploads with d_i > r · median_j d_j (r = ``defense.qcheck_ratio``; 
 upload, the least divergent, is always kept). The median makes the threshold relative to what
 honest clients of the same round show, so no absolute calibration is needed.
 
-Scoring at the upload's share rather than at w + Δ_i matters against model replacement: an
+Each upload is scored at its edge share and, in rounds of E > 1 edges, at 1/E of it (where
+it lands in the global model: :func:`landing_scales`). Scoring at the share rather than at
+w + Δ_i matters against model replacement: an
 update amplified by γ ≈ 1/s_i puts the attacker's model at w + s_iΔ_i, where its fp32 and
 quantized behaviour differ by design, whereas w + Δ_i extrapolates far beyond it, to a model
 that is wrecked alike in fp32 and quantized (FQMA uploads scored 0 there on fqbd-mnist's
@@ -90,6 +92,21 @@ def grid_distance(setup: ArmSetup, w: torch.Tensor, bits: list[int], spec: Quant
     return worst
 
 
+def landing_scales(setup: ArmSetup, ctx: UploadContext) -> list[float]:
+    """Where an upload's model can land, as multiples of its edge share: 1 (the edge's mean)
+    and, in a synchronous round of E > 1 edges, 1/E (the cloud's mean of E similar edges). A
+    replacement attacker alone in its edge scales its upload by E so that the *global* model
+    becomes its model; scored at the edge share only, that model would be E times too far."""
+    cfg = setup.cfg
+    if cfg.schedule.name != "sync":
+        return [1.0]
+    from fedtier.topology import plan_round
+
+    kappa = cfg.aggregate.edge_rounds
+    edges = len(plan_round(setup.topology, cfg.topology, cfg.seed, ctx.round // kappa).edges)
+    return [1.0] if edges <= 1 else [1.0, 1.0 / edges]
+
+
 def quant_consistency(x_server: torch.Tensor, bits: list[int], spec: QuantSpec, ratio: float):  # type: ignore[no-untyped-def]
     """The screen for :attr:`fedtier.rounds.ArmSetup.screen`: ``kept/<row>`` flags plus the
     scores' median and maximum."""
@@ -98,15 +115,16 @@ def quant_consistency(x_server: torch.Tensor, bits: list[int], spec: QuantSpec, 
         setup: ArmSetup, w: torch.Tensor, deltas: torch.Tensor, ctx: UploadContext
     ) -> Metrics:
         weights = client_weights(setup.cfg.aggregate.rule, ctx.num_samples)
-        shares = (weights / weights.sum()).tolist()
-        scores = torch.tensor(
-            [divergence(setup, w + s * d, x_server, bits, spec) for s, d in zip(shares, deltas)]
-        )
-        uniform = torch.tensor(
-            [grid_distance(setup, w + s * d, bits, spec) for s, d in zip(shares, deltas)]
-        )
+        shares = weights / weights.sum()
+        keep = torch.ones(len(deltas), dtype=torch.bool)
+        for scale in landing_scales(setup, ctx):
+            models = [w + float(s) * d for s, d in zip(scale * shares, deltas)]
+            kl = torch.tensor([divergence(setup, m, x_server, bits, spec) for m in models])
+            grid_d = torch.tensor([grid_distance(setup, m, bits, spec) for m in models])
+            keep &= (kl <= ratio * kl.median()) & (grid_d <= ratio * grid_d.median())
+            if scale == 1.0:
+                scores = kl
         med = float(scores.median())
-        keep = (scores <= ratio * med) & (uniform <= ratio * float(uniform.median()))
         keep[int(scores.argmin())] = True
         out = {f"kept/{i}": float(k) for i, k in enumerate(keep.tolist())}
         out.update(
