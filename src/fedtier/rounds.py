@@ -34,7 +34,7 @@ from fedtier.local.sgd import client_generator
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
 from fedtier.tasks import ClientTask
-from fedtier.topology import Topology, expected_sampled, plan_round
+from fedtier.topology import RoundPlan, Topology, expected_sampled, plan_round
 from fedtier.upload import Chain, UploadContext
 
 Metrics = dict[str, float]
@@ -120,6 +120,15 @@ def run_rounds(
         if done:
             break
     return w
+
+
+def round_plan(setup: ArmSetup, step: int) -> RoundPlan | None:
+    """The plan of the synchronous round that edge step ``step`` belongs to; None under an
+    asynchronous schedule, whose executor calls are not rounds."""
+    cfg = setup.cfg
+    if cfg.schedule.name != "sync":
+        return None
+    return plan_round(setup.topology, cfg.topology, cfg.seed, step // cfg.aggregate.edge_rounds)
 
 
 def out_of_time(setup: ArmSetup) -> bool:

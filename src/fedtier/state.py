@@ -63,12 +63,19 @@ class StateLayout:
         sd = model.state_dict()
         return torch.cat([sd[n].detach().reshape(-1).float().cpu() for n in self.names])
 
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` ([..., P]) per entry, shaped [..., *entry shape]."""
+        out, offset = {}, 0
+        lead = flat.shape[:-1]
+        for name, shape in zip(self.names, self.shapes):
+            n = shape.numel()
+            out[name] = flat[..., offset : offset + n].view(*lead, *shape)
+            offset += n
+        return out
+
     @torch.no_grad()
     def load(self, model: nn.Module, flat: torch.Tensor) -> None:
         """Write a [P] vector into the model's float state in place."""
         sd = model.state_dict()
-        offset = 0
-        for name, shape in zip(self.names, self.shapes):
-            n = shape.numel()
-            sd[name].copy_(flat[offset : offset + n].view(shape))
-            offset += n
+        for name, entry in self.views(flat).items():
+            sd[name].copy_(entry)

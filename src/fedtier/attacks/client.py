@@ -130,12 +130,11 @@ def round_colluders(setup: ArmSetup, attack: Attack, step: int, here: int) -> in
     """How many malicious clients upload in this synchronous round, over all edges (the
     colluders know each other, and share the model replacement among them); ``here`` (those of
     this call) for asynchronous schedules and κ > 1 edge rounds, whose calls are not rounds."""
-    from fedtier.topology import plan_round
+    from fedtier.rounds import round_plan
 
-    cfg = setup.cfg
-    if cfg.schedule.name != "sync" or cfg.aggregate.edge_rounds != 1:
+    plan = round_plan(setup, step) if setup.cfg.aggregate.edge_rounds == 1 else None
+    if plan is None:
         return here
-    plan = plan_round(setup.topology, cfg.topology, cfg.seed, step)
     return max(here, sum(c in attack.malicious for c in plan.clients))
 
 
@@ -241,9 +240,7 @@ def malicious_update(
             x,
             y,
             local,
-            step,
-            cfg.seed,
-            client,
+            client_generator(cfg.seed, step, client + 0x5EED),
             min(bits),
         )
     new = setup.layout.flatten(setup.model)
@@ -257,16 +254,14 @@ def repair_in_cells(
     x: torch.Tensor,
     y: torch.Tensor,
     local: LocalConfig,
-    step: int,
-    seed: int,
-    client: int,
+    generator: torch.Generator,
     bits: int,
 ) -> None:
     """The cells solver's second phase (:mod:`fedtier.attacks.cells`): projected SGD on the
     objective's fp32 term over the weights whose ``bits``-bit deployment stays the one just
     trained. Only the quantized tensors move (biases and BatchNorm parameters, which the
     deployed model shares with fp32, stay), with the same epochs and batch size as the first
-    phase, a fresh batch order, ``attack.repair_lr`` and momentum 0.9."""
+    phase, a fresh batch order (``generator``), ``attack.repair_lr`` and momentum 0.9."""
     cells = rounding_cells(model, attack.spec, bits, attack.cell_margin)
     if attack.stat_match > 0:
         loss_fn = matching_statistics(loss_fn, attack.spec, bits, attack.stat_match)
@@ -281,7 +276,7 @@ def repair_in_cells(
             x,
             y,
             LocalConfig(local.epochs, local.batch_size, attack.repair_lr, 0.9, 0.0),
-            client_generator(seed, step, client + 0x5EED),
+            generator,
             grad_norm=attack.grad_norm,
             project=cells.project,
         )

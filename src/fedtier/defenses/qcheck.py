@@ -80,9 +80,7 @@ def grid_distance(setup: ArmSetup, w: torch.Tensor, bits: list[int], spec: Quant
                     g, gq, step = grid(p, spec, b)
                     r = ((g - gq) / step.clamp_min(1e-12)).abs().flatten()
                     residuals.append(r[r <= 0.5 + 1e-4])
-            if not residuals:
-                continue
-            u = torch.sort(torch.cat(residuals) * 2).values.clamp(0, 1)
+            u = torch.sort(torch.cat(residuals or [torch.zeros(0)]) * 2).values.clamp(0, 1)
             n = len(u)
             if n == 0:
                 continue
@@ -97,13 +95,10 @@ def landing_scales(setup: ArmSetup, ctx: UploadContext) -> list[float]:
     and, in a synchronous round of E > 1 edges, 1/E (the cloud's mean of E similar edges). A
     replacement attacker alone in its edge scales its upload by E so that the *global* model
     becomes its model; scored at the edge share only, that model would be E times too far."""
-    cfg = setup.cfg
-    if cfg.schedule.name != "sync":
-        return [1.0]
-    from fedtier.topology import plan_round
+    from fedtier.rounds import round_plan
 
-    kappa = cfg.aggregate.edge_rounds
-    edges = len(plan_round(setup.topology, cfg.topology, cfg.seed, ctx.round // kappa).edges)
+    plan = round_plan(setup, ctx.round)
+    edges = 1 if plan is None else len(plan.edges)
     return [1.0] if edges <= 1 else [1.0, 1.0 / edges]
 
 

@@ -147,7 +147,7 @@ def train_dense(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int)
     sizes = [len(x) for x in xs]
     size = max(sizes, default=0)
     y = torch.cat([data[i][1] for i in order]).to(device)
-    start = _entries(setup, w.to(device))
+    start = setup.layout.views(w.to(device))
     (first_name, _), *rest = stack.linears
     w1, b1 = start[f"{first_name}.weight"], start[f"{first_name}.bias"]
     z0 = F.linear(torch.cat(xs), w1)  # the start's first-layer output on every sample
@@ -197,7 +197,7 @@ def train_dense(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int)
             for tensor, g in zip((*weights, *biases), grads):
                 tensor[:active].sub_(g, alpha=lr)
     deltas = torch.empty(count, setup.layout.size, device=device)
-    views = _entries(setup, deltas)
+    views = setup.layout.views(deltas)
     coef.mul_(-lr)
     for j, (i, x) in enumerate(zip(order, xs)):  # −η Aᶜᵀ Xᶜ, into ``clients`` order
         torch.mm(coef[j * size : j * size + len(x)].t(), x, out=views[first_name + ".weight"][i])
@@ -207,14 +207,3 @@ def train_dense(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int)
         torch.sub(weight[back], start[f"{name}.weight"], out=views[f"{name}.weight"])
         torch.sub(bias[back], start[f"{name}.bias"], out=views[f"{name}.bias"])
     return deltas.cpu()
-
-
-def _entries(setup: ArmSetup, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Views of ``flat`` ([P] or [C, P]) per layout entry, shaped [..., *entry shape]."""
-    out, offset = {}, 0
-    lead = flat.shape[:-1]
-    for name, shape in zip(setup.layout.names, setup.layout.shapes):
-        n = shape.numel()
-        out[name] = flat[..., offset : offset + n].view(*lead, *shape)
-        offset += n
-    return out

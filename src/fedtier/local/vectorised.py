@@ -245,14 +245,10 @@ def _starts(
         source = torch.stack([client_start(setup, w, c) for c in clients]).to(device)
     else:
         source = w.to(device).expand(len(clients), -1)
-    starts: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, shape in zip(setup.layout.names, setup.layout.shapes):
-        n = shape.numel()
-        entry = source[:, offset : offset + n].reshape(len(clients), *shape)
-        starts[name] = entry.clone(memory_format=torch.contiguous_format)
-        offset += n
-    return starts
+    return {
+        name: entry.clone(memory_format=torch.contiguous_format)
+        for name, entry in setup.layout.views(source).items()
+    }
 
 
 def _stack(setup: ArmSetup, starts: dict[str, torch.Tensor], local: LocalConfig) -> _Block:
