@@ -23,6 +23,7 @@ from fedtier.results import RunWriter
 from fedtier.rounds import ArmSetup, headline
 from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
+from fedtier.seeding import numpy_rng
 from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
 from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
 from fedtier.topology import Topology, build_topology
@@ -41,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
 
 def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Client index arrays (and, for region-level schemes, the edge of each client)."""
-    rng = np.random.default_rng([cfg.seed, 0xDA7A])
+    rng = numpy_rng(cfg.seed, "partition")
     d, t = cfg.data, cfg.topology
     per_edge = [len(a) for a in np.array_split(np.arange(t.clients), t.edges)]
     parts = partition(

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fedtier.rounds import ArmSetup, evaluate, out_of_time, run_rounds
+from fedtier.seeding import numpy_rng
 from fedtier.topology import expected_sampled, plan_round
 from fedtier.upload import UploadContext
 
@@ -74,7 +75,7 @@ def run_async(
     cfg, sc = setup.cfg, setup.cfg.schedule
     per_round = max(1, int(round(expected_sampled(setup.topology, cfg.topology))))
     total = cfg.train.rounds * per_round
-    rng = np.random.default_rng([cfg.seed, 0xA5C])
+    rng = numpy_rng(cfg.seed, "async")
     w = setup.layout.flatten(setup.model)
     version, now, arrivals, seq = 0, 0.0, 0, 0
     queue: list[tuple[float, int, int, int]] = []  # (finish time, seq, client, version)
@@ -171,7 +172,7 @@ def run_gossip(
     edge_members = {e: set(cs.tolist()) for e, cs in enumerate(setup.topology.edge_clients)}
     for t in range(cfg.train.rounds):
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
-        rng = np.random.default_rng([cfg.seed, t, 0x6055])
+        rng = numpy_rng(cfg.seed, "gossip", t)
         for edge, clients in plan.edges.items():
             start = [
                 _gossip_start(models, c, edge_members[edge], sc.peers, w, rng) for c in clients

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedtier.attacks import BACKDOORS, Attack, attack_executor, build_attack, make_trigger, with_asr
@@ -15,6 +14,7 @@ from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
 from fedtier.privacy import dp_epsilon
 from fedtier.rounds import ArmSetup, server_lr
+from fedtier.seeding import numpy_rng
 from fedtier.topology import expected_sampled
 
 
@@ -54,7 +54,7 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
         setup.malicious = attack.malicious
     d = cfg.defense
     if d.qcheck:
-        rng = np.random.default_rng([cfg.seed, 0x5E7])
+        rng = numpy_rng(cfg.seed, "qcheck")
         idx = torch.from_numpy(
             rng.choice(len(train), size=min(d.qcheck_samples, len(train)), replace=False)
         )

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fedtier.config import TopologyConfig
+from fedtier.seeding import numpy_rng
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def build_topology(
     """Spread cfg.clients over cfg.edges (contiguous blocks, or ``edge_of_client`` when a
     region-level partition fixes it) and draw device profiles from ``cfg.device_mix``."""
     n, k = cfg.clients, cfg.edges
-    rng = np.random.default_rng([seed, 0xE06E])
+    rng = numpy_rng(seed, "topology")
     if edge_of_client is None:
         edge_of_client = np.repeat(np.arange(k), [len(a) for a in np.array_split(np.arange(n), k)])
     edge_clients = [np.flatnonzero(edge_of_client == e) for e in range(k)]
@@ -114,7 +115,7 @@ def _count(spec: float, total: int) -> int:
 
 def plan_round(topology: Topology, cfg: TopologyConfig, seed: int, round_: int) -> RoundPlan:
     """Sample edges, then clients within each sampled edge; seeded by (seed, round) only."""
-    rng = np.random.default_rng([seed, round_, 0x5A3])
+    rng = numpy_rng(seed, "plan", round_)
     edges = np.sort(
         rng.choice(
             topology.num_edges, _count(cfg.edges_per_round, topology.num_edges), replace=False

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +30,7 @@ from fedtier.attacks.triggers import POSITIONS, Trigger
 from fedtier.data import ArrayDataset
 from fedtier.errors import ConfigError
 from fedtier.quant import QuantSpec
+from fedtier.seeding import numpy_rng
 from fedtier.tasks import ClientTask
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def malicious_clients(cfg: Config) -> frozenset[int]:
     if a.malicious_ids is not None:
         return frozenset(a.malicious_ids)
     count = int(round(a.malicious * n)) if a.malicious < 1 else int(a.malicious)
-    rng = np.random.default_rng([cfg.seed, 0xBAD])
+    rng = numpy_rng(cfg.seed, "malicious")
     return frozenset(int(c) for c in rng.choice(n, size=count, replace=False))
 
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +16,7 @@ from fedtier.attacks.losses import Loss
 from fedtier.local import LocalConfig
 from fedtier.local.sgd import _has_batchnorm, client_generator
 from fedtier.quant import QuantSpec, quantize_copy
+from fedtier.seeding import torch_generator
 
 if TYPE_CHECKING:
     from fedtier.rounds import ArmSetup
@@ -89,13 +89,7 @@ class Attack:
 
 
 def attack_generator(seed: int, step: int, client: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(
-        int(
-            np.random.SeedSequence([seed, step, client, 0xA77]).generate_state(1, np.uint64)[0] >> 1
-        )
-    )
-    return g
+    return torch_generator(seed, "attack", step, client)
 
 
 def attack_executor(base: Executor, attack: Attack) -> Executor:

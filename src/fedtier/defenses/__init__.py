@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from fedtier.errors import ConfigError
+from fedtier.seeding import torch_generator
 
 if TYPE_CHECKING:
     from fedtier.config import Config
@@ -53,9 +53,7 @@ def server_noise(sigma: float, seed: int, mask: torch.Tensor):  # type: ignore[n
     seeded by (seed, round) (the paper's "DP" defense, Table 8)."""
 
     def step(w: torch.Tensor, t: int) -> tuple[torch.Tensor, Metrics]:
-        g = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, t, 0x5E]).generate_state(1, np.uint64)[0] >> 1)
-        )
+        g = torch_generator(seed, "server-noise", t)
         noise = sigma * torch.randn(w.shape, generator=g)
         return torch.where(mask, w + noise, w), {}
 

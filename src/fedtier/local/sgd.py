@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
+from fedtier.seeding import torch_generator
 from fedtier.tasks import ClientTask
 
 
@@ -22,11 +22,7 @@ class LocalConfig:
 
 def client_generator(seed: int, round_: int, client: int) -> torch.Generator:
     """Randomness of one client in one round, independent of who else is sampled."""
-    g = torch.Generator()
-    g.manual_seed(
-        int(np.random.SeedSequence([seed, round_, client]).generate_state(1, np.uint64)[0] >> 1)
-    )
-    return g
+    return torch_generator(seed, "local", round_, client)
 
 
 def train_client(

@@ -15,6 +15,7 @@ from opacus.accountants import RDPAccountant
 
 from fedtier.aggregate.rules import Rule
 from fedtier.errors import ConfigError
+from fedtier.seeding import torch_generator
 from fedtier.upload.chain import STAGES, Stage, UploadContext
 
 
@@ -65,14 +66,7 @@ def local_dp(clip: float = 1.0, noise: float = 1.0) -> Stage:
         clipped, norms = _clip_rows(deltas, clip)
         out = torch.empty_like(clipped)
         for i, c in enumerate(ctx.clients):
-            g = torch.Generator().manual_seed(
-                int(
-                    np.random.SeedSequence([ctx.seed, ctx.round, c, 0x1D9]).generate_state(
-                        1, np.uint64
-                    )[0]
-                    >> 1
-                )
-            )
+            g = torch_generator(ctx.seed, "ldp", ctx.round, c)
             out[i] = clipped[i] + noise * clip * torch.randn(deltas.shape[1], generator=g)
         return out, {"clipped": float((norms > clip).sum())}
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fedtier.errors import ConfigError
+from fedtier.seeding import torch_generator
 from fedtier.upload import codecs
 from fedtier.upload.chain import Stage, UploadContext
 
@@ -30,10 +31,7 @@ Decoder = Callable[[bytes, int], torch.Tensor]
 
 def codec_generator(seed: int, round_: int, client: int) -> torch.Generator:
     """The codec's randomness for one client in one round (apart from its training stream)."""
-    g = torch.Generator()
-    state = np.random.SeedSequence([seed, round_, client, 0xC0DEC]).generate_state(1, np.uint64)
-    g.manual_seed(int(state[0] >> 1))
-    return g
+    return torch_generator(seed, "codec", round_, client)
 
 
 def codec_stage(encode: Encoder, decode: Decoder, error_feedback: bool = False) -> Stage:
