@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", type=Path, default=None, help="run directory (default runs/<name>-<time>)"
     )
+    run.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the killed or interrupted run in DIR from its last checkpoint",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("presets", help="list the built-in presets")
     rep = sub.add_parser("report", help="re-render tables and plots of a finished run")
@@ -41,10 +48,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtier.presets import DEFAULT_PRESET
     from fedtier.results import cda_table, security_section
 
-    cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+    if args.resume is not None:
+        out = args.resume
+        if args.out is not None and args.out != out:
+            raise FedtierError("--resume DIR continues DIR; leave out --out (or give the same DIR)")
+        if not (out / "config.yaml").is_file():
+            raise FedtierError(f"--resume: '{out}' is not a fedtier run directory (no config.yaml)")
+        if (out / "summary.json").is_file() and not (out / "checkpoint.pt").is_file():
+            raise FedtierError(f"--resume: '{out}' has no checkpoint to continue from")
+        source = args.config if args.config is not None else out / "config.yaml"
+        cfg = load_config(source, args.overrides)
+    else:
+        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     show_log()
-    out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_experiment(cfg, out, progress=not args.no_progress)
+    summary = run_experiment(
+        cfg, out, progress=not args.no_progress, resume=args.resume is not None
+    )
     print(
         f"\n{cfg.name}: clean accuracy (%) after post-training quantization (B = {summary.get('target_bits')})"
     )

@@ -149,6 +149,7 @@ class EvalConfig:
     every: int = 5  # evaluate every this many rounds (and always after the last)
     asr: bool = False  # also measure the backdoor's attack success rate (on for backdoor attacks)
     batch_size: int = 1000
+    checkpoint_every: int = 1  # save checkpoint.pt at every k-th evaluation (0 = only per arm)
 
 
 @dataclass
@@ -412,6 +413,8 @@ def validate(cfg: Config) -> None:
     _validate_costs(cfg.costs)
     _validate_schedule(cfg.schedule)
     _positive(cfg.eval.batch_size, "eval.batch_size", integer=True)
+    if cfg.eval.checkpoint_every < 0:
+        raise ConfigError("eval.checkpoint_every", cfg.eval.checkpoint_every, "an integer >= 0")
 
 
 def _validate_costs(c: CostConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fedtier.checkpoint import load_checkpoint, save_checkpoint, save_model
 from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, load_dataset, partition
@@ -20,7 +22,7 @@ from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter
-from fedtier.rounds import ArmSetup, headline
+from fedtier.rounds import ArmSetup, RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
 from fedtier.seeding import numpy_rng
@@ -141,26 +143,72 @@ def _test_view(cfg: Config, test: ArrayDataset, regions: int) -> ArrayDataset:
     return ArrayDataset(xs, test.y.repeat(regions), test.num_classes, test.name)
 
 
-def run_experiment(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Run every arm of ``cfg`` into ``out``; returns the summary (also in summary.json)."""
+def run_experiment(
+    cfg: Config, out: Path, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Run every arm of ``cfg`` into ``out``; returns the summary (also in summary.json).
+
+    With ``resume`` the run continues from ``out``'s checkpoint (arms already finished are
+    kept, the arm in progress continues from its last checkpointed evaluation) and gives the
+    summary and final models an uninterrupted run gives."""
     arms = cfg.arm_configs()
-    writer = RunWriter(out, to_dict(cfg))
-    cache: dict[tuple, tuple[ArrayDataset, ArrayDataset]] = {}
+    checkpoint = load_checkpoint(out) if resume else None
+    if checkpoint is not None and checkpoint["config"] != to_dict(cfg):
+        raise FedtierError(
+            f"the checkpoint in '{out}' belongs to another configuration; resume it with the "
+            f"run's own config (fedtier run --resume {out}) or start a new run directory"
+        )
+    writer = RunWriter(
+        out,
+        to_dict(cfg),
+        resume_from=checkpoint["metrics_lines"] if checkpoint else 0 if resume else None,
+    )
     summary: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "arms": {}}
+    if checkpoint is not None:
+        summary["arms"].update(checkpoint["arms_done"])
+        if checkpoint.get("target_bits") is not None:
+            summary["target_bits"] = checkpoint["target_bits"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+    resumed = checkpoint if checkpoint is not None and checkpoint.get("progress") else None
+    done = sum(a.train.rounds for n, a in arms.items() if n in summary["arms"])
     bar = tqdm(
         total=sum(a.train.rounds for a in arms.values()),
+        initial=done + (resumed["progress"]["state"]["round"] if resumed else 0),
         desc=cfg.name,
         unit="round",
         disable=not progress,
         dynamic_ncols=True,
     )
+    cache: dict[tuple, tuple[ArrayDataset, ArrayDataset]] = {}
     try:
         for arm, acfg in arms.items():
+            if arm in summary["arms"]:
+                continue
             key = (acfg.data.dataset, acfg.data.root)
             if key not in cache:
                 cache[key] = load_dataset(acfg.data.dataset, acfg.data.root, seed=acfg.seed)
-            summary["arms"][arm] = run_arm(arm, acfg, cache[key], writer, bar)
-            summary["target_bits"] = summary["arms"][arm]["target_bits"]
+            progress = (
+                resumed["progress"] if resumed is not None and resumed["arm"] == arm else None
+            )
+
+            def save(arm_progress: dict[str, Any] | None, arm: str = arm) -> None:
+                save_checkpoint(
+                    out,
+                    {
+                        "config": to_dict(cfg),
+                        "arms_done": dict(summary["arms"]),
+                        "target_bits": summary.get("target_bits"),
+                        "arm": arm,
+                        "progress": arm_progress,
+                        "metrics_lines": writer.lines,
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                )
+
+            entry = run_arm(arm, acfg, cache[key], writer, bar, save, progress)
+            summary["arms"][arm] = entry
+            summary["target_bits"] = entry["target_bits"]
+            save(None)  # the arm is done
     finally:
         bar.close()
         if summary["arms"]:
@@ -169,22 +217,42 @@ def run_experiment(cfg: Config, out: Path, progress: bool = True) -> dict[str, A
 
 
 def run_arm(
-    arm: str, cfg: Config, data: tuple[ArrayDataset, ArrayDataset], writer: RunWriter, bar: tqdm
+    arm: str,
+    cfg: Config,
+    data: tuple[ArrayDataset, ArrayDataset],
+    writer: RunWriter,
+    bar: tqdm,
+    save: Callable[[dict[str, Any] | None], None] | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One arm: set up, log the bit-width election, train, and return its summary entry."""
+    """One arm: set up, log the bit-width election, train (from ``progress``, a checkpoint's
+    state of this arm, when resuming),
+    save the final model, and return its summary entry. ``save`` receives the arm's state
+    after every ``eval.checkpoint_every``-th evaluation."""
     setup = prepare_arm(cfg, data)
-    writer.log(
-        {
-            "arm": arm,
-            "event": "setup",
-            "target_bits": setup.target_bits,
-            "election": setup.election,
-            "executor": setup.executor_name,
-        }
+    # integer buffers (BatchNorm's num_batches_tracked) are not federated: the final model
+    # keeps their initial values, so it does not depend on which executor trained it
+    initial = {
+        k: v.clone() for k, v in setup.model.state_dict().items() if not v.is_floating_point()
+    }
+    if progress is None:
+        writer.log(
+            {
+                "arm": arm,
+                "event": "setup",
+                "target_bits": setup.target_bits,
+                "election": setup.election,
+                "executor": setup.executor_name,
+            }
+        )
+    run: dict[str, Any] = (
+        progress["run"]
+        if progress is not None
+        else {"last": {}, "rejections": {}, "evals": 0, "wall_s": 0.0}
     )
-    start = time.perf_counter()
-    last: dict[str, Any] = {}
-    rejections: dict[str, dict[str, float]] = {}
+    state = RunState.from_dict(progress["state"]) if progress is not None else None
+    start = time.perf_counter() - run["wall_s"]
+    last, rejections = run["last"], run["rejections"]
 
     def on_eval(record: dict[str, Any]) -> None:
         record = {"arm": arm, **record, "wall_s": round(time.perf_counter() - start, 3)}
@@ -193,16 +261,33 @@ def run_arm(
         if privacy is not None:
             record["privacy"] = privacy
         writer.log(record)
+        last.clear()
         last.update(record)
+        run["evals"] += 1
         bar.set_postfix(
             {"arm": arm, **{f"acc{b}": f"{headline(m):.3f}" for b, m in record["bits"].items()}}
         )
 
+    def on_checkpoint(state: RunState) -> None:
+        every = cfg.eval.checkpoint_every
+        if save is not None and every > 0 and run["evals"] % every == 0:
+            run["wall_s"] = time.perf_counter() - start
+            save({"state": state.to_dict(), "run": run})
+
     bar.set_postfix({"arm": arm})
     try:
-        run_schedule(setup, on_eval, on_round=lambda t: bar.update(1))
+        w = run_schedule(
+            setup,
+            on_eval,
+            on_round=lambda t: bar.update(1),
+            state=state,
+            on_checkpoint=on_checkpoint,
+        )
     finally:
         close_executor(setup)
+    setup.layout.load(setup.model, evaluated_state(setup, w))
+    final = {**setup.model.state_dict(), **initial}
+    save_model(writer.out, arm, final, setup.test.input_shape, setup.test.num_classes)
     extra: dict[str, Any] = {}
     if "costs" in last:
         extra["costs"] = last["costs"]

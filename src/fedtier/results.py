@@ -16,18 +16,37 @@ from fedtier.errors import FedtierError
 
 
 class RunWriter:
-    """Appends evaluation records as they come, so nothing computed is lost on an error."""
+    """Appends evaluation records as they come, so nothing computed is lost on an error.
 
-    def __init__(self, out: Path, config: dict[str, Any]) -> None:
+    ``metrics.jsonl`` is only ever appended to. A resumed run (``resume_from`` = the number of
+    lines its checkpoint had seen) appends a ``{"event": "resume", "valid_lines": N}`` marker:
+    readers drop the lines between the N-th and the marker (written after the checkpoint by
+    the killed process, possibly cut short), which the resumed run writes again.
+    """
+
+    def __init__(self, out: Path, config: dict[str, Any], resume_from: int | None = None) -> None:
         self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.metrics = out / "metrics.jsonl"
-        self.metrics.write_text("")
+        if resume_from is None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            self.metrics.touch()
+            self.lines = 0
+            return
+        text = self.metrics.read_bytes() if self.metrics.is_file() else b""
+        if text and not text.endswith(b"\n"):  # a line cut short by a kill
+            with self.metrics.open("ab") as f:
+                f.write(b"\n")
+            text += b"\n"
+        self.lines = text.count(b"\n")
+        self.log(
+            {"event": "resume", "valid_lines": resume_from, "discarded": self.lines - resume_from}
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.lines += 1
 
     def finish(self, summary: dict[str, Any]) -> None:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -35,19 +54,34 @@ class RunWriter:
 
 
 def read_run(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(metrics records, summary) of a run directory; clear errors when files are missing."""
+    """(metrics records, summary) of a run directory; clear errors when files are missing.
+
+    Lines superseded by a resume (see :class:`RunWriter`) are dropped."""
     if not out.is_dir():
         raise FedtierError(f"run directory '{out}' does not exist")
     path = out / "metrics.jsonl"
     if not path.is_file():
         raise FedtierError(f"'{out}' is not a fedtier run directory: {path.name} is missing")
+    rows: list[tuple[int, dict[str, Any] | str]] = []  # (line number, record or parse error)
+    lines = path.read_text().split("\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                rows.append((i, e.msg))
+            continue  # an unterminated last line was cut short by a kill
+
+        if isinstance(record, dict) and record.get("event") == "resume":
+            rows = [(j, r) for j, r in rows if j <= int(record["valid_lines"])]
+        rows.append((i, record))
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise FedtierError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+    for i, r in rows:
+        if isinstance(r, str):
+            raise FedtierError(f"{path}: line {i} is not valid JSON ({r})")
+        records.append(r)
     summary_path = out / "summary.json"
     summary = (
         json.loads(summary_path.read_text()) if summary_path.is_file() else summary_from(records)

@@ -1,15 +1,17 @@
-"""The synchronous hierarchical round (QAFed Algorithm 1), top to bottom.
+"""The synchronous hierarchical round (QAFed Algorithm 1) as three tier programs.
 
     for each cloud round t:
-        plan   = which edges, which clients                      (topology.plan_round)
-        for each sampled edge s, κ times:
-            Δ_i  = local training from the edge model            (setup.executor → local/)
-            Δ_i  = upload path: attacks, clipping, noise, codec  (setup.upload → upload/)
-            Δ_s  = edge rule over its clients' deltas             (aggregate.RULES)
-        Δ      = cloud rule over the edges' deltas
-        w      = server step (η_s, N)                             (aggregate.server)
-        every eval.every rounds: CDA of Q_b(w) for b in eval bits (evaluate)
+        plan     = which edges, which clients                     (topology.plan_round)
+        for each sampled edge s:
+            edge step, κ times:                                   (program.edge)
+                device step: local training, upload path, radio   (program.device)
+                screen, then the edge rule over its clients' deltas
+        cloud step: cloud rule over the edges' results, server step (program.cloud)
+        every eval.every rounds: metrics of Q_b(w) for b in eval bits, then a checkpoint
 
+Everything that changes during a run lives in one :class:`RunState` (the global state, the
+device-kept state, the upload stages' state, the cost ledger, the attack's state, the
+schedule's own state), so a checkpoint is that state and a resumed run continues exactly.
 Every stage returns metrics under its own name; they are summed between evaluations and
 logged with each evaluation record under "stages".
 """
@@ -21,12 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedtier.aggregate import ServerStep, client_weights
 from fedtier.aggregate.robust import build_rule
 from fedtier.config import Config
+from fedtier.costs.model import CostLedger
 from fedtier.data import ArrayDataset
 from fedtier.evaluate import evaluate_at_bits
 from fedtier.local import LocalConfig, train_client
@@ -38,6 +42,85 @@ from fedtier.topology import RoundPlan, Topology, expected_sampled, plan_round
 from fedtier.upload import Chain, UploadContext
 
 Metrics = dict[str, float]
+
+
+@dataclass
+class RunState:
+    """Everything that changes during one arm's run — what a checkpoint saves.
+
+    ``round`` counts the cloud rounds completed (asynchronous schedules: round-equivalents
+    of arrivals); the random streams are keyed by round, edge and client (fedtier.seeding),
+    so this state and the configuration determine the rest of the run.
+    """
+
+    w: torch.Tensor  # the global state [P]
+    round: int = 0
+    stages: Metrics = field(default_factory=lambda: defaultdict(float))  # since the last eval
+    device: dict[int, torch.Tensor] = field(default_factory=dict)  # device-kept state (FedBN)
+    upload: dict[str, dict[str, Any]] = field(default_factory=dict)  # stateful upload stages
+    costs: CostLedger = field(default_factory=CostLedger)  # the cost model's ledger
+    attack: dict[str, Any] = field(default_factory=dict)  # the attack's state (observations…)
+    schedule: dict[str, Any] = field(default_factory=dict)  # the schedule's own (async queue…)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tensors, numbers, dicts) for ``torch.save``."""
+        return {
+            "w": self.w,
+            "round": self.round,
+            "stages": dict(self.stages),
+            "device": dict(self.device),
+            "upload": self.upload,
+            "costs": self.costs.to_dict(),
+            "attack": self.attack,
+            "schedule": self.schedule,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunState:
+        state = cls(w=d["w"], round=d["round"])
+        state.stages.update(d["stages"])
+        state.device.update(d["device"])
+        state.upload.update(d["upload"])
+        state.costs = CostLedger.from_dict(d["costs"])
+        state.attack.update(d["attack"])
+        state.schedule.update(d["schedule"])
+        return state
+
+
+@dataclass(frozen=True)
+class Uploads:
+    """What a device step delivers to its edge."""
+
+    deltas: torch.Tensor  # [C, P] as the edge decodes them
+    arrived: torch.Tensor  # [C] bool: in time (stragglers past the deadline are dropped)
+    finish_s: np.ndarray | None = None  # [C] simulated completion times (None: no cost model)
+
+
+@dataclass(frozen=True)
+class EdgeResult:
+    """What an edge sends the cloud after its κ edge rounds."""
+
+    delta: torch.Tensor  # Δ_s = w_edge − w [P]
+    weight: float  # its weight at the cloud (0: no update reached the edge)
+    score: float | None = None  # an edge step may score itself; the cloud rule may use it
+
+
+# (setup, state, w, edge, clients, step) → Uploads
+DeviceStep = Callable[..., Uploads]
+# (setup, state, w, edge, clients, t) → EdgeResult
+EdgeStep = Callable[..., EdgeResult]
+# (setup, state, w, results, plan, t) → new w
+CloudStep = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TierProgram:
+    """What a device, an edge and the cloud do each round; each step is replaceable (an
+    edge that trains a generator is another edge step, not a special case in the loop)."""
+
+    device: DeviceStep
+    edge: EdgeStep
+    cloud: CloudStep
 
 
 @dataclass
@@ -56,7 +139,9 @@ class ArmSetup:
     election: dict | None = None  # the vote that chose target_bits (None when configured)
     upload: Chain = field(default_factory=Chain)  # client → edge stages
     executor: Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor] | None = None
-    local_state: dict[int, torch.Tensor] = field(default_factory=dict)  # FedBN: device-kept part
+    # FedBN: the device-kept part of each client's state. It is the RunState's ``device``
+    # (bound by :func:`bind_state`); executors read and write it through client_start/delta.
+    local_state: dict[int, torch.Tensor] = field(default_factory=dict)
     executor_name: str = "sequential"  # which executor trains the clients (fedtier.local.select)
     costs: Any = None  # fedtier.costs.CostModel: bytes, simulated time and energy (None = off)
     # edge-side screening of uploads before the rule: (setup, w_edge, deltas, ctx) → metrics
@@ -66,59 +151,113 @@ class ArmSetup:
     post_step: Callable[[torch.Tensor, int], tuple[torch.Tensor, Metrics]] | None = None
     malicious: frozenset[int] = frozenset()  # for counting rejected honest/malicious updates
     attack: Any = None  # the arm's fedtier.attacks.Attack (its summary goes in summary.json)
+    program: TierProgram | None = None  # None = the default device, edge and cloud steps
 
     def __post_init__(self) -> None:
         self.upload_mask = self.layout.mask()
         if self.executor is None:
             self.executor = train_sequential
+        if self.program is None:
+            self.program = TierProgram(device_step, edge_step, cloud_step)
+
+
+def init_state(setup: ArmSetup) -> RunState:
+    """The state before round 0: the model's initial global state, nothing counted yet."""
+    return RunState(w=setup.layout.flatten(setup.model))
+
+
+def bind_state(setup: ArmSetup, state: RunState) -> None:
+    """Point the arm's stateful components at ``state`` (the one place their state lives):
+    the device-kept states, the cost model's ledger and the attack's observations."""
+    setup.local_state = state.device
+    if setup.costs is not None:
+        setup.costs.ledger = state.costs
+    if setup.attack is not None:
+        if state.attack:
+            setup.attack.load_state_dict(state.attack)
+        else:
+            state.attack.update(setup.attack.state_dict())
+
+
+def sync_state(setup: ArmSetup, state: RunState) -> RunState:
+    """Gather what the components changed in place into ``state`` (before a checkpoint)."""
+    if setup.attack is not None:
+        state.attack.clear()
+        state.attack.update(setup.attack.state_dict())
+    return state
 
 
 def run_rounds(
     setup: ArmSetup,
     on_eval: Callable[[dict], None],
     on_round: Callable[[int], None] = lambda t: None,
+    state: RunState | None = None,
+    on_checkpoint: Callable[[RunState], None] | None = None,
 ) -> torch.Tensor:
-    """Train for cfg.train.rounds cloud rounds; returns the final global state [P]."""
+    """Train until cfg.train.rounds cloud rounds are done; returns the final global state [P].
+
+    ``state`` resumes a run (from a checkpoint); ``on_checkpoint`` receives the state after
+    every evaluation (the run directory saves it)."""
     cfg = setup.cfg
-    w = setup.layout.flatten(setup.model)
-    step = ServerStep(cfg.aggregate.rule, server_lr(setup), setup.topology.num_clients)
-    a = cfg.aggregate
-    cloud_rule = build_rule(a.cloud_rule, a.cloud_options, "aggregate.cloud_rule")
-    stages: Metrics = defaultdict(float)
-    for t in range(cfg.train.rounds):
+    state = state if state is not None else init_state(setup)
+    bind_state(setup, state)
+    assert setup.program is not None
+    program = setup.program
+    while state.round < cfg.train.rounds:
+        t = state.round
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
-        deltas, weights = [], []
-        for edge, clients in plan.edges.items():
-            delta, weight = edge_update(setup, w, edge, clients, t, stages)
-            deltas.append(delta)
-            weights.append(weight)
-        if setup.costs is not None:
-            setup.costs.cloud_round(len(deltas))
-        live = [i for i, weight in enumerate(weights) if weight > 0]  # all may miss the deadline
-        if live:
-            mean_update, m = cloud_rule(
-                torch.stack([deltas[i] for i in live]), torch.tensor([weights[i] for i in live])
-            )
-            _add(stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
-            w = step.apply(w, mean_update, len(plan.clients))
-            if setup.post_step is not None:
-                w, m = setup.post_step(w, t)
-                _add(stages, "server", m)
+        results = [
+            program.edge(setup, state, state.w, edge, clients, t)
+            for edge, clients in plan.edges.items()
+        ]
+        state.w = program.cloud(setup, state, state.w, results, plan, t)
+        state.round = t + 1
         done = out_of_time(setup)
-        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds or done:
+        if state.round % cfg.eval.every == 0 or state.round == cfg.train.rounds or done:
             record = {
-                "round": t + 1,
+                "round": state.round,
                 "plan": plan.to_dict(),
-                "stages": dict(stages),
-                "bits": evaluate(setup, w),
+                "stages": dict(state.stages),
+                "bits": evaluate(setup, state.w),
             }
             if setup.costs is not None:
                 record["costs"] = setup.costs.snapshot()
             on_eval(record)
-            stages.clear()
+            state.stages.clear()
+            if on_checkpoint is not None:
+                on_checkpoint(sync_state(setup, state))
         on_round(t)
         if done:
             break
+    return state.w
+
+
+def cloud_step(
+    setup: ArmSetup,
+    state: RunState,
+    w: torch.Tensor,
+    results: list[EdgeResult],
+    plan: RoundPlan,
+    t: int,
+) -> torch.Tensor:
+    """The cloud rule over the edges that reached it, then the server step and the
+    post-step defenses (global clipping, server noise)."""
+    if setup.costs is not None:
+        setup.costs.cloud_round(len(results))
+    live = [r for r in results if r.weight > 0]  # all may miss the deadline
+    if not live:
+        return w
+    a = setup.cfg.aggregate
+    cloud_rule = build_rule(a.cloud_rule, a.cloud_options, "aggregate.cloud_rule")
+    mean_update, m = cloud_rule(
+        torch.stack([r.delta for r in live]), torch.tensor([r.weight for r in live])
+    )
+    _add(state.stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
+    step = ServerStep(a.rule, server_lr(setup), setup.topology.num_clients)
+    w = step.apply(w, mean_update, len(plan.clients))
+    if setup.post_step is not None:
+        w, m = setup.post_step(w, t)
+        _add(state.stages, "server", m)
     return w
 
 
@@ -147,10 +286,11 @@ def server_lr(setup: ArmSetup) -> float:
     return 1.0
 
 
-def edge_update(
-    setup: ArmSetup, w: torch.Tensor, edge: int, clients: list[int], t: int, stages: Metrics
-) -> tuple[torch.Tensor, float]:
-    """κ edge rounds from w; returns (the edge's update Δ_s [P], its weight at the cloud)."""
+def edge_step(
+    setup: ArmSetup, state: RunState, w: torch.Tensor, edge: int, clients: list[int], t: int
+) -> EdgeResult:
+    """κ edge rounds from w: each a device step of the edge's clients, the screen, and the
+    edge rule over the uploads that arrived; returns (Δ_s [P], the edge's cloud weight)."""
     cfg = setup.cfg
     kappa = cfg.aggregate.edge_rounds
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
@@ -160,22 +300,16 @@ def edge_update(
     if setup.costs is not None:
         clients = setup.costs.schedule(clients)
         sizes, weights = sizes[: len(clients)], weights[: len(clients)]
+    assert setup.program is not None
     for k in range(kappa):
         step = t * kappa + k
-        assert setup.executor is not None
-        deltas = setup.executor(setup, w_edge, clients, step)
-        ctx = UploadContext(step, edge, clients, sizes, cfg.seed, radio=setup.costs)
-        deltas, m = setup.upload(deltas, ctx)
-        _add(stages, "client", m)
-        keep = torch.ones(len(clients), dtype=torch.bool)
-        if setup.costs is not None:  # stragglers are dropped at the deadline
-            uploaded = int(setup.upload_mask.sum())
-            on_time = setup.costs.edge_round(edge, clients, ctx.payload_bytes, uploaded).kept
-            keep &= torch.from_numpy(on_time)
+        sent = setup.program.device(setup, state, w_edge, edge, clients, step)
+        deltas, keep = sent.deltas, sent.arrived.clone()
         if setup.screen is not None:
+            ctx = upload_context(setup, state, edge, clients, step)
             m = setup.screen(setup, w_edge, deltas, ctx)
             keep &= torch.tensor([m.get(f"kept/{i}", 1.0) > 0 for i in range(len(clients))])
-            _add(stages, "screen", attribute(m, clients, setup.malicious))
+            _add(state.stages, "screen", attribute(m, clients, setup.malicious))
         if not keep.any():
             continue
         if bool(keep.all()):  # no row dropped: aggregate without copying the block
@@ -184,10 +318,49 @@ def edge_update(
         else:
             kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
             mean, m = rule(deltas[keep], weights[keep])
-        _add(stages, "edge", attribute(m, kept, setup.malicious))
+        _add(state.stages, "edge", attribute(m, kept, setup.malicious))
         w_edge = w_edge + mean
         reached = True
-    return w_edge - w, float(weights.sum()) if reached else 0.0
+    return EdgeResult(w_edge - w, float(weights.sum()) if reached else 0.0)
+
+
+def device_step(
+    setup: ArmSetup, state: RunState, w: torch.Tensor, edge: int, clients: list[int], step: int
+) -> Uploads:
+    """The devices' part of one edge round: local training from w (the executor), the upload
+    path (attacks, clipping, noise, codecs) and the radio's cost. Returns the uploads [C, P]
+    as the edge decodes them and which arrive in time [C]."""
+    assert setup.executor is not None
+    deltas = setup.executor(setup, w, clients, step)
+    return upload(setup, state, deltas, edge, clients, step)
+
+
+def upload(
+    setup: ArmSetup,
+    state: RunState,
+    deltas: torch.Tensor,
+    edge: int,
+    clients: list[int],
+    step: int,
+) -> Uploads:
+    """Send trained deltas [C, P] up the upload path and price them on the radio."""
+    ctx = upload_context(setup, state, edge, clients, step)
+    deltas, m = setup.upload(deltas, ctx)
+    _add(state.stages, "client", m)
+    if setup.costs is None:
+        return Uploads(deltas, torch.ones(len(clients), dtype=torch.bool))
+    uploaded = int(setup.upload_mask.sum())
+    cost = setup.costs.edge_round(edge, clients, ctx.payload_bytes, uploaded)
+    return Uploads(deltas, torch.from_numpy(cost.kept), cost.finish_s)
+
+
+def upload_context(
+    setup: ArmSetup, state: RunState, edge: int, clients: list[int], step: int
+) -> UploadContext:
+    sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
+    return UploadContext(
+        step, edge, clients, sizes, setup.cfg.seed, radio=setup.costs, states=state.upload
+    )
 
 
 def train_sequential(
@@ -248,16 +421,22 @@ def client_deltas(
     return new.sub_(w).masked_fill_(~upload, 0.0)
 
 
+def evaluated_state(setup: ArmSetup, w: torch.Tensor) -> torch.Tensor:
+    """The state [P] that is evaluated and deployed: w, and for FedBN's device-kept entries
+    the mean of the devices' states."""
+    if not setup.local_state:
+        return w
+    kept = torch.stack(list(setup.local_state.values())).mean(0)
+    return torch.where(setup.upload_mask, w, kept)
+
+
 def evaluate(setup: ArmSetup, w: torch.Tensor) -> dict[str, Metrics]:
-    """Metrics per evaluation bit width; FedBN evaluates with the mean of the devices' BN state."""
-    if setup.local_state:
-        kept = torch.stack(list(setup.local_state.values())).mean(0)
-        w = torch.where(setup.upload_mask, w, kept)
+    """Metrics per evaluation bit width of :func:`evaluated_state`."""
     cfg = setup.cfg
     return evaluate_at_bits(
         setup.model,
         setup.layout,
-        w,
+        evaluated_state(setup, w),
         setup.task,
         setup.test,
         cfg.quant.eval_bits,

@@ -33,12 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtier.rounds import ArmSetup, evaluate, out_of_time, run_rounds
+from fedtier.rounds import (
+    ArmSetup,
+    RunState,
+    bind_state,
+    evaluate,
+    init_state,
+    out_of_time,
+    run_rounds,
+    sync_state,
+    upload,
+)
 from fedtier.seeding import numpy_rng
 from fedtier.topology import expected_sampled, plan_round
-from fedtier.upload import UploadContext
 
-Schedule = Callable[[ArmSetup, Callable[[dict], None], Callable[[int], None]], torch.Tensor]
+Schedule = Callable[..., torch.Tensor]
+Checkpoint = Callable[[RunState], None] | None
 
 
 def staleness_weight(staleness: int | np.ndarray, exponent: float) -> Any:
@@ -46,107 +56,114 @@ def staleness_weight(staleness: int | np.ndarray, exponent: float) -> Any:
     return (1.0 + np.asarray(staleness, dtype=np.float64)) ** (-exponent)
 
 
-def _upload_one(
-    setup: ArmSetup, w: torch.Tensor, client: int, step: int
-) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """Train one client from w, send its delta up the upload path, price it on the clock.
-    Returns (decoded Δ [P], time until delivered, the stage metrics)."""
-    edge = next(e for e, cs in enumerate(setup.topology.edge_clients) if client in cs)
-    assert setup.executor is not None
-    delta = setup.executor(setup, w, [client], step)
-    sizes = torch.tensor([float(setup.topology.num_samples[client])])
-    ctx = UploadContext(step, edge, [client], sizes, setup.cfg.seed, radio=setup.costs)
-    delta, metrics = setup.upload(delta, ctx)
-    duration = 0.0
-    if setup.costs is not None:
-        uploaded = int(setup.upload_mask.sum())
-        duration = float(
-            setup.costs.edge_round(edge, [client], ctx.payload_bytes, uploaded).finish_s[0]
-        )
-    return delta[0], duration, metrics
+def edge_of(setup: ArmSetup, client: int) -> int:
+    return next(e for e, cs in enumerate(setup.topology.edge_clients) if client in cs)
 
 
 def run_async(
     setup: ArmSetup,
     on_eval: Callable[[dict], None],
     on_round: Callable[[int], None] = lambda t: None,
+    state: RunState | None = None,
+    on_checkpoint: Checkpoint = None,
 ) -> torch.Tensor:
-    """FedAsync or FedBuff (``cfg.schedule.name``) driven by an event queue on the clock."""
+    """FedAsync or FedBuff (``cfg.schedule.name``) driven by an event queue on the clock.
+
+    The queue, the updates in flight, the buffer and the dispatch generator are the
+    schedule's state (``state.schedule``), so a checkpoint taken at an evaluation resumes
+    exactly."""
     cfg, sc = setup.cfg, setup.cfg.schedule
     per_round = max(1, int(round(expected_sampled(setup.topology, cfg.topology))))
     total = cfg.train.rounds * per_round
-    rng = numpy_rng(cfg.seed, "async")
-    w = setup.layout.flatten(setup.model)
-    version, now, arrivals, seq = 0, 0.0, 0, 0
-    queue: list[tuple[float, int, int, int]] = []  # (finish time, seq, client, version)
-    payload: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # seq → (w_start, Δ)
-    busy: set[int] = set()
-    buffer, buffered = torch.zeros_like(w), 0
-    stale: list[int] = []
-    stages: dict[str, float] = {}
+    state = state if state is not None else init_state(setup)
+    bind_state(setup, state)
+    q = state.schedule
+    assert setup.program is not None
 
     def dispatch() -> None:
-        nonlocal seq
-        idle = [c for c in range(setup.topology.num_clients) if c not in busy]
-        client = int(rng.choice(idle))
-        delta, duration, m = _upload_one(setup, w, client, seq)
-        for k, v in m.items():
-            stages[f"client/{k}"] = stages.get(f"client/{k}", 0.0) + v
-        heapq.heappush(queue, (now + duration, seq, client, version))
-        payload[seq] = (w, delta)
-        busy.add(client)
-        seq += 1
+        idle = [c for c in range(setup.topology.num_clients) if c not in q["busy"]]
+        client = int(q["rng"].choice(idle))
+        step = q["seq"]
+        sent = setup.program.device(setup, state, state.w, edge_of(setup, client), [client], step)
+        duration = 0.0 if sent.finish_s is None else float(sent.finish_s[0])
+        heapq.heappush(q["queue"], (q["now"] + duration, step, client, q["version"]))
+        q["payload"][step] = (state.w, sent.deltas[0])
+        q["busy"].add(client)
+        q["seq"] = step + 1
 
-    for _ in range(min(sc.concurrency, setup.topology.num_clients)):
-        dispatch()
-    while arrivals < total:
-        finish, s, client, started = heapq.heappop(queue)
+    if not q:  # a fresh run (a resumed one carries its queue)
+        q.update(
+            rng=numpy_rng(cfg.seed, "async"),
+            version=0,
+            now=0.0,
+            arrivals=0,
+            seq=0,
+            queue=[],  # (finish time, seq, client, version)
+            payload={},  # seq → (w_start, Δ)
+            busy=set(),
+            buffer=torch.zeros_like(state.w),
+            buffered=0,
+            stale=[],
+        )
+        for _ in range(min(sc.concurrency, setup.topology.num_clients)):
+            dispatch()
+    while q["arrivals"] < total:
+        finish, s, client, started = heapq.heappop(q["queue"])
         if sc.time_budget_s is not None and finish > sc.time_budget_s:
             break
-        now = finish
-        w_start, delta = payload.pop(s)
-        busy.discard(client)
-        tau = version - started
-        stale.append(tau)
+        q["now"] = finish
+        w_start, delta = q["payload"].pop(s)
+        q["busy"].discard(client)
+        tau = q["version"] - started
+        q["stale"].append(tau)
         weight = float(staleness_weight(tau, sc.staleness_exponent))
         if sc.name == "fedasync":
             alpha = sc.mixing * weight
-            w = (1 - alpha) * w + alpha * (w_start + delta)
-            version += 1
+            state.w = (1 - alpha) * state.w + alpha * (w_start + delta)
+            q["version"] += 1
         else:
-            buffer += weight * delta
-            buffered += 1
-            if buffered == sc.buffer:
-                w = w + sc.server_lr * buffer / sc.buffer
-                buffer.zero_()
-                buffered, version = 0, version + 1
-        arrivals += 1
+            q["buffer"] += weight * delta
+            q["buffered"] += 1
+            if q["buffered"] == sc.buffer:
+                state.w = state.w + sc.server_lr * q["buffer"] / sc.buffer
+                q["buffer"].zero_()
+                q["buffered"], q["version"] = 0, q["version"] + 1
+        q["arrivals"] += 1
+        arrivals = q["arrivals"]
+        state.round = arrivals // per_round
         if setup.costs is not None:
-            setup.costs.relay(now)
+            setup.costs.relay(q["now"])
         if arrivals % per_round == 0:
             on_round(arrivals // per_round - 1)
-        if arrivals % (cfg.eval.every * per_round) == 0 or arrivals == total:
-            _eval(setup, w, arrivals / per_round, stale, stages, on_eval, version)
+        evaluating = arrivals % (cfg.eval.every * per_round) == 0 or arrivals == total
+        if evaluating:
+            _eval(setup, state, arrivals / per_round, on_eval, q["version"])
         if arrivals < total:
             dispatch()
+        if evaluating and on_checkpoint is not None:
+            # after the next dispatch, so a resumed run has the same updates in flight
+            on_checkpoint(sync_state(setup, state))
+    arrivals = q["arrivals"]
     if arrivals % (cfg.eval.every * per_round) != 0 and arrivals != total:
-        _eval(setup, w, arrivals / per_round, stale, stages, on_eval, version)
-    return w
+        _eval(setup, state, arrivals / per_round, on_eval, q["version"])
+        if on_checkpoint is not None:
+            on_checkpoint(sync_state(setup, state))
+    return state.w
 
 
 def _eval(
     setup: ArmSetup,
-    w: torch.Tensor,
+    state: RunState,
     rounds: float,
-    stale: list[int],
-    stages: dict[str, float],
     on_eval: Callable[[dict], None],
     version: int,
+    w: torch.Tensor | None = None,
 ) -> None:
+    stale: list[int] = state.schedule.get("stale", [])
     record: dict[str, Any] = {
         "round": round(rounds, 3),
-        "stages": dict(stages),
-        "bits": evaluate(setup, w),
+        "stages": dict(state.stages),
+        "bits": evaluate(setup, state.w if w is None else w),
         "version": version,
     }
     if stale:
@@ -155,41 +172,40 @@ def _eval(
         record["costs"] = setup.costs.snapshot()
     on_eval(record)
     stale.clear()
-    stages.clear()
+    state.stages.clear()
 
 
 def run_gossip(
     setup: ArmSetup,
     on_eval: Callable[[dict], None],
     on_round: Callable[[int], None] = lambda t: None,
+    state: RunState | None = None,
+    on_checkpoint: Checkpoint = None,
 ) -> torch.Tensor:
     """Gossip averaging among the clients of each edge, with a cloud consensus every
-    ``schedule.cloud_every`` rounds (module docstring)."""
+    ``schedule.cloud_every`` rounds (module docstring). The clients' models since the last
+    consensus are the schedule's state (``state.schedule["models"]``)."""
     cfg, sc = setup.cfg, setup.cfg.schedule
-    w = setup.layout.flatten(setup.model)
-    models: dict[int, torch.Tensor] = {}  # clients that moved away from the last consensus
-    stages: dict[str, float] = {}
+    state = state if state is not None else init_state(setup)
+    bind_state(setup, state)
+    models: dict[int, torch.Tensor] = state.schedule.setdefault("models", {})
     edge_members = {e: set(cs.tolist()) for e, cs in enumerate(setup.topology.edge_clients)}
-    for t in range(cfg.train.rounds):
+    while state.round < cfg.train.rounds:
+        t = state.round
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
         rng = numpy_rng(cfg.seed, "gossip", t)
         for edge, clients in plan.edges.items():
             start = [
-                _gossip_start(models, c, edge_members[edge], sc.peers, w, rng) for c in clients
+                _gossip_start(models, c, edge_members[edge], sc.peers, state.w, rng)
+                for c in clients
             ]
             assert setup.executor is not None
-            deltas = torch.stack(
+            trained = torch.stack(
                 [setup.executor(setup, x, [c], t)[0] for x, c in zip(start, clients)]
             )
-            sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
-            ctx = UploadContext(t, edge, clients, sizes, cfg.seed, radio=setup.costs)
-            deltas, m = setup.upload(deltas, ctx)  # each client's update as its peers get it
-            for k, v in m.items():
-                stages[f"client/{k}"] = stages.get(f"client/{k}", 0.0) + v
-            if setup.costs is not None:
-                uploaded = int(setup.upload_mask.sum())
-                setup.costs.edge_round(edge, clients, ctx.payload_bytes, uploaded)
-            trained = [x + d for x, d in zip(start, deltas)]
+            # each client's update as its peers get it
+            deltas = upload(setup, state, trained, edge, clients, t).deltas
+            trained_models = [x + d for x, d in zip(start, deltas)]
             for i, c in enumerate(clients):
                 others = [j for j in range(len(clients)) if j != i]
                 n_peers = min(sc.peers, len(others))
@@ -198,24 +214,29 @@ def run_gossip(
                     if n_peers
                     else []
                 )
-                models[c] = torch.stack([trained[i], *(trained[j] for j in peers)]).mean(0)
+                models[c] = torch.stack(
+                    [trained_models[i], *(trained_models[j] for j in peers)]
+                ).mean(0)
         if setup.costs is not None:
             setup.costs.cloud_round(0)
         if (t + 1) % sc.cloud_every == 0 and models:
             # consensus over the clients that trained since the last one (the others still
             # hold w and simply receive the new consensus)
-            w = torch.stack(list(models.values())).mean(0)
+            state.w = torch.stack(list(models.values())).mean(0)
             if setup.costs is not None:
                 setup.costs.cloud_round(setup.topology.num_edges, clock=False)
             models.clear()
+        state.round = t + 1
         done = out_of_time(setup)
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.train.rounds or done:
-            current = torch.stack(list(models.values())).mean(0) if models else w
-            _eval(setup, current, t + 1, [], stages, on_eval, t + 1)
+            current = torch.stack(list(models.values())).mean(0) if models else state.w
+            _eval(setup, state, t + 1, on_eval, t + 1, w=current)
+            if on_checkpoint is not None:
+                on_checkpoint(sync_state(setup, state))
         on_round(t)
         if done:
             break
-    return w
+    return state.w
 
 
 def _gossip_start(
@@ -250,6 +271,10 @@ def run_schedule(
     setup: ArmSetup,
     on_eval: Callable[[dict], None],
     on_round: Callable[[int], None] = lambda t: None,
+    state: RunState | None = None,
+    on_checkpoint: Checkpoint = None,
 ) -> torch.Tensor:
-    """Train ``setup`` with the schedule named in ``cfg.schedule.name``."""
-    return SCHEDULES[setup.cfg.schedule.name](setup, on_eval, on_round)
+    """Train ``setup`` with the schedule named in ``cfg.schedule.name`` (from ``state`` when
+    resuming); ``on_checkpoint`` receives the run state after every evaluation."""
+    run = SCHEDULES[setup.cfg.schedule.name]
+    return run(setup, on_eval, on_round, state=state, on_checkpoint=on_checkpoint)

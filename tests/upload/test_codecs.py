@@ -1,6 +1,8 @@
 import math
 
 import numpy as np
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -156,15 +158,20 @@ def test_error_feedback_carries_the_residual():
     stage = topk(ratio=0.05)
     xs = [_x(i).unsqueeze(0) for i in range(4)]
     sent = torch.zeros(D)
+    state: dict = {}  # the run's state of this stage (a RunState entry in a run)
     for t, x in enumerate(xs):
-        out, m = stage(x, _ctx([5], t))
+        out, m = stage(x, replace(_ctx([5], t), state=state))
         sent += out[0]
+    assert set(state["residual"]) == {5}
     # telescoping: Σ sent + e_T = Σ Δ_t, so the residual is exactly what has not been sent yet
     residual = sum(xs)[0] - sent
     assert m["residual_norm"] == pytest.approx(float(residual.norm()), rel=1e-5)
     # and it is re-sent: a client with zero new delta still uploads its residual's top entries
-    out, _ = stage(torch.zeros(1, D), _ctx([5], 9))
+    out, _ = stage(torch.zeros(1, D), replace(_ctx([5], 9), state=state))
     assert float(out.abs().sum()) > 0
+    # the residual is the run's state, not the stage's: a fresh state carries nothing
+    out, _ = stage(torch.zeros(1, D), _ctx([5], 9))
+    assert float(out.abs().sum()) == 0
     # without error feedback nothing is carried
     out, _ = topk(ratio=0.05, error_feedback=False)(torch.zeros(1, D), _ctx([5], 9))
     assert float(out.abs().sum()) == 0

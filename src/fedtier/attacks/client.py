@@ -4,6 +4,7 @@ adversarial noise training and the gradient-norm constraint)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,17 @@ class Attack:
     # collusion: the malicious clients pool their data and upload one shared model per round
     pool: bool = False
     shared: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, w, Δ) of the round
+
+    # what changes during a run (saved with every checkpoint, fedtier.rounds.RunState)
+    STATE_FIELDS = ("drop_sum", "seen", "active_updates", "repair_flips", "shared")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The attack's run state (observations, counters, the colluders' shared model)."""
+        return {k: copy.deepcopy(getattr(self, k)) for k in self.STATE_FIELDS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self.STATE_FIELDS:
+            setattr(self, k, copy.deepcopy(state[k]))
 
     def predicted_bits(self) -> list[int]:
         """B': the k candidates whose mean ΔAcc_b = Acc(Q_b(w)) − Acc(w) is largest (smallest

@@ -43,15 +43,52 @@ class EdgeCosts:
 
 
 @dataclass
+class CostLedger:
+    """What the cost model has counted so far: the run's state of the cost model (it lives in
+    :class:`fedtier.rounds.RunState` and is saved with every checkpoint)."""
+
+    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    client_bytes: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    edge_time: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    edge_time_max: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+
+    def to_dict(self) -> dict[str, dict]:
+        return {k: dict(getattr(self, k)) for k in LEDGER_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict]) -> CostLedger:
+        ledger = cls()
+        for k in LEDGER_FIELDS:
+            getattr(ledger, k).update(d.get(k, {}))
+        return ledger
+
+
+LEDGER_FIELDS = ("totals", "client_bytes", "edge_time", "edge_time_max")
+
+
+@dataclass
 class CostModel:
     cfg: CostConfig
     topology: Topology
     epochs: int
     param_count: int  # P: floats in the global model (downlink size)
-    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    client_bytes: dict[int, float] = field(default_factory=lambda: defaultdict(float))
-    _edge_time: dict[int, float] = field(default_factory=lambda: defaultdict(float))
-    _edge_time_max: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    ledger: CostLedger = field(default_factory=CostLedger)  # bound to the run's state
+
+    @property
+    def totals(self) -> dict[str, float]:
+        return self.ledger.totals
+
+    @property
+    def client_bytes(self) -> dict[int, float]:
+        return self.ledger.client_bytes
+
+    @property
+    def _edge_time(self) -> dict[int, float]:
+        return self.ledger.edge_time
+
+    @property
+    def _edge_time_max(self) -> dict[int, float]:
+        return self.ledger.edge_time_max
 
     def __post_init__(self) -> None:
         prof, c = self.topology.profiles, self.cfg

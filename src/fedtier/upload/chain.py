@@ -2,14 +2,16 @@
 
 A stage is a callable ``(deltas [C, P], ctx) -> (deltas [C, P], metrics)``; a chain applies
 its stages in order and reports each stage's metrics under the stage's own name
-(``clip/clipped``). An empty chain is the identity. Attacks, clipping, local DP noise,
+(``clip/clipped``). An empty chain is the identity. A stage that carries state from one
+upload to the next (error feedback) keeps it in ``ctx.state``, its entry of the run's state
+(``ctx.states``, owned by :class:`fedtier.rounds.RunState`), never in a closure. Attacks, clipping, local DP noise,
 compression codecs and radio cost models are all stages (see ``STAGES``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +30,10 @@ class UploadContext:
     seed: int
     radio: Any = None  # the cost model (fedtier.costs.CostModel), for resource-aware codecs
     payload_bytes: dict[int, int] = field(default_factory=dict)  # client → bytes a codec sent
+    # the run's state of the chain's stateful stages (error feedback), owned by the RunState
+    # (fedtier.rounds); None = a fresh state for this call only
+    states: dict[str, dict[str, Any]] | None = None
+    state: dict[str, Any] | None = None  # this stage's entry of ``states`` (set by the Chain)
 
 
 class Stage(Protocol):
@@ -44,8 +50,10 @@ class Chain:
         self, deltas: torch.Tensor, ctx: UploadContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         metrics: dict[str, float] = {}
-        for name, stage in self.stages:
-            deltas, m = stage(deltas, ctx)
+        states = ctx.states if ctx.states is not None else {}
+        for i, (name, stage) in enumerate(self.stages):
+            stage_ctx = replace(ctx, state=states.setdefault(f"{i}.{name}", {}))
+            deltas, m = stage(deltas, stage_ctx)
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
         return deltas, metrics
 

@@ -35,10 +35,14 @@ def codec_generator(seed: int, round_: int, client: int) -> torch.Generator:
 
 
 def codec_stage(encode: Encoder, decode: Decoder, error_feedback: bool = False) -> Stage:
-    """An upload stage from an (encode, decode) pair: encode, count the bytes, decode."""
-    residual: dict[int, torch.Tensor] = {}
+    """An upload stage from an (encode, decode) pair: encode, count the bytes, decode.
+
+    With ``error_feedback`` each client's residual (what was not sent) is added to its next
+    upload (EF-SGD); the residuals live in ``ctx.state["residual"]`` (the run's state)."""
 
     def stage(deltas: torch.Tensor, ctx: UploadContext) -> tuple[torch.Tensor, dict[str, float]]:
+        state = ctx.state if ctx.state is not None else {}
+        residual: dict[int, torch.Tensor] = state.setdefault("residual", {})
         out = torch.empty_like(deltas)
         total = 0
         for row, client in enumerate(ctx.clients):
