@@ -26,15 +26,17 @@ from torch import nn
 
 from fedtier.aggregate import ServerStep, client_weights
 from fedtier.aggregate.robust import build_rule
+from fedtier.aggregate.rules import Rule
 from fedtier.config import Config
 from fedtier.data import ArrayDataset
 from fedtier.evaluate import evaluate_at_bits
 from fedtier.local import LocalConfig, train_client
 from fedtier.local.sgd import client_generator
+from fedtier.privacy import NoiseKey, dp_mechanism
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
 from fedtier.tasks import ClientTask
-from fedtier.topology import RoundPlan, Topology, expected_sampled, plan_round
+from fedtier.topology import RoundPlan, Topology, expected_clients, expected_sampled, plan_round
 from fedtier.upload import Chain, UploadContext
 
 Metrics = dict[str, float]
@@ -86,7 +88,7 @@ def run_rounds(
     cloud_rule = build_rule(a.cloud_rule, a.cloud_options, "aggregate.cloud_rule")
     stages: Metrics = defaultdict(float)
     for t in range(cfg.train.rounds):
-        plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
+        plan = plan_round(setup.topology, cfg.topology, cfg.seed, t, poisson=is_private(cfg))
         deltas, weights = [], []
         for edge, clients in plan.edges.items():
             delta, weight = edge_update(setup, w, edge, clients, t, stages)
@@ -100,7 +102,7 @@ def run_rounds(
                 torch.stack([deltas[i] for i in live]), torch.tensor([weights[i] for i in live])
             )
             _add(stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
-            w = step.apply(w, mean_update, len(plan.clients))
+            w = step.apply(w, mean_update, sampled_count(setup, plan))
             if setup.post_step is not None:
                 w, m = setup.post_step(w, t)
                 _add(stages, "server", m)
@@ -128,7 +130,40 @@ def round_plan(setup: ArmSetup, step: int) -> RoundPlan | None:
     cfg = setup.cfg
     if cfg.schedule.name != "sync":
         return None
-    return plan_round(setup.topology, cfg.topology, cfg.seed, step // cfg.aggregate.edge_rounds)
+    t = step // cfg.aggregate.edge_rounds
+    return plan_round(setup.topology, cfg.topology, cfg.seed, t, poisson=is_private(cfg))
+
+
+def is_private(cfg: Config) -> bool:
+    """DP arms sample clients by Poisson sampling (what their accountant analyses)."""
+    return dp_mechanism(cfg) is not None
+
+
+def central_dp_rows(setup: ArmSetup, edge: int) -> int | None:
+    """Under central DP, the fixed denominator q N_e of ``edge``'s noisy sum (DP-FedAvg's
+    estimator, :mod:`fedtier.privacy`), which is also the edge's weight at the cloud; else
+    None (the realised rows and their weights)."""
+    mech = dp_mechanism(setup.cfg)
+    if mech is None or mech[0] != "central":
+        return None
+    return expected_clients(setup.topology, setup.cfg.topology, edge)
+
+
+def sampled_count(setup: ArmSetup, plan: RoundPlan) -> int:
+    """The m of the server step: the clients sampled, or under central DP their expected
+    number (a count that does not depend on who was sampled)."""
+    rows = [central_dp_rows(setup, e) for e in plan.edges]
+    if any(r is None for r in rows):
+        return len(plan.clients)
+    return sum(r for r in rows if r is not None)
+
+
+def edge_rule(setup: ArmSetup, t: int, edge: int, k: int) -> Rule:
+    """The edge rule of edge round k of cloud round t at ``edge``; a noisy rule (dp-mean)
+    draws fresh noise for each (t, edge, k)."""
+    a = setup.cfg.aggregate
+    key = NoiseKey(setup.cfg.seed, t, edge, k, central_dp_rows(setup, edge))
+    return build_rule(a.edge_rule, a.edge_options, "aggregate.edge_rule", key)
 
 
 def out_of_time(setup: ArmSetup) -> bool:
@@ -155,13 +190,16 @@ def edge_update(
     kappa = cfg.aggregate.edge_rounds
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
     weights = client_weights(cfg.aggregate.rule, sizes)
-    rule = build_rule(cfg.aggregate.edge_rule, cfg.aggregate.edge_options, "aggregate.edge_rule")
+    dp_rows = central_dp_rows(setup, edge)
+    if not clients:  # an empty Poisson sample (DP arms)
+        return empty_edge_update(setup, w, edge, t, stages)
     w_edge, reached = w, False
     if setup.costs is not None:
         clients = setup.costs.schedule(clients)
         sizes, weights = sizes[: len(clients)], weights[: len(clients)]
     for k in range(kappa):
         step = t * kappa + k
+        rule = edge_rule(setup, t, edge, k)
         assert setup.executor is not None
         deltas = setup.executor(setup, w_edge, clients, step)
         ctx = UploadContext(step, edge, clients, sizes, cfg.seed, radio=setup.costs)
@@ -176,7 +214,7 @@ def edge_update(
             m = setup.screen(setup, w_edge, deltas, ctx)
             keep &= torch.tensor([m.get(f"kept/{i}", 1.0) > 0 for i in range(len(clients))])
             _add(stages, "screen", attribute(m, clients, setup.malicious))
-        if not keep.any():
+        if not keep.any() and dp_rows is None:  # central DP releases noise even then
             continue
         if bool(keep.all()):  # no row dropped: aggregate without copying the block
             kept = clients
@@ -187,7 +225,27 @@ def edge_update(
         _add(stages, "edge", attribute(m, kept, setup.malicious))
         w_edge = w_edge + mean
         reached = True
+    if dp_rows is not None:
+        return w_edge - w, float(dp_rows)
     return w_edge - w, float(weights.sum()) if reached else 0.0
+
+
+def empty_edge_update(
+    setup: ArmSetup, w: torch.Tensor, edge: int, t: int, stages: Metrics
+) -> tuple[torch.Tensor, float]:
+    """An edge that sampled no client trains no one and sends nothing (weight 0), except
+    under central DP: its κ releases are noise over the fixed denominator, as for any sample
+    (add/remove adjacency: an empty edge must look like one whose client was sampled)."""
+    dp_rows = central_dp_rows(setup, edge)
+    if dp_rows is None:
+        return torch.zeros_like(w), 0.0
+    none = torch.zeros(0, w.numel(), dtype=w.dtype)
+    update = torch.zeros_like(w)
+    for k in range(setup.cfg.aggregate.edge_rounds):
+        mean, m = edge_rule(setup, t, edge, k)(none, torch.zeros(0))
+        _add(stages, "edge", m)
+        update += mean
+    return update, float(dp_rows)
 
 
 def train_sequential(
