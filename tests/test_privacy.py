@@ -288,6 +288,8 @@ def test_dp_needs_the_synchronous_schedule(tiny):
     ):
         with pytest.raises(ConfigError, match="schedule.name"):
             tiny(**dp, **{"schedule.name": "fedasync"})
+    with pytest.raises(ConfigError, match="aggregate.cloud_rule"):
+        tiny(**{"aggregate.cloud_rule": "dp-mean"})
 
 
 def test_dp_options_are_checked(tiny):

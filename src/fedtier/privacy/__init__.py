@@ -142,7 +142,15 @@ def dp_mechanism(cfg: Config) -> tuple[str, float] | None:
 
 def validate_privacy(cfg: Config) -> None:
     """DP is accounted per synchronous round (Poisson-sampled clients, κ edge rounds); refuse
-    the schedules whose updates are not rounds, where that ε would not hold."""
+    the schedules whose updates are not rounds, where that ε would not hold, and dp-mean at
+    the cloud (its rows are edges, not clients, and it would not be accounted)."""
+    if cfg.aggregate.cloud_rule == "dp-mean":
+        raise ConfigError(
+            "aggregate.cloud_rule",
+            "dp-mean",
+            "a rule without noise (central DP clips and noises each client's update at its "
+            "edge: set aggregate.edge_rule: dp-mean)",
+        )
     mech = dp_mechanism(cfg)
     if mech is not None and cfg.schedule.name != "sync":
         field = "aggregate.edge_rule" if mech[0] == "central" else "upload.ldp"
