@@ -10,6 +10,7 @@ from fedtier.errors import ConfigError
 from fedtier.experiment import prepare_arm, run_experiment
 from fedtier.rounds import attribute
 from fedtier.security import parameter_mask
+from fedtier.topology import plan_round
 
 
 def test_global_clip_is_eq_22_with_growing_rho():
@@ -117,7 +118,10 @@ def test_end_to_end_attack_defense_and_privacy_summary(tiny, tmp_path):
     arm = summary["arms"]["main"]
     assert set(arm["asr"]) == {"32", "8", "4"} and all(0 <= v <= 1 for v in arm["asr"].values())
     r = arm["rejections"]["screen"]
-    assert r["seen_honest"] + r["seen_malicious"] == 2 * 2 * 3
+    # a DP arm samples clients by Poisson sampling: the screen saw every sampled client
+    setup = prepare_arm(cfg, load_dataset("digits", None, seed=0))
+    plans = [plan_round(setup.topology, cfg.topology, 0, t, poisson=True) for t in range(2)]
+    assert r["seen_honest"] + r["seen_malicious"] == sum(len(p.clients) for p in plans)
     assert arm["privacy"]["mechanism"] == "central" and arm["privacy"]["epsilon"] > 0
     assert arm["attack"]["kind"] == "fqbd" and arm["attack"]["malicious_updates"] > 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -31,6 +31,8 @@ def test_security_section_renders_asr_attack_rejections_and_privacy():
                     "q": 0.2,
                     "epsilon": 3.5,
                     "delta": 1e-5,
+                    "sampling": "poisson",
+                    "edge_rounds": 3,
                 },
             },
         }
@@ -39,5 +41,5 @@ def test_security_section_renders_asr_attack_rejections_and_privacy():
     assert "| 4 | 2.0 | 80.0 |" in text and "| 32 | 1.0 | 10.0 |" in text
     assert "| fqbd | fqbd | 2 | 20 | [4] | [5, 4] | [8, 4] | False |" in text
     assert "| fqbd | screen | 1 / 50 | 3 / 4 |" in text
-    assert "| fqbd | central | 1 | 0.2 | 3.5 | 1e-05 |" in text
+    assert "| fqbd | central | poisson | 1 | 0.2 | 3 | 3.5 | 1e-05 |" in text
     assert security_section({"arms": {"a": {"cda": {"32": 0.5}}}}) == ""

@@ -150,10 +150,14 @@ def security_section(summary: dict[str, Any]) -> str:
         lines.append("")
     private = {n: a["privacy"] for n, a in arms.items() if a.get("privacy")}
     if private:
-        lines += ["| arm | DP | z | q | ε | δ |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| arm | DP | sampling | z | q | κ | ε | δ |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for n, p in private.items():
             lines.append(
-                f"| {n} | {p['mechanism']} | {p['z']:g} | {p['q']:.3g} | {p['epsilon']:.3g} | {p['delta']:g} |"
+                f"| {n} | {p['mechanism']} | {p.get('sampling', 'fixed-size')} | {p['z']:g} "
+                f"| {p['q']:.3g} | {p.get('edge_rounds', 1)} | {p['epsilon']:.3g} | {p['delta']:g} |"
             )
         lines.append("")
     return "\n".join(lines)

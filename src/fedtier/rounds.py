@@ -29,16 +29,18 @@ from torch import nn
 
 from fedtier.aggregate import ServerStep, client_weights
 from fedtier.aggregate.robust import build_rule
+from fedtier.aggregate.rules import Rule
 from fedtier.config import Config
 from fedtier.costs.model import CostLedger
 from fedtier.data import ArrayDataset
 from fedtier.evaluate import evaluate_at_bits
 from fedtier.local import LocalConfig, train_client
 from fedtier.local.sgd import client_generator
+from fedtier.privacy import NoiseKey, dp_mechanism
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
 from fedtier.tasks import ClientTask
-from fedtier.topology import RoundPlan, Topology, expected_sampled, plan_round
+from fedtier.topology import RoundPlan, Topology, expected_clients, expected_sampled, plan_round
 from fedtier.upload import Chain, UploadContext
 
 Metrics = dict[str, float]
@@ -205,7 +207,7 @@ def run_rounds(
     program = setup.program
     while state.round < cfg.train.rounds:
         t = state.round
-        plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
+        plan = plan_round(setup.topology, cfg.topology, cfg.seed, t, poisson=is_private(cfg))
         results = [
             program.edge(setup, state, state.w, edge, clients, t)
             for edge, clients in plan.edges.items()
@@ -254,7 +256,7 @@ def cloud_step(
     )
     _add(state.stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
     step = ServerStep(a.rule, server_lr(setup), setup.topology.num_clients)
-    w = step.apply(w, mean_update, len(plan.clients))
+    w = step.apply(w, mean_update, sampled_count(setup, plan))
     if setup.post_step is not None:
         w, m = setup.post_step(w, t)
         _add(state.stages, "server", m)
@@ -267,7 +269,40 @@ def round_plan(setup: ArmSetup, step: int) -> RoundPlan | None:
     cfg = setup.cfg
     if cfg.schedule.name != "sync":
         return None
-    return plan_round(setup.topology, cfg.topology, cfg.seed, step // cfg.aggregate.edge_rounds)
+    t = step // cfg.aggregate.edge_rounds
+    return plan_round(setup.topology, cfg.topology, cfg.seed, t, poisson=is_private(cfg))
+
+
+def is_private(cfg: Config) -> bool:
+    """DP arms sample clients by Poisson sampling (what their accountant analyses)."""
+    return dp_mechanism(cfg) is not None
+
+
+def central_dp_rows(setup: ArmSetup, edge: int) -> int | None:
+    """Under central DP, the fixed denominator q N_e of ``edge``'s noisy sum (DP-FedAvg's
+    estimator, :mod:`fedtier.privacy`), which is also the edge's weight at the cloud; else
+    None (the realised rows and their weights)."""
+    mech = dp_mechanism(setup.cfg)
+    if mech is None or mech[0] != "central":
+        return None
+    return expected_clients(setup.topology, setup.cfg.topology, edge)
+
+
+def sampled_count(setup: ArmSetup, plan: RoundPlan) -> int:
+    """The m of the server step: the clients sampled, or under central DP their expected
+    number (a count that does not depend on who was sampled)."""
+    rows = [central_dp_rows(setup, e) for e in plan.edges]
+    if any(r is None for r in rows):
+        return len(plan.clients)
+    return sum(r for r in rows if r is not None)
+
+
+def edge_rule(setup: ArmSetup, t: int, edge: int, k: int) -> Rule:
+    """The edge rule of edge round k of cloud round t at ``edge``; a noisy rule (dp-mean)
+    draws fresh noise for each (t, edge, k)."""
+    a = setup.cfg.aggregate
+    key = NoiseKey(setup.cfg.seed, t, edge, k, central_dp_rows(setup, edge))
+    return build_rule(a.edge_rule, a.edge_options, "aggregate.edge_rule", key)
 
 
 def out_of_time(setup: ArmSetup) -> bool:
@@ -295,7 +330,9 @@ def edge_step(
     kappa = cfg.aggregate.edge_rounds
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
     weights = client_weights(cfg.aggregate.rule, sizes)
-    rule = build_rule(cfg.aggregate.edge_rule, cfg.aggregate.edge_options, "aggregate.edge_rule")
+    dp_rows = central_dp_rows(setup, edge)
+    if not clients:  # an empty Poisson sample (DP arms)
+        return empty_edge(setup, state, w, edge, t)
     w_edge, reached = w, False
     if setup.costs is not None:
         clients = setup.costs.schedule(clients)
@@ -303,6 +340,7 @@ def edge_step(
     assert setup.program is not None
     for k in range(kappa):
         step = t * kappa + k
+        rule = edge_rule(setup, t, edge, k)
         sent = setup.program.device(setup, state, w_edge, edge, clients, step)
         deltas, keep = sent.deltas, sent.arrived.clone()
         if setup.screen is not None:
@@ -310,7 +348,7 @@ def edge_step(
             m = setup.screen(setup, w_edge, deltas, ctx)
             keep &= torch.tensor([m.get(f"kept/{i}", 1.0) > 0 for i in range(len(clients))])
             _add(state.stages, "screen", attribute(m, clients, setup.malicious))
-        if not keep.any():
+        if not keep.any() and dp_rows is None:  # central DP releases noise even then
             continue
         if bool(keep.all()):  # no row dropped: aggregate without copying the block
             kept = clients
@@ -321,7 +359,25 @@ def edge_step(
         _add(state.stages, "edge", attribute(m, kept, setup.malicious))
         w_edge = w_edge + mean
         reached = True
+    if dp_rows is not None:
+        return EdgeResult(w_edge - w, float(dp_rows))
     return EdgeResult(w_edge - w, float(weights.sum()) if reached else 0.0)
+
+
+def empty_edge(setup: ArmSetup, state: RunState, w: torch.Tensor, edge: int, t: int) -> EdgeResult:
+    """An edge that sampled no client trains no one and sends nothing (weight 0), except
+    under central DP: its κ releases are noise over the fixed denominator, as for any sample
+    (add/remove adjacency: an empty edge must look like one whose client was sampled)."""
+    dp_rows = central_dp_rows(setup, edge)
+    if dp_rows is None:
+        return EdgeResult(torch.zeros_like(w), 0.0)
+    none = torch.zeros(0, w.numel(), dtype=w.dtype)
+    update = torch.zeros_like(w)
+    for k in range(setup.cfg.aggregate.edge_rounds):
+        mean, m = edge_rule(setup, t, edge, k)(none, torch.zeros(0))
+        _add(state.stages, "edge", m)
+        update += mean
+    return EdgeResult(update, float(dp_rows))
 
 
 def device_step(

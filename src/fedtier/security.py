@@ -8,14 +8,13 @@ from typing import Any
 import torch
 
 from fedtier.attacks import BACKDOORS, Attack, attack_executor, build_attack, make_trigger, with_asr
-from fedtier.config import Config
 from fedtier.data import ArrayDataset
 from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
-from fedtier.privacy import dp_epsilon
+from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
 from fedtier.rounds import ArmSetup, server_lr
 from fedtier.seeding import numpy_rng
-from fedtier.topology import expected_sampled
+from fedtier.topology import expected_sampled, sample_rate
 
 
 def parameter_mask(setup: ArmSetup) -> torch.Tensor:
@@ -71,35 +70,38 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
     return attack
 
 
-def dp_mechanism(cfg: Config) -> tuple[str, float] | None:
-    """("central" | "local", z) when the arm uses DP, else None."""
-    a = cfg.aggregate
-    if a.edge_rule == "dp-mean":
-        return "central", float(a.edge_options.get("noise", 1.0))
-    for spec in cfg.upload:
-        if "ldp" in spec:
-            return "local", float((spec["ldp"] or {}).get("noise", 1.0))
-    return None
-
-
 def privacy_record(setup: ArmSetup, rounds_done: int) -> dict[str, Any] | None:
-    """(ε, δ) after ``rounds_done`` cloud rounds, q = sampled / N, z = σ / C."""
+    """(ε, δ) after ``rounds_done`` cloud rounds, accounted for what the arm does
+    (:mod:`fedtier.privacy`): one Poisson-subsampled mechanism per cloud round, q the largest
+    client sampling rate q_e of an edge, base mechanism κ Gaussians with z = σ / C on the same
+    sample = one Gaussian with z / √κ; Opacus's RDP accountant."""
     cfg = setup.cfg
     mech = dp_mechanism(cfg)
     if mech is None:
         return None
     kind, z = mech
-    q = expected_sampled(setup.topology, cfg.topology) / setup.topology.num_clients
-    steps = rounds_done * cfg.aggregate.edge_rounds
-    eps = dp_epsilon(z, q, steps, cfg.defense.dp_delta)
-    return {
+    kappa = cfg.aggregate.edge_rounds
+    topo = setup.topology
+    q = max(sample_rate(topo, cfg.topology, e) for e in range(topo.num_edges))
+    z_round = round_noise(z, kappa)
+    record: dict[str, Any] = {
         "mechanism": kind,
-        "epsilon": eps,
+        "epsilon": dp_epsilon(z_round, q, rounds_done, cfg.defense.dp_delta),
         "delta": cfg.defense.dp_delta,
         "z": z,
         "q": q,
-        "steps": steps,
+        "sampling": "poisson",
+        "edge_rounds": kappa,
+        "z_per_round": z_round,
+        "steps": rounds_done,
+        "accounting": "RDP (Opacus): one Poisson-subsampled Gaussian per cloud round, "
+        "noise z/sqrt(edge_rounds); edge sampling not amplified",
     }
+    if kind == "local":
+        # the edge sees who uploads, so against it sampling does not amplify: every round
+        # counts in full (q = 1), an upper bound on a client's loss to its edge server
+        record["epsilon_vs_edge"] = dp_epsilon(z_round, 1.0, rounds_done, cfg.defense.dp_delta)
+    return record
 
 
 REJECTION_KEYS = ("rejected_honest", "rejected_malicious", "seen_honest", "seen_malicious")

@@ -113,8 +113,17 @@ def _count(spec: float, total: int) -> int:
     return max(1, min(total, n))
 
 
-def plan_round(topology: Topology, cfg: TopologyConfig, seed: int, round_: int) -> RoundPlan:
-    """Sample edges, then clients within each sampled edge; seeded by (seed, round) only."""
+def plan_round(
+    topology: Topology, cfg: TopologyConfig, seed: int, round_: int, poisson: bool = False
+) -> RoundPlan:
+    """Sample edges (fixed-size, without replacement), then clients within each sampled edge;
+    seeded by (seed, round) only.
+
+    Clients are drawn fixed-size without replacement, or, with ``poisson`` (the DP arms),
+    each client of a sampled edge independently with probability q_e = :func:`sample_rate`
+    (Poisson sampling, the sampling the RDP accountant analyses; Mironov et al. 2019), from
+    the stream (seed, round, edge): the sample varies in size and may be empty.
+    """
     rng = numpy_rng(seed, "plan", round_)
     edges = np.sort(
         rng.choice(
@@ -124,9 +133,24 @@ def plan_round(topology: Topology, cfg: TopologyConfig, seed: int, round_: int) 
     plan = RoundPlan(round_)
     for e in edges:
         pool = topology.edge_clients[e]
-        chosen = rng.choice(pool, _count(cfg.clients_per_edge, len(pool)), replace=False)
+        if poisson:
+            draw = numpy_rng(seed, "poisson", round_, int(e)).random(len(pool))
+            chosen = pool[draw < sample_rate(topology, cfg, int(e))]
+        else:
+            chosen = rng.choice(pool, _count(cfg.clients_per_edge, len(pool)), replace=False)
         plan.edges[int(e)] = sorted(int(c) for c in chosen)
     return plan
+
+
+def expected_clients(topology: Topology, cfg: TopologyConfig, edge: int) -> int:
+    """Clients of ``edge`` sampled per round (fixed-size), or their expected number q_e N_e
+    under Poisson sampling: the same number, so both samplings train as many on average."""
+    return _count(cfg.clients_per_edge, len(topology.edge_clients[edge]))
+
+
+def sample_rate(topology: Topology, cfg: TopologyConfig, edge: int) -> float:
+    """q_e: the probability that a client of a sampled ``edge`` is sampled in a round."""
+    return expected_clients(topology, cfg, edge) / len(topology.edge_clients[edge])
 
 
 def expected_sampled(topology: Topology, cfg: TopologyConfig) -> float:

@@ -19,7 +19,7 @@ import torch
 
 from fedtier.aggregate.rules import RULES, Rule, weighted_mean
 from fedtier.errors import ConfigError, FedtierError, UnknownNameError
-from fedtier.privacy import dp_mean
+from fedtier.privacy import NoiseKey, dp_mean
 
 Metrics = dict[str, float]
 
@@ -235,6 +235,8 @@ FACTORIES: dict[str, Callable[..., Rule]] = {
     "cosine": cosine_filter,
     "dp-mean": dp_mean,
 }
+# rules that draw noise: the round loop gives them a NoiseKey per release (never a user option)
+KEYED = frozenset({"dp-mean"})
 
 
 def register_factory(name: str, factory: Callable[..., Rule]) -> None:
@@ -245,13 +247,20 @@ def rule_names() -> list[str]:
     return sorted(set(RULES) | set(FACTORIES))
 
 
-def build_rule(name: str, options: dict[str, Any] | None, field: str) -> Rule:
+def build_rule(
+    name: str, options: dict[str, Any] | None, field: str, key: NoiseKey | None = None
+) -> Rule:
     """The rule ``name`` with its options; precondition failures become ConfigErrors on
-    ``field`` (e.g. ``aggregate.edge_rule``) when the rule is called."""
+    ``field`` (e.g. ``aggregate.edge_rule``) when the rule is called. A rule that draws noise
+    (``KEYED``: dp-mean) draws it from ``key``'s stream, so the caller builds one rule per
+    release (round, edge, edge round); other rules ignore ``key``."""
     options = options or {}
     if name in FACTORIES:
         try:
-            inner = FACTORIES[name](**options)
+            if name in KEYED and "key" in options:
+                raise ValueError("'key' is set by the round loop, not an option")
+            extra = {"key": key} if name in KEYED else {}
+            inner = FACTORIES[name](**options, **extra)
         except (TypeError, ValueError) as e:
             raise ConfigError(
                 field.replace("_rule", "_options"), options, f"{name}'s options ({e})"

@@ -32,6 +32,9 @@ def validate_defense(cfg: Config) -> None:
         raise ConfigError("defense.qcheck_samples", d.qcheck_samples, "a positive integer")
     if not 0 < d.dp_delta < 1:
         raise ConfigError("defense.dp_delta", d.dp_delta, "a number in (0, 1)")
+    from fedtier.privacy import validate_privacy
+
+    validate_privacy(cfg)
 
 
 def global_clip(rho0: float, rho_step: float, mask: torch.Tensor):  # type: ignore[no-untyped-def]

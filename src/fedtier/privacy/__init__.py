@@ -3,13 +3,29 @@ calibrated Gaussian noise to the sum) and local (each client clips and noises it
 before upload), with (ε, δ) from Opacus's RDP accountant.
 
 Both are Gaussian mechanisms on one client's update with L2 sensitivity C and noise
-multiplier z = σ / C, applied once per edge round to the clients sampled with probability
-q = sampled / N, so one accountant covers both: ε(T) after T rounds at a given δ.
+multiplier z = σ / C (add/remove-one-client adjacency). What is accounted is what a DP arm
+does (:func:`fedtier.security.privacy_record`):
+
+* Sampling: each client of a sampled edge takes part in a cloud round independently with
+  probability q (Poisson sampling, :func:`fedtier.topology.plan_round` with ``poisson``), the
+  sampling that the subsampled-Gaussian RDP analysis assumes (Mironov, Talwar & Zhang 2019).
+  Which edges are sampled does not depend on the data; no amplification is claimed from it,
+  so ε is an upper bound when ``edges_per_round`` is below all edges.
+* One sample serves the κ edge rounds of a cloud round, so a cloud round is one subsampled
+  mechanism whose base is κ adaptively composed Gaussians on the same sample — itself a
+  Gaussian with noise multiplier z / √κ (Gaussian RDP α / 2z² adds up κ times).
+* Central DP releases every (round, edge, edge round) with fresh noise, also when the edge's
+  sample is empty, and divides by the expected count q N_e (the fixed-denominator estimator
+  of DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+  Models", §2), so neither the count nor the noise depends on who was sampled.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from opacus.accountants import RDPAccountant
 
@@ -17,6 +33,22 @@ from fedtier.aggregate.rules import Rule
 from fedtier.errors import ConfigError
 from fedtier.seeding import torch_generator
 from fedtier.upload.chain import STAGES, Stage, UploadContext
+
+if TYPE_CHECKING:
+    from fedtier.config import Config
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """Which central-DP release a rule makes: the noise stream
+    ``torch_generator(seed, "dp-mean", round, edge, edge_round)`` and the fixed denominator
+    (the expected number of rows q N_e under Poisson sampling; None divides by the rows)."""
+
+    seed: int = 0
+    round: int = 0
+    edge: int = 0
+    edge_round: int = 0
+    expected_rows: float | None = None
 
 
 def _clip_rows(deltas: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,22 +69,27 @@ def _check(clip: float, noise: float, where: str | None = None) -> None:
             raise ValueError(f"{name} must be {allowed}, got {v!r}")
 
 
-def dp_mean(clip: float = 1.0, noise: float = 1.0, seed: int = 0) -> Rule:
+def dp_mean(clip: float = 1.0, noise: float = 1.0, *, key: NoiseKey | None = None) -> Rule:
     """Central DP (DP-FedAvg, McMahan et al. 2018): clip every row to ‖Δ_i‖₂ ≤ C, sum, add
-    N(0, z²C² I), divide by the number of rows. Rows are weighted equally (the sensitivity of
-    the sum is C). The noise stream is seeded by ``seed`` and advances per call, so a run is
-    reproducible."""
+    N(0, z²C² I) drawn from ``key``'s stream, divide by ``key.expected_rows`` (the fixed
+    denominator q N_e) or, when it is None, by the number of rows. Rows are weighted equally
+    (the sensitivity of the sum is C). The rule is a pure function of (updates, weights):
+    the round loop builds one per (round, edge, edge round), so every release has fresh noise
+    and a rerun draws the same. ``updates`` may have no rows when a fixed denominator is set
+    (an empty Poisson sample still releases the noise)."""
     _check(clip, noise)
-    calls = [0]
+    key = key or NoiseKey()
+    if key.expected_rows is not None and not key.expected_rows > 0:
+        raise ValueError(f"expected_rows must be positive, got {key.expected_rows!r}")
 
     def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = key.expected_rows if key.expected_rows is not None else updates.shape[0]
+        if rows == 0:
+            raise ValueError("dp-mean without a fixed denominator needs at least one row")
         clipped, norms = _clip_rows(updates, clip)
-        g = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, calls[0], 0xD9]).generate_state(1, np.uint64)[0] >> 1)
-        )
-        calls[0] += 1
+        g = torch_generator(key.seed, "dp-mean", key.round, key.edge, key.edge_round)
         total = clipped.sum(0) + noise * clip * torch.randn(updates.shape[1], generator=g)
-        return total / updates.shape[0], {"clipped": float((norms > clip).sum())}
+        return total / rows, {"clipped": float((norms > clip).sum())}
 
     return rule
 
@@ -74,8 +111,9 @@ def local_dp(clip: float = 1.0, noise: float = 1.0) -> Stage:
 
 
 def dp_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε after ``steps`` subsampled Gaussian mechanisms (z = ``noise``, q = ``sample_rate``)
-    at ``delta``, from Opacus's RDP accountant (Mironov 2017; Mironov et al. 2019)."""
+    """ε after ``steps`` Poisson-subsampled Gaussian mechanisms (z = ``noise``,
+    q = ``sample_rate``) at ``delta``, from Opacus's RDP accountant (Mironov 2017; Mironov et
+    al. 2019)."""
     if steps <= 0:
         return 0.0
     if noise <= 0:
@@ -83,6 +121,45 @@ def dp_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> fl
     acc = RDPAccountant()
     acc.history = [(noise, sample_rate, steps)]
     return float(acc.get_epsilon(delta))
+
+
+def round_noise(noise: float, edge_rounds: int) -> float:
+    """The noise multiplier of one cloud round: κ Gaussian mechanisms with multiplier z on the
+    same sample compose to one Gaussian with multiplier z / √κ."""
+    return noise / math.sqrt(edge_rounds)
+
+
+def dp_mechanism(cfg: Config) -> tuple[str, float] | None:
+    """("central" | "local", z) when the arm uses DP, else None."""
+    a = cfg.aggregate
+    if a.edge_rule == "dp-mean":
+        return "central", float(a.edge_options.get("noise", 1.0))
+    for spec in cfg.upload:
+        if isinstance(spec, dict) and "ldp" in spec:
+            return "local", float((spec["ldp"] or {}).get("noise", 1.0))
+    return None
+
+
+def validate_privacy(cfg: Config) -> None:
+    """DP is accounted per synchronous round (Poisson-sampled clients, κ edge rounds); refuse
+    the schedules whose updates are not rounds, where that ε would not hold, and dp-mean at
+    the cloud (its rows are edges, not clients, and it would not be accounted)."""
+    if cfg.aggregate.cloud_rule == "dp-mean":
+        raise ConfigError(
+            "aggregate.cloud_rule",
+            "dp-mean",
+            "a rule without noise (central DP clips and noises each client's update at its "
+            "edge: set aggregate.edge_rule: dp-mean)",
+        )
+    mech = dp_mechanism(cfg)
+    if mech is not None and cfg.schedule.name != "sync":
+        field = "aggregate.edge_rule" if mech[0] == "central" else "upload.ldp"
+        raise ConfigError(
+            "schedule.name",
+            cfg.schedule.name,
+            f"'sync' with {field} (differential privacy is accounted per synchronous round of "
+            "Poisson-sampled clients; the asynchronous and gossip schedules are not)",
+        )
 
 
 STAGES["ldp"] = local_dp
