@@ -60,7 +60,7 @@ def test_epsilon_comes_from_opacus_and_behaves():
 def test_dp_options_are_checked(tiny):
     from fedtier.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="aggregate.edge_options"):
-        tiny(**{"aggregate.edge_rule": "dp-mean", "aggregate.edge_options": {"clip": -1}})
-    with pytest.raises(ConfigError, match=r"upload\.ldp\.noise"):
-        tiny(upload=[{"ldp": {"noise": -1}}])
+    with pytest.raises(ConfigError, match=r"aggregate\.edge_rule\.clip"):
+        tiny(**{"aggregate.edge_rule": {"name": "dp-mean", "clip": -1}})
+    with pytest.raises(ConfigError, match=r"upload\[0\]\.noise"):
+        tiny(upload=[{"name": "ldp", "noise": -1}])

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fedtier.aggregate.robust import check_rule_config
 from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, load_dataset, partition
@@ -62,7 +63,7 @@ def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], n
 
 
 def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTask:
-    if cfg.train.task == "autoencoder":
+    if cfg.train.task.name == "autoencoder":
         return AutoencoderTask()
     spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
     qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
@@ -144,6 +145,8 @@ def _test_view(cfg: Config, test: ArrayDataset, regions: int) -> ArrayDataset:
 def run_experiment(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     """Run every arm of ``cfg`` into ``out``; returns the summary (also in summary.json)."""
     arms = cfg.arm_configs()
+    for acfg in arms.values():
+        check_rule_config(acfg)  # robust rules' preconditions on the row counts, before training
     writer = RunWriter(out, to_dict(cfg))
     cache: dict[tuple, tuple[ArrayDataset, ArrayDataset]] = {}
     summary: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "arms": {}}

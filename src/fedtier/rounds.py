@@ -83,7 +83,7 @@ def run_rounds(
     w = setup.layout.flatten(setup.model)
     step = ServerStep(cfg.aggregate.rule, server_lr(setup), setup.topology.num_clients)
     a = cfg.aggregate
-    cloud_rule = build_rule(a.cloud_rule, a.cloud_options, "aggregate.cloud_rule")
+    cloud_rule = build_rule(a.cloud_rule.name, a.cloud_rule.options(), "aggregate.cloud_rule")
     stages: Metrics = defaultdict(float)
     for t in range(cfg.train.rounds):
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t)
@@ -155,7 +155,8 @@ def edge_update(
     kappa = cfg.aggregate.edge_rounds
     sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
     weights = client_weights(cfg.aggregate.rule, sizes)
-    rule = build_rule(cfg.aggregate.edge_rule, cfg.aggregate.edge_options, "aggregate.edge_rule")
+    spec = cfg.aggregate.edge_rule
+    rule = build_rule(spec.name, spec.options(), "aggregate.edge_rule")
     w_edge, reached = w, False
     if setup.costs is not None:
         clients = setup.costs.schedule(clients)

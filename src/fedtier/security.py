@@ -8,7 +8,15 @@ from typing import Any
 import torch
 
 from fedtier.attacks import BACKDOORS, Attack, attack_executor, build_attack, make_trigger, with_asr
-from fedtier.config import Config
+from fedtier.config import (
+    Config,
+    DpMeanRule,
+    GlobalClipDefense,
+    LdpStage,
+    QCheckDefense,
+    ServerNoiseDefense,
+    TrainedAttack,
+)
 from fedtier.data import ArrayDataset
 from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
@@ -47,38 +55,39 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
         )
         attack = build_attack(cfg, trigger, train.num_classes, float(gamma_auto))
         attack.amplify_mask = parameter_mask(setup)
-        if cfg.aggregate.rule == "fedavg" and cfg.attack.gamma is None:
+        a = cfg.attack
+        if cfg.aggregate.rule == "fedavg" and isinstance(a, TrainedAttack) and a.gamma is None:
             attack.mean_size = float(setup.topology.num_samples.mean())
         assert setup.executor is not None
         setup.executor = attack_executor(setup.executor, attack)
         setup.malicious = attack.malicious
-    d = cfg.defense
-    if d.qcheck:
-        rng = numpy_rng(cfg.seed, "qcheck")
-        idx = torch.from_numpy(
-            rng.choice(len(train), size=min(d.qcheck_samples, len(train)), replace=False)
-        )
-        bits = [b for b in setup.target_bits if b < 32] or [8]
-        setup.screen = quant_consistency(train.x[idx], bits, setup.spec, d.qcheck_ratio)
     steps = []
     mask = parameter_mask(setup)
-    if d.global_clip:
-        steps.append(global_clip(d.rho0, d.rho_step, mask))
-    if d.server_noise > 0:
-        steps.append(server_noise(d.server_noise, cfg.seed, mask))
+    for d in cfg.defenses:  # post-step defenses act in the order listed
+        if isinstance(d, QCheckDefense):
+            rng = numpy_rng(cfg.seed, "qcheck")
+            idx = torch.from_numpy(
+                rng.choice(len(train), size=min(d.samples, len(train)), replace=False)
+            )
+            bits = [b for b in setup.target_bits if b < 32] or [8]
+            setup.screen = quant_consistency(train.x[idx], bits, setup.spec, d.ratio)
+        elif isinstance(d, GlobalClipDefense):
+            steps.append(global_clip(d.rho0, d.rho_step, mask))
+        elif isinstance(d, ServerNoiseDefense):
+            steps.append(server_noise(d.sigma, cfg.seed, mask))
     if steps:
         setup.post_step = compose(*steps)
     return attack
 
 
-def dp_mechanism(cfg: Config) -> tuple[str, float] | None:
-    """("central" | "local", z) when the arm uses DP, else None."""
-    a = cfg.aggregate
-    if a.edge_rule == "dp-mean":
-        return "central", float(a.edge_options.get("noise", 1.0))
+def dp_mechanism(cfg: Config) -> tuple[str, float, float] | None:
+    """("central" | "local", z, δ) when the arm uses DP, else None."""
+    rule = cfg.aggregate.edge_rule
+    if isinstance(rule, DpMeanRule):
+        return "central", rule.noise, rule.delta
     for spec in cfg.upload:
-        if "ldp" in spec:
-            return "local", float((spec["ldp"] or {}).get("noise", 1.0))
+        if isinstance(spec, LdpStage):
+            return "local", spec.noise, spec.delta
     return None
 
 
@@ -88,14 +97,14 @@ def privacy_record(setup: ArmSetup, rounds_done: int) -> dict[str, Any] | None:
     mech = dp_mechanism(cfg)
     if mech is None:
         return None
-    kind, z = mech
+    kind, z, delta = mech
     q = expected_sampled(setup.topology, cfg.topology) / setup.topology.num_clients
     steps = rounds_done * cfg.aggregate.edge_rounds
-    eps = dp_epsilon(z, q, steps, cfg.defense.dp_delta)
+    eps = dp_epsilon(z, q, steps, delta)
     return {
         "mechanism": kind,
         "epsilon": eps,
-        "delta": cfg.defense.dp_delta,
+        "delta": delta,
         "z": z,
         "q": q,
         "steps": steps,
