@@ -53,7 +53,7 @@ def test_malicious_clients_are_seeded_and_sized(tiny):
         ("attack.bits", [32]),
         ("attack.predict_k", 9),
         ("attack.poison_fraction", 0.0),
-        ("attack.trigger.position", "middle"),
+        ("trigger.position", "middle"),
         ("attack.gamma", 0),
         ("attack.epochs", 0),
         ("attack.solver", "box"),
@@ -62,13 +62,15 @@ def test_malicious_clients_are_seeded_and_sized(tiny):
     ],
 )
 def test_bad_attack_config_names_the_field(tiny, key, value):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        tiny(**{key: value})
+    kind = {"attack.kind": "fqbd"} if key != "attack.kind" else {}
+    with pytest.raises(ConfigError) as e:
+        tiny(**kind, **{key: value})
+    assert e.value.field.startswith(key)
 
 
 def test_trigger_larger_than_the_image_is_refused(tiny):
-    cfg = tiny(**{"attack.kind": "fqbd", "attack.trigger.size": 9})
-    with pytest.raises(ConfigError, match="attack.trigger.size"):
+    cfg = tiny(**{"attack.kind": "fqbd", "trigger.size": 9})
+    with pytest.raises(ConfigError, match="trigger.size"):
         prepare_arm(cfg, load_dataset("digits", None, seed=0))
 
 
@@ -178,7 +180,7 @@ def test_fqbd_update_is_amplified_by_n_over_eta(tiny, digits):
         **{
             "attack.kind": "fqbd",
             "attack.malicious_ids": [0],
-            "attack.trigger.size": 2,
+            "trigger.size": 2,
             "attack.bits": [4],
             "quant.quantizer": "affine-channel",
         }
@@ -206,7 +208,7 @@ def test_target_bit_prediction_picks_the_bits_that_lose_least():
 
 
 def test_observe_measures_accuracy_drops_on_own_data(tiny, digits):
-    setup = prepare_arm(tiny(**{"attack.kind": "fqbd", "attack.trigger.size": 2}), digits)
+    setup = prepare_arm(tiny(**{"attack.kind": "fqbd", "trigger.size": 2}), digits)
     a = setup.attack
     x, y = setup.client_data(0)
     observe(setup, a, setup.layout.flatten(setup.model), x, y)
@@ -220,9 +222,10 @@ def test_every_attack_builds_and_runs_one_update(tiny, digits, kind):
         **{
             "attack.kind": kind,
             "attack.malicious_ids": [0],
-            "attack.trigger.size": 2,
-            "attack.bits": [4],
+            "trigger.size": 2,
             "train.epochs": 1,
+            # Byzantine attacks transform the honest update: they have no attacked bits
+            **({} if kind in ("sign-flip", "scaled", "gaussian") else {"attack.bits": [4]}),
         }
     )
     setup = prepare_arm(cfg, digits)
@@ -313,7 +316,7 @@ def test_cells_solver_repairs_fp32_and_keeps_the_quantized_backdoor(tiny, digits
     base = {
         "attack.kind": "fqbd",
         "attack.malicious_ids": [0],
-        "attack.trigger.size": 2,
+        "trigger.size": 2,
         "attack.bits": [4],
         "attack.gamma": 1.0,
         "quant.params": "weights",

@@ -38,13 +38,14 @@ def test_server_noise_scale_mask_and_seed():
 
 
 def test_defense_config_errors(tiny):
-    for key, value in [
-        ("defense.rho0", 0),
-        ("defense.server_noise", -1.0),
-        ("defense.qcheck_samples", 0),
+    for spec, field in [
+        ({"name": "global-clip", "rho0": 0}, "defenses[0].rho0"),
+        ({"name": "server-noise", "sigma": -1.0}, "defenses[0].sigma"),
+        ({"name": "qcheck", "samples": 0}, "defenses[0].samples"),
     ]:
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            tiny(**{key: value})
+        with pytest.raises(ConfigError) as e:
+            tiny(defenses=[spec])
+        assert e.value.field == field
 
 
 def test_attribute_counts_rejected_honest_and_malicious():
@@ -104,13 +105,12 @@ def test_end_to_end_attack_defense_and_privacy_summary(tiny, tmp_path):
         **{
             "attack.kind": "fqbd",
             "attack.malicious_ids": [0, 1, 6, 7],
-            "attack.trigger.size": 2,
+            "trigger.size": 2,
             "attack.bits": [4],
             "quant.quantizer": "affine-channel",
             "quant.bits": [8, 4],
-            "defense.qcheck": True,
-            "aggregate.edge_rule": "dp-mean",
-            "aggregate.edge_options": {"clip": 5.0, "noise": 0.01},
+            "defenses": [{"name": "qcheck"}],
+            "aggregate.edge_rule": {"name": "dp-mean", "clip": 5.0, "noise": 0.01},
             "train.rounds": 2,
         }
     )

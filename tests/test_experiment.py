@@ -121,7 +121,9 @@ def test_every_partition_scheme_runs(scheme):
 
 
 def test_upload_chain_runs_in_the_round_and_its_metrics_are_logged():
-    cfg = tiny_config(upload=[{"clip": {"max_norm": 1e-3}}], **{"train.rounds": 2, "eval.every": 2})
+    cfg = tiny_config(
+        upload=[{"name": "clip", "max_norm": 1e-3}], **{"train.rounds": 2, "eval.every": 2}
+    )
     setup = prepare_arm(cfg, load_dataset("digits"))
     w0 = setup.layout.flatten(setup.model)
     evals = []

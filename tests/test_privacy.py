@@ -75,7 +75,7 @@ def test_central_dp_fixed_denominator_and_empty_sample():
 
 
 def test_dp_mean_key_is_not_a_user_option():
-    with pytest.raises(ConfigError, match="edge_options"):
+    with pytest.raises(ConfigError, match="set by the round loop"):
         build_rule("dp-mean", {"key": 1}, "aggregate.edge_rule")
     with pytest.raises(ConfigError, match="seed"):
         build_rule("dp-mean", {"seed": 0}, "aggregate.edge_rule")
@@ -88,8 +88,7 @@ def dp_arm(tiny, digits, **overrides):
         "model.options": {"hidden": 32},
         "train.lr": 1e-12,
         "train.momentum": 0.0,
-        "aggregate.edge_rule": "dp-mean",
-        "aggregate.edge_options": {"clip": 1.0, "noise": 1.0},
+        "aggregate.edge_rule": {"name": "dp-mean", "clip": 1.0, "noise": 1.0},
         "topology.clients_per_edge": 1,  # q = 1/6: some edges sample no one
         "seed": 2,  # round 1 samples no client at all, round 2 none at edge 0
         **overrides,
@@ -155,8 +154,7 @@ def test_local_dp_noise_is_fresh_per_edge_round_and_client(tiny, digits):
         digits,
         **{
             "aggregate.edge_rule": "mean",
-            "aggregate.edge_options": {},
-            "upload": [{"ldp": {"clip": 1.0, "noise": 1.0}}],
+            "upload": [{"name": "ldp", "clip": 1.0, "noise": 1.0}],
             "topology.clients_per_edge": 3,
             "train.rounds": 3,
             "aggregate.edge_rounds": 2,
@@ -222,9 +220,9 @@ def test_privacy_record_matches_opacus_stepped_per_cloud_round(
 ):
     z, rounds = 1.0, 30
     dp = (
-        {"aggregate.edge_rule": "dp-mean", "aggregate.edge_options": {"clip": 1.0, "noise": z}}
+        {"aggregate.edge_rule": {"name": "dp-mean", "clip": 1.0, "noise": z, "delta": 1e-5}}
         if kind == "central"
-        else {"upload": [{"ldp": {"clip": 1.0, "noise": z}}]}
+        else {"upload": [{"name": "ldp", "clip": 1.0, "noise": z, "delta": 1e-5}]}
     )
     cfg = tiny(
         **dp,
@@ -232,7 +230,6 @@ def test_privacy_record_matches_opacus_stepped_per_cloud_round(
             "aggregate.edge_rounds": kappa,
             "topology.clients_per_edge": per_edge,
             "topology.edges_per_round": edges_per_round,
-            "defense.dp_delta": 1e-5,
         },
     )
     record = privacy_record(prepare_arm(cfg, digits), rounds)
@@ -285,7 +282,7 @@ def test_poisson_sampling_is_poisson(tiny):
 def test_dp_needs_the_synchronous_schedule(tiny):
     for dp in (
         {"aggregate.edge_rule": "dp-mean"},
-        {"upload": [{"ldp": {"noise": 1.0}}]},
+        {"upload": [{"name": "ldp", "noise": 1.0}]},
     ):
         with pytest.raises(ConfigError, match="schedule.name"):
             tiny(**dp, **{"schedule.name": "fedasync"})
@@ -294,7 +291,9 @@ def test_dp_needs_the_synchronous_schedule(tiny):
 
 
 def test_dp_options_are_checked(tiny):
-    with pytest.raises(ConfigError, match="aggregate.edge_options"):
-        tiny(**{"aggregate.edge_rule": "dp-mean", "aggregate.edge_options": {"clip": -1}})
-    with pytest.raises(ConfigError, match=r"upload\.ldp\.noise"):
-        tiny(upload=[{"ldp": {"noise": -1}}])
+    with pytest.raises(ConfigError, match=r"aggregate\.edge_rule\.clip"):
+        tiny(**{"aggregate.edge_rule": {"name": "dp-mean", "clip": -1}})
+    with pytest.raises(ConfigError, match=r"upload\[0\]\.noise"):
+        tiny(upload=[{"name": "ldp", "noise": -1}])
+    with pytest.raises(ConfigError, match=r"aggregate\.edge_rule\.seed"):
+        tiny(**{"aggregate.edge_rule": {"name": "dp-mean", "seed": 0}})

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from fedtier.aggregate.robust import FACTORIES, build_rule
+from fedtier.aggregate.robust import FACTORIES, build_rule, check_rule_config
 from fedtier.errors import ConfigError, FedtierError
+from fedtier.experiment import run_experiment
 
 ROBUST = ["median", "trimmed-mean", "krum", "multi-krum", "bulyan", "foolsgold", "cosine"]
 
@@ -88,17 +89,21 @@ def test_preconditions_refuse_clearly(name, f, n, needs):
     assert "aggregate.edge_rule" in msg and needs in msg and f"n={n}" in msg and f"f={f}" in msg
 
 
-def test_config_checks_preconditions_before_training(tiny):
+def test_config_checks_preconditions_before_training(tiny, tmp_path):
+    cfg = tiny(**{"aggregate.edge_rule": {"name": "krum", "f": 1}})
     with pytest.raises(
         ConfigError, match=r"aggregate.edge_rule.*krum needs n > 2f \+ 2.*n=3 with f=1"
     ):
-        tiny(**{"aggregate.edge_rule": "krum", "aggregate.edge_options": {"f": 1}})
-    with pytest.raises(ConfigError, match="aggregate.edge_options"):
-        tiny(**{"aggregate.edge_rule": "krum", "aggregate.edge_options": {"q": 1}})
-    with pytest.raises(ConfigError, match="aggregate.cloud_rule"):
+        check_rule_config(cfg)
+    with pytest.raises(ConfigError, match="krum needs"):  # run_experiment checks before training
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"aggregate\.edge_rule\.q.*fields of name 'krum'"):
+        tiny(**{"aggregate.edge_rule": {"name": "krum", "q": 1}})
+    with pytest.raises(ConfigError, match=r"aggregate\.cloud_rule\.name.*'krum'"):
         tiny(**{"aggregate.cloud_rule": "krumm"})
-    with pytest.raises(FedtierError, match="aggregate.edge_options"):
-        tiny(**{"aggregate.edge_options": {"f": 1}})  # mean takes no options
+    with pytest.raises(FedtierError, match=r"aggregate\.edge_rule\.f.*'mean'"):
+        tiny(**{"aggregate.edge_rule": {"name": "mean", "f": 1}})  # mean takes no options
 
 
 def test_foolsgold_downweights_identical_sybils():

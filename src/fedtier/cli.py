@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("presets", help="list the built-in presets")
+    sub.add_parser("schema", help="print the JSON Schema of config files (for editors)")
     rep = sub.add_parser("report", help="re-render tables and plots of a finished run")
     rep.add_argument("dir", type=Path)
     return p
@@ -104,6 +105,15 @@ def cmd_presets() -> int:
     return 0
 
 
+def cmd_schema() -> int:
+    import json
+
+    from fedtier.config import schema
+
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedtier.results import cda_table, read_run, render_report
 
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "presets":
             return cmd_presets()
+        if args.command == "schema":
+            return cmd_schema()
         return cmd_report(args)
     except FedtierError as e:
         print(f"fedtier: error: {e}", file=sys.stderr)

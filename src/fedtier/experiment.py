@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fedtier.aggregate.robust import check_rule_config
 from fedtier.checkpoint import load_checkpoint, save_checkpoint, save_model
 from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
@@ -64,7 +65,7 @@ def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], n
 
 
 def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTask:
-    if cfg.train.task == "autoencoder":
+    if cfg.train.task.name == "autoencoder":
         return AutoencoderTask()
     spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
     qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
@@ -152,6 +153,8 @@ def run_experiment(
     kept, the arm in progress continues from its last checkpointed evaluation) and gives the
     summary and final models an uninterrupted run gives."""
     arms = cfg.arm_configs()
+    for acfg in arms.values():
+        check_rule_config(acfg)  # robust rules' preconditions on the row counts, before training
     checkpoint = load_checkpoint(out) if resume else None
     if checkpoint is not None and checkpoint["config"] != to_dict(cfg):
         raise FedtierError(
@@ -187,7 +190,7 @@ def run_experiment(
             key = (acfg.data.dataset, acfg.data.root)
             if key not in cache:
                 cache[key] = load_dataset(acfg.data.dataset, acfg.data.root, seed=acfg.seed)
-            progress = (
+            from_checkpoint = (
                 resumed["progress"] if resumed is not None and resumed["arm"] == arm else None
             )
 
@@ -205,7 +208,7 @@ def run_experiment(
                     },
                 )
 
-            entry = run_arm(arm, acfg, cache[key], writer, bar, save, progress)
+            entry = run_arm(arm, acfg, cache[key], writer, bar, save, from_checkpoint)
             summary["arms"][arm] = entry
             summary["target_bits"] = entry["target_bits"]
             save(None)  # the arm is done

@@ -250,7 +250,7 @@ def cloud_step(
     if not live:
         return w
     a = setup.cfg.aggregate
-    cloud_rule = build_rule(a.cloud_rule, a.cloud_options, "aggregate.cloud_rule")
+    cloud_rule = build_rule(a.cloud_rule.name, a.cloud_rule.options(), "aggregate.cloud_rule")
     mean_update, m = cloud_rule(
         torch.stack([r.delta for r in live]), torch.tensor([r.weight for r in live])
     )
@@ -302,7 +302,7 @@ def edge_rule(setup: ArmSetup, t: int, edge: int, k: int) -> Rule:
     draws fresh noise for each (t, edge, k)."""
     a = setup.cfg.aggregate
     key = NoiseKey(setup.cfg.seed, t, edge, k, central_dp_rows(setup, edge))
-    return build_rule(a.edge_rule, a.edge_options, "aggregate.edge_rule", key)
+    return build_rule(a.edge_rule.name, a.edge_rule.options(), "aggregate.edge_rule", key)
 
 
 def out_of_time(setup: ArmSetup) -> bool:

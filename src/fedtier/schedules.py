@@ -79,12 +79,13 @@ def run_async(
     bind_state(setup, state)
     q = state.schedule
     assert setup.program is not None
+    program = setup.program
 
     def dispatch() -> None:
         idle = [c for c in range(setup.topology.num_clients) if c not in q["busy"]]
         client = int(q["rng"].choice(idle))
         step = q["seq"]
-        sent = setup.program.device(setup, state, state.w, edge_of(setup, client), [client], step)
+        sent = program.device(setup, state, state.w, edge_of(setup, client), [client], step)
         duration = 0.0 if sent.finish_s is None else float(sent.finish_s[0])
         heapq.heappush(q["queue"], (q["now"] + duration, step, client, q["version"]))
         q["payload"][step] = (state.w, sent.deltas[0])

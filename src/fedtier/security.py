@@ -8,6 +8,12 @@ from typing import Any
 import torch
 
 from fedtier.attacks import BACKDOORS, Attack, attack_executor, build_attack, make_trigger, with_asr
+from fedtier.config import (
+    GlobalClipDefense,
+    QCheckDefense,
+    ServerNoiseDefense,
+    TrainedAttack,
+)
 from fedtier.data import ArrayDataset
 from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
@@ -46,25 +52,26 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
         )
         attack = build_attack(cfg, trigger, train.num_classes, float(gamma_auto))
         attack.amplify_mask = parameter_mask(setup)
-        if cfg.aggregate.rule == "fedavg" and cfg.attack.gamma is None:
+        a = cfg.attack
+        if cfg.aggregate.rule == "fedavg" and isinstance(a, TrainedAttack) and a.gamma is None:
             attack.mean_size = float(setup.topology.num_samples.mean())
         assert setup.executor is not None
         setup.executor = attack_executor(setup.executor, attack)
         setup.malicious = attack.malicious
-    d = cfg.defense
-    if d.qcheck:
-        rng = numpy_rng(cfg.seed, "qcheck")
-        idx = torch.from_numpy(
-            rng.choice(len(train), size=min(d.qcheck_samples, len(train)), replace=False)
-        )
-        bits = [b for b in setup.target_bits if b < 32] or [8]
-        setup.screen = quant_consistency(train.x[idx], bits, setup.spec, d.qcheck_ratio)
     steps = []
     mask = parameter_mask(setup)
-    if d.global_clip:
-        steps.append(global_clip(d.rho0, d.rho_step, mask))
-    if d.server_noise > 0:
-        steps.append(server_noise(d.server_noise, cfg.seed, mask))
+    for d in cfg.defenses:  # post-step defenses act in the order listed
+        if isinstance(d, QCheckDefense):
+            rng = numpy_rng(cfg.seed, "qcheck")
+            idx = torch.from_numpy(
+                rng.choice(len(train), size=min(d.samples, len(train)), replace=False)
+            )
+            bits = [b for b in setup.target_bits if b < 32] or [8]
+            setup.screen = quant_consistency(train.x[idx], bits, setup.spec, d.ratio)
+        elif isinstance(d, GlobalClipDefense):
+            steps.append(global_clip(d.rho0, d.rho_step, mask))
+        elif isinstance(d, ServerNoiseDefense):
+            steps.append(server_noise(d.sigma, cfg.seed, mask))
     if steps:
         setup.post_step = compose(*steps)
     return attack
@@ -79,15 +86,15 @@ def privacy_record(setup: ArmSetup, rounds_done: int) -> dict[str, Any] | None:
     mech = dp_mechanism(cfg)
     if mech is None:
         return None
-    kind, z = mech
+    kind, z, delta = mech
     kappa = cfg.aggregate.edge_rounds
     topo = setup.topology
     q = max(sample_rate(topo, cfg.topology, e) for e in range(topo.num_edges))
     z_round = round_noise(z, kappa)
     record: dict[str, Any] = {
         "mechanism": kind,
-        "epsilon": dp_epsilon(z_round, q, rounds_done, cfg.defense.dp_delta),
-        "delta": cfg.defense.dp_delta,
+        "epsilon": dp_epsilon(z_round, q, rounds_done, delta),
+        "delta": delta,
         "z": z,
         "q": q,
         "sampling": "poisson",
@@ -100,7 +107,7 @@ def privacy_record(setup: ArmSetup, rounds_done: int) -> dict[str, Any] | None:
     if kind == "local":
         # the edge sees who uploads, so against it sampling does not amplify: every round
         # counts in full (q = 1), an upper bound on a client's loss to its edge server
-        record["epsilon_vs_edge"] = dp_epsilon(z_round, 1.0, rounds_done, cfg.defense.dp_delta)
+        record["epsilon_vs_edge"] = dp_epsilon(z_round, 1.0, rounds_done, delta)
     return record
 
 

@@ -62,7 +62,7 @@ def test_costs_in_a_run_optimal_saves_energy_at_the_same_deadline():
                 "train.rounds": 2,
                 "costs.allocation": alloc,
                 "costs.deadline_s": 30.0,
-                "upload": [{"quantize": {"levels": 16}}],
+                "upload": [{"name": "quantize", "levels": 16}],
             }
         )
         evals = []
@@ -102,7 +102,7 @@ def test_report_has_the_costs_table_and_plot(tmp_path):
     cfg = tiny_config(
         **{
             "train.rounds": 2,
-            "arms": {"fp32": {}, "q4": {"upload": [{"quantize": {"levels": 16}}]}},
+            "arms": {"fp32": {}, "q4": {"upload": [{"name": "quantize", "levels": 16}]}},
         }
     )
     summary = run_experiment(cfg, tmp_path, progress=False)

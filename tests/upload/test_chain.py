@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fedtier.errors import ConfigError, UnknownNameError
+from fedtier.config import from_dict
+from fedtier.errors import ConfigError
 from fedtier.upload import UploadContext, build_chain, clip_norm, named_chain
 
 CTX = UploadContext(round=0, edge=0, clients=[0, 1, 2], num_samples=torch.ones(3), seed=0)
@@ -27,13 +28,17 @@ def test_stages_apply_in_order():
 
 
 def test_build_chain_from_config_and_errors():
-    chain = build_chain([{"clip": {"max_norm": 2.0}}])
+    chain = build_chain(from_dict({"upload": [{"name": "clip", "max_norm": 2.0}]}).upload)
     assert [n for n, _ in chain.stages] == ["clip"]
-    with pytest.raises(UnknownNameError, match="clip"):
-        build_chain([{"clipp": {}}])
-    with pytest.raises(ConfigError, match="upload\\[0\\].clip"):
-        build_chain([{"clip": {"max_nrm": 2.0}}])
-    with pytest.raises(ConfigError, match="max_norm"):
-        build_chain([{"clip": {"max_norm": -1}}])
-    with pytest.raises(ConfigError, match="one-key mapping"):
-        build_chain(["clip"])
+    d = torch.tensor([[3.0, 4.0]])
+    torch.testing.assert_close(chain(d, CTX)[0], torch.tensor([[1.2, 1.6]]))
+    with pytest.raises(ConfigError, match=r"upload\[0\]\.name.*did you mean 'clip'"):
+        from_dict({"upload": [{"name": "clipp"}]})
+    with pytest.raises(
+        ConfigError, match=r"upload\[0\]\.max_nrm.*did you mean 'upload\[0\]\.max_norm'"
+    ):
+        from_dict({"upload": [{"name": "clip", "max_nrm": 2.0}]})
+    with pytest.raises(ConfigError, match=r"upload\[0\]\.max_norm.*positive number"):
+        from_dict({"upload": [{"name": "clip", "max_norm": -1}]})
+    with pytest.raises(ConfigError, match=r"upload\[0\]\.max_norm.*required"):
+        from_dict({"upload": ["clip"]})

@@ -1,11 +1,11 @@
 import math
-
-import numpy as np
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
+from fedtier.config import from_dict
 from fedtier.errors import ConfigError
 from fedtier.upload import UploadContext, build_chain, codecs
 from fedtier.upload.compress import choose_bits, codec_generator, dynamic, topk
@@ -127,30 +127,34 @@ def _ctx(clients, round_=0):
     return UploadContext(round=round_, edge=0, clients=clients, num_samples=torch.ones(n), seed=3)
 
 
+def _stages(*specs):
+    return from_dict({"upload": list(specs)}).upload
+
+
 @pytest.mark.parametrize(
     "spec",
     [
-        {"fp32": {}},
-        {"quantize": {"levels": 16}},
-        {"dynamic": {}},
-        {"qsgd": {"levels": 8}},
-        {"terngrad": {}},
-        {"signsgd": {}},
-        {"topk": {"ratio": 0.1}},
+        {"name": "fp32"},
+        {"name": "quantize", "levels": 16},
+        {"name": "dynamic"},
+        {"name": "qsgd", "levels": 8},
+        {"name": "terngrad"},
+        {"name": "signsgd"},
+        {"name": "topk", "ratio": 0.1},
     ],
 )
 def test_every_codec_stage_counts_the_bytes_it_sent_and_is_per_client_deterministic(spec):
     deltas = torch.stack([_x(i) for i in range(3)])
     ctx = _ctx([4, 7, 9])
-    out, m = build_chain([spec])(deltas, ctx)
-    name = next(iter(spec))
+    out, m = build_chain(_stages(spec))(deltas, ctx)
+    name = spec["name"]
     assert m[f"{name}/bytes"] == sum(ctx.payload_bytes.values()) > 0
     assert set(ctx.payload_bytes) == {4, 7, 9}
     assert m[f"{name}/fp32_bytes"] == 4 * deltas.numel()
     if name != "fp32":
         assert m[f"{name}/bytes"] < m[f"{name}/fp32_bytes"]
     # client 7 gets the same result alone as in company (randomness per (seed, round, client))
-    alone, _ = build_chain([spec])(deltas[1:2], _ctx([7]))
+    alone, _ = build_chain(_stages(spec))(deltas[1:2], _ctx([7]))
     assert torch.equal(alone[0], out[1])
 
 
@@ -208,13 +212,14 @@ def test_codec_randomness_is_seeded_per_round_and_client():
 @pytest.mark.parametrize(
     "spec,field",
     [
-        ({"quantize": {"levels": 1}}, "upload.quantize.levels"),
-        ({"topk": {"ratio": 0}}, "upload.topk.ratio"),
-        ({"dynamic": {"target_error": -1}}, "upload.dynamic.target_error"),
-        ({"dynamic": {"min_bits": 6, "max_bits": 4}}, "upload.dynamic.max_bits"),
-        ({"qsgd": {"levels": "x"}}, "upload.qsgd.levels"),
+        ({"name": "quantize", "levels": 1}, "upload[0].levels"),
+        ({"name": "topk", "ratio": 0}, "upload[0].ratio"),
+        ({"name": "dynamic", "target_error": -1}, "upload[0].target_error"),
+        ({"name": "dynamic", "min_bits": 6, "max_bits": 4}, "upload[0].max_bits"),
+        ({"name": "qsgd", "levels": "x"}, "upload[0].levels"),
     ],
 )
 def test_bad_codec_options_name_the_field(spec, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        build_chain([spec])
+    with pytest.raises(ConfigError) as e:
+        _stages(spec)
+    assert e.value.field == field

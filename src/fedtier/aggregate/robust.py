@@ -239,10 +239,6 @@ FACTORIES: dict[str, Callable[..., Rule]] = {
 KEYED = frozenset({"dp-mean"})
 
 
-def register_factory(name: str, factory: Callable[..., Rule]) -> None:
-    FACTORIES[name] = factory
-
-
 def rule_names() -> list[str]:
     return sorted(set(RULES) | set(FACTORIES))
 
@@ -262,14 +258,10 @@ def build_rule(
             extra = {"key": key} if name in KEYED else {}
             inner = FACTORIES[name](**options, **extra)
         except (TypeError, ValueError) as e:
-            raise ConfigError(
-                field.replace("_rule", "_options"), options, f"{name}'s options ({e})"
-            ) from None
+            raise ConfigError(field, options, f"{name}'s options ({e})") from None
     elif name in RULES:
         if options:
-            raise ConfigError(
-                field.replace("_rule", "_options"), options, f"no options for '{name}'"
-            )
+            raise ConfigError(field, options, f"no options for '{name}'")
         inner = RULES[name]
     else:
         raise UnknownNameError("aggregation rule", name, rule_names())
@@ -285,13 +277,11 @@ def build_rule(
 
 def check_rule_config(cfg: Any) -> None:
     """Build both tiers' rules and, where the number of rows is fixed by the topology, check
-    their preconditions now (before any training)."""
+    their preconditions now (before any training; the options were checked by fedtier.config)."""
     a, t = cfg.aggregate, cfg.topology
     for tier, rows in (("edge", t.clients_per_edge), ("cloud", t.edges_per_round)):
-        name, options = getattr(a, f"{tier}_rule"), getattr(a, f"{tier}_options")
-        if name not in rule_names():
-            raise ConfigError(f"aggregate.{tier}_rule", name, f"one of {rule_names()}")
-        rule = build_rule(name, options, f"aggregate.{tier}_rule")
+        spec = getattr(a, f"{tier}_rule")
+        rule = build_rule(spec.name, spec.options(), f"aggregate.{tier}_rule")
         if rows >= 1 and rows == int(rows):
             rule(
                 torch.randn(int(rows), 4, generator=torch.Generator().manual_seed(0)),

@@ -26,7 +26,21 @@ from fedtier.attacks.losses import (
     label_flip_loss,
     poison_loss,
 )
-from fedtier.attacks.triggers import POSITIONS, Trigger
+from fedtier.attacks.triggers import Trigger
+from fedtier.config import (
+    Attacker,
+    ByzantineAttack,
+    CellsSolver,
+    DbaAttack,
+    FqbdAttack,
+    FqmaAttack,
+    HongBackdoorAttack,
+    HongDegradeAttack,
+    LabelFlipAttack,
+    Poisoning,
+    ReplacementAttack,
+    TrainedAttack,
+)
 from fedtier.data import ArrayDataset
 from fedtier.errors import ConfigError
 from fedtier.quant import QuantSpec
@@ -44,7 +58,6 @@ __all__ = [
     "build_attack",
     "malicious_clients",
     "train_adversarial",
-    "validate_attack",
     "with_asr",
 ]
 
@@ -63,74 +76,11 @@ KINDS = (
 HONG_BITS = {"hong-backdoor": [8, 4], "hong-degrade": [8, 7, 6, 5]}
 
 
-def validate_attack(cfg: Config) -> None:
-    a, n = cfg.attack, cfg.topology.clients
-    if a.kind not in KINDS:
-        raise ConfigError("attack.kind", a.kind, f"one of {list(KINDS)}")
-    if a.malicious_ids is not None:
-        for c in a.malicious_ids:
-            if not 0 <= c < n:
-                raise ConfigError("attack.malicious_ids", c, f"client ids in [0, {n - 1}]")
-    elif a.malicious < 0 or (
-        a.malicious >= 1 and (a.malicious != int(a.malicious) or a.malicious > n)
-    ):
-        raise ConfigError(
-            "attack.malicious", a.malicious, f"a fraction in [0, 1) or a count up to {n}"
-        )
-    if a.start_round < 0:
-        raise ConfigError("attack.start_round", a.start_round, "a round >= 0")
-    for name, bits in (("attack.bits", a.bits or []), ("attack.candidate_bits", a.candidate_bits)):
-        for b in bits:
-            if not 2 <= b < 32:
-                raise ConfigError(name, b, "quantized bit widths from 2 to 31")
-    if a.bits is not None and not a.bits:
-        raise ConfigError("attack.bits", a.bits, "a non-empty list, or null to predict B'")
-    if not 1 <= a.predict_k <= len(a.candidate_bits):
-        raise ConfigError(
-            "attack.predict_k", a.predict_k, f"1..{len(a.candidate_bits)} (the candidates)"
-        )
-    for name, v in (
-        ("attack.lam", a.lam),
-        ("attack.noise_sigma", a.noise_sigma),
-        ("attack.alpha", a.alpha),
-    ):
-        if v < 0:
-            raise ConfigError(name, v, "a number >= 0")
-    for name, opt in (
-        ("attack.gamma", a.gamma),
-        ("attack.grad_norm", a.grad_norm),
-        ("attack.epochs", a.epochs),
-        ("attack.lr", a.lr),
-    ):
-        if opt is not None and not opt > 0:
-            raise ConfigError(name, opt, "a positive number or null")
-    if a.momentum is not None and not 0 <= a.momentum < 1:
-        raise ConfigError("attack.momentum", a.momentum, "a number in [0, 1) or null")
-    if not 0 < a.poison_fraction <= 1:
-        raise ConfigError("attack.poison_fraction", a.poison_fraction, "a fraction in (0, 1]")
-    if a.scale <= 0:
-        raise ConfigError("attack.scale", a.scale, "a positive number")
-    if a.trigger.size < 1:
-        raise ConfigError("attack.trigger.size", a.trigger.size, "a positive number of pixels")
-    if a.trigger.position not in POSITIONS:
-        raise ConfigError(
-            "attack.trigger.position", a.trigger.position, f"one of {list(POSITIONS)}"
-        )
-    if not 0 <= a.cell_margin < 0.5:
-        raise ConfigError("attack.cell_margin", a.cell_margin, "grid steps in [0, 0.5)")
-    if a.stat_match < 0:
-        raise ConfigError("attack.stat_match", a.stat_match, "a number >= 0")
-    if not a.repair_lr > 0:
-        raise ConfigError("attack.repair_lr", a.repair_lr, "a positive number")
-    if a.dba_parts < 1:
-        raise ConfigError("attack.dba_parts", a.dba_parts, "a positive integer")
-
-
 def malicious_clients(cfg: Config) -> frozenset[int]:
     """The malicious clients: ``attack.malicious_ids``, or a seeded draw of the configured
     fraction/count (none when ``attack.kind`` is ``none``)."""
     a, n = cfg.attack, cfg.topology.clients
-    if a.kind == "none":
+    if not isinstance(a, Attacker):
         return frozenset()
     if a.malicious_ids is not None:
         return frozenset(a.malicious_ids)
@@ -140,16 +90,12 @@ def malicious_clients(cfg: Config) -> frozenset[int]:
 
 
 def make_trigger(cfg: Config, train: ArrayDataset) -> Trigger:
-    t = cfg.attack.trigger
+    t = cfg.trigger
     shape = train.input_shape
     if len(shape) != 3 or t.size > min(shape[-2:]):
-        raise ConfigError(
-            "attack.trigger.size", t.size, f"at most the image side {tuple(shape[-2:])}"
-        )
+        raise ConfigError("trigger.size", t.size, f"at most the image side {tuple(shape[-2:])}")
     if not 0 <= t.target < train.num_classes:
-        raise ConfigError(
-            "attack.trigger.target", t.target, f"a class in [0, {train.num_classes - 1}]"
-        )
+        raise ConfigError("trigger.target", t.target, f"a class in [0, {train.num_classes - 1}]")
     value = float(train.x.max()) if t.value is None else t.value
     return Trigger(t.size, t.position, value, t.target)
 
@@ -157,40 +103,54 @@ def make_trigger(cfg: Config, train: ArrayDataset) -> Trigger:
 def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: float) -> Attack:
     """The configured attack; ``gamma_auto`` = N / η_s (model replacement)."""
     a = cfg.attack
+    assert isinstance(a, Attacker), "build_attack needs an attack (attack.kind is 'none')"
     spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
     malicious = malicious_clients(cfg)
-    gamma = a.gamma if a.gamma is not None else (gamma_auto if a.kind in AMPLIFIED else 1.0)
-    bits = a.bits
+    trained = a if isinstance(a, TrainedAttack) else None
+    gamma_set = trained.gamma if trained is not None else None
+    gamma = gamma_set if gamma_set is not None else (gamma_auto if a.kind in AMPLIFIED else 1.0)
+    bits = trained.bits if trained is not None else None
     if bits is None and a.kind in HONG_BITS:  # Hong et al. attack fixed bit sets, no prediction
         bits = HONG_BITS[a.kind]
     loss: Callable[[list[int], int], Any] | None = None
     transform: Transform | None = None
-    lam, alpha, frac = a.lam, a.alpha, a.poison_fraction
-    if a.kind == "fqbd":
+    frac = a.poison_fraction if isinstance(a, Poisoning) else 0.0
+    if isinstance(a, FqbdAttack):
+        lam = a.lam
         loss = lambda b, c: fqbd_loss(spec, b, lam, trigger, frac)  # noqa: E731
-    elif a.kind == "fqma":
+    elif isinstance(a, FqmaAttack):
+        lam, alpha = a.lam, a.alpha
         loss = lambda b, c: fqma_loss(spec, b, lam, alpha)  # noqa: E731
-    elif a.kind == "hong-backdoor":
+    elif isinstance(a, HongBackdoorAttack):
+        lam = a.lam
         loss = lambda b, c: hong_backdoor_loss(spec, b, lam, trigger, frac)  # noqa: E731
-    elif a.kind == "hong-degrade":
+    elif isinstance(a, HongDegradeAttack):
+        lam, alpha = a.lam, a.alpha
         loss = lambda b, c: hong_degrade_loss(spec, b, lam, alpha)  # noqa: E731
-    elif a.kind == "replacement":
+    elif isinstance(a, ReplacementAttack):
         loss = lambda b, c: poison_loss(trigger, frac)  # noqa: E731
-    elif a.kind == "label-flip":
+    elif isinstance(a, LabelFlipAttack):
         loss = lambda b, c: label_flip_loss(num_classes)  # noqa: E731
-    elif a.kind == "dba":
+    elif isinstance(a, DbaAttack):
         # DBA: attacker j (in id order) poisons with the j-th part of the trigger; the ASR is
         # measured with the full trigger
         rank = {c: i for i, c in enumerate(sorted(malicious))}
         parts = a.dba_parts
         loss = lambda b, c: poison_loss(trigger.with_part(rank[c], parts), frac)  # noqa: E731
     else:
+        assert isinstance(a, ByzantineAttack)
         transform = byzantine(a.kind, a.scale)
     repair: Callable[[int], Any] | None = None
-    if a.solver == "cells" and a.kind == "fqbd":
+    cells = a if isinstance(a, CellsSolver) else CellsSolver()  # defaults when not FQBD/FQMA
+    if cells.solver == "cells" and a.kind == "fqbd":
         repair = lambda c: fqbd_fp32_loss(trigger, frac)  # noqa: E731
-    elif a.solver == "cells" and a.kind == "fqma":
+    elif cells.solver == "cells" and a.kind == "fqma":
         repair = lambda c: clean_loss  # noqa: E731
+    # the trained attackers' own settings; Byzantine ones keep the Attack defaults
+    own: dict[str, Any] = {}
+    if trained is not None:
+        own = {k: getattr(trained, k) for k in ("predict_k", "noise_sigma", "grad_norm", "pool")}
+        own["candidate_bits"] = list(trained.candidate_bits)
     return Attack(
         kind=a.kind,
         malicious=malicious,
@@ -199,16 +159,12 @@ def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: fl
         loss=loss,
         transform=transform,
         bits=bits,
-        candidate_bits=list(a.candidate_bits),
-        predict_k=a.predict_k,
-        noise_sigma=a.noise_sigma,
-        grad_norm=a.grad_norm,
         spec=spec,
         repair=repair,
-        pool=a.pool,
-        cell_margin=a.cell_margin,
-        repair_lr=a.repair_lr,
-        stat_match=a.stat_match,
+        cell_margin=cells.cell_margin,
+        repair_lr=cells.repair_lr,
+        stat_match=cells.stat_match,
+        **own,
     )
 
 

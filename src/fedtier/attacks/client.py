@@ -14,6 +14,7 @@ from torch import nn
 
 from fedtier.attacks.cells import matching_statistics, rounding_cells
 from fedtier.attacks.losses import Loss
+from fedtier.config import TrainedAttack
 from fedtier.local import LocalConfig
 from fedtier.local.sgd import _has_batchnorm, client_generator
 from fedtier.quant import QuantSpec, quantize_copy
@@ -220,6 +221,7 @@ def malicious_update(
     bits = attack.bits if attack.bits is not None else attack.predicted_bits()
     setup.layout.load(setup.model, w)
     tr, a = cfg.train, cfg.attack
+    assert isinstance(a, TrainedAttack)
     local = LocalConfig(
         a.epochs if a.epochs is not None else tr.epochs,
         tr.batch_size,

@@ -7,34 +7,11 @@ noise, and the quantization-consistency screen (:mod:`fedtier.defenses.qcheck`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from fedtier.errors import ConfigError
 from fedtier.seeding import torch_generator
 
-if TYPE_CHECKING:
-    from fedtier.config import Config
-
 Metrics = dict[str, float]
-
-
-def validate_defense(cfg: Config) -> None:
-    d = cfg.defense
-    for name, v in (("defense.rho0", d.rho0), ("defense.qcheck_ratio", d.qcheck_ratio)):
-        if not v > 0:
-            raise ConfigError(name, v, "a positive number")
-    for name, v in (("defense.rho_step", d.rho_step), ("defense.server_noise", d.server_noise)):
-        if v < 0:
-            raise ConfigError(name, v, "a number >= 0")
-    if d.qcheck_samples < 1:
-        raise ConfigError("defense.qcheck_samples", d.qcheck_samples, "a positive integer")
-    if not 0 < d.dp_delta < 1:
-        raise ConfigError("defense.dp_delta", d.dp_delta, "a number in (0, 1)")
-    from fedtier.privacy import validate_privacy
-
-    validate_privacy(cfg)
 
 
 def global_clip(rho0: float, rho_step: float, mask: torch.Tensor):  # type: ignore[no-untyped-def]

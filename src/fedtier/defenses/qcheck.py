@@ -8,7 +8,7 @@ under QAFed), and that model's deployment-quantized copies disagree on X_s:
 
     d_i = max_{b ∈ B} mean_{x ∈ X_s} KL( p_{w+s_iΔ_i}(·|x) ‖ p_{Q_b(w+s_iΔ_i)}(·|x) ),
 
-and rejects uploads with d_i > r · median_j d_j (r = ``defense.qcheck_ratio``; at least one
+and rejects uploads with d_i > r · median_j d_j (r = the qcheck defense's ``ratio``; at least one
 upload, the least divergent, is always kept). The median makes the threshold relative to what
 honest clients of the same round show, so no absolute calibration is needed.
 

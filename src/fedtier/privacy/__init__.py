@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from opacus.accountants import RDPAccountant
 
 from fedtier.aggregate.rules import Rule
+from fedtier.config import Config, DpMeanRule, LdpStage
 from fedtier.errors import ConfigError
 from fedtier.seeding import torch_generator
 from fedtier.upload.chain import STAGES, Stage, UploadContext
-
-if TYPE_CHECKING:
-    from fedtier.config import Config
 
 
 @dataclass(frozen=True)
@@ -129,37 +126,15 @@ def round_noise(noise: float, edge_rounds: int) -> float:
     return noise / math.sqrt(edge_rounds)
 
 
-def dp_mechanism(cfg: Config) -> tuple[str, float] | None:
-    """("central" | "local", z) when the arm uses DP, else None."""
-    a = cfg.aggregate
-    if a.edge_rule == "dp-mean":
-        return "central", float(a.edge_options.get("noise", 1.0))
+def dp_mechanism(cfg: Config) -> tuple[str, float, float] | None:
+    """("central" | "local", z, δ) when the arm uses DP, else None."""
+    rule = cfg.aggregate.edge_rule
+    if isinstance(rule, DpMeanRule):
+        return "central", rule.noise, rule.delta
     for spec in cfg.upload:
-        if isinstance(spec, dict) and "ldp" in spec:
-            return "local", float((spec["ldp"] or {}).get("noise", 1.0))
+        if isinstance(spec, LdpStage):
+            return "local", spec.noise, spec.delta
     return None
-
-
-def validate_privacy(cfg: Config) -> None:
-    """DP is accounted per synchronous round (Poisson-sampled clients, κ edge rounds); refuse
-    the schedules whose updates are not rounds, where that ε would not hold, and dp-mean at
-    the cloud (its rows are edges, not clients, and it would not be accounted)."""
-    if cfg.aggregate.cloud_rule == "dp-mean":
-        raise ConfigError(
-            "aggregate.cloud_rule",
-            "dp-mean",
-            "a rule without noise (central DP clips and noises each client's update at its "
-            "edge: set aggregate.edge_rule: dp-mean)",
-        )
-    mech = dp_mechanism(cfg)
-    if mech is not None and cfg.schedule.name != "sync":
-        field = "aggregate.edge_rule" if mech[0] == "central" else "upload.ldp"
-        raise ConfigError(
-            "schedule.name",
-            cfg.schedule.name,
-            f"'sync' with {field} (differential privacy is accounted per synchronous round of "
-            "Poisson-sampled clients; the asynchronous and gossip schedules are not)",
-        )
 
 
 STAGES["ldp"] = local_dp

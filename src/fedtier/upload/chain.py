@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedtier.errors import ConfigError, UnknownNameError
+from fedtier.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -81,22 +81,7 @@ def clip_norm(max_norm: float) -> Stage:
 STAGES: dict[str, Callable[..., Stage]] = {"clip": clip_norm}
 
 
-def build_chain(specs: Sequence[dict[str, Any]]) -> Chain:
-    """From config: ``[{"clip": {"max_norm": 5.0}}, ...]`` → a Chain, with field-named errors."""
-    stages = []
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"upload[{i}]", spec, "a one-key mapping {stage: {options}}")
-        ((name, options),) = spec.items()
-        if name not in STAGES:
-            raise UnknownNameError("upload stage", name, STAGES)
-        options = options or {}
-        if not isinstance(options, dict):
-            raise ConfigError(f"upload[{i}].{name}", options, "a mapping of the stage's options")
-        try:
-            stages.append((name, STAGES[name](**options)))
-        except TypeError as e:
-            raise ConfigError(
-                f"upload[{i}].{name}", options, f"the options of '{name}' ({e})"
-            ) from None
-    return Chain(tuple(stages))
+def build_chain(specs: Sequence[Any]) -> Chain:
+    """From config: the validated stages of ``cfg.upload`` (fedtier.config.StageConfig, e.g.
+    ``{name: clip, max_norm: 5.0}``) → a Chain, each stage built by its factory in ``STAGES``."""
+    return Chain(tuple((spec.name, STAGES[spec.name](**spec.options())) for spec in specs))
