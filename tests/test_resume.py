@@ -30,7 +30,7 @@ eval: {every: 1}
 costs: {deadline_s: 1000.0, allocation: optimal}
 arms:
   qat-fedbn: {quant.qat: true, model.batchnorm: local, aggregate.edge_rounds: 2}
-  topk-ef: {upload: [{topk: {ratio: 0.1}}]}
+  topk-ef: {upload: [{name: topk, ratio: 0.1}]}
 """
 
 ASYNC = """
