@@ -59,7 +59,9 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    task: Literal["classification", "autoencoder"] = "classification"
+    task: Literal["classification", "autoencoder", "diffusion-test"] = (
+        "classification"  # diffusion-test: DDPM ε-prediction on unlabelled data (tasks.diffusion)
+    )
     executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice
     )

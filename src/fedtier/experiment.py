@@ -24,8 +24,8 @@ from fedtier.rounds import ArmSetup, headline
 from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
 from fedtier.seeding import numpy_rng
-from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
-from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
+from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
+from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask, DiffusionTask, qat
 from fedtier.topology import Topology, build_topology
 from fedtier.upload import build_chain
 
@@ -62,11 +62,19 @@ def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], n
 
 
 def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTask:
+    """The arm's task (``train.task``), wrapped with QAFed's multi-bit QAT loss (eq. 8) over
+    the quantized target bits when ``quant.qat`` is on."""
+    task: ClientTask
     if cfg.train.task == "autoencoder":
-        return AutoencoderTask()
-    spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
+        task = AutoencoderTask()
+    elif cfg.train.task == "diffusion-test":
+        task = DiffusionTask(eval_seed=cfg.seed)
+    else:
+        task = ClassificationTask(num_classes)
     qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
-    return ClassificationTask(num_classes, qat_bits, spec)
+    if qat_bits:
+        task = qat(task, qat_bits, QuantSpec(cfg.quant.quantizer, cfg.quant.params))
+    return task
 
 
 def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
@@ -85,9 +93,12 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options
     ).to(device)
     task = make_task(cfg, train.num_classes, target_bits)
-    if isinstance(task, ClassificationTask) and task.qat_bits and cfg.quant.bn_stats == "per-bit":
-        add_bit_stats(model, task.qat_bits)
-    upload = keep_batchnorm_local if cfg.model.batchnorm == "local" else upload_everything
+    task.groups.check(model)
+    qat_bits = [b for b in target_bits if b < 32] if cfg.quant.qat else []
+    if qat_bits and cfg.quant.bn_stats == "per-bit":  # per-precision statistics, on the model
+        add_bit_stats(model, qat_bits)
+    fedbn = keep_batchnorm_local if cfg.model.batchnorm == "local" else upload_everything
+    upload = all_of(task.groups.uploads, fedbn)
     x_all, y_all = train.x, train.y
     region_x = _region_views(cfg, train, edge_of_client)
 
@@ -141,6 +152,16 @@ def _test_view(cfg: Config, test: ArrayDataset, regions: int) -> ArrayDataset:
     return ArrayDataset(xs, test.y.repeat(regions), test.num_classes, test.name)
 
 
+def task_record(task: ClientTask) -> dict[str, Any]:
+    """What the report needs to know of the arm's task: its headline metric, the metrics it
+    tabulates per bit width, and the spec of each metric it reports."""
+    return {
+        "headline": task.headline,
+        "tables": list(task.tables),
+        "metrics": {name: spec.to_dict() for name, spec in task.metrics.items()},
+    }
+
+
 def run_experiment(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
     """Run every arm of ``cfg`` into ``out``; returns the summary (also in summary.json)."""
     arms = cfg.arm_configs()
@@ -180,6 +201,7 @@ def run_arm(
             "target_bits": setup.target_bits,
             "election": setup.election,
             "executor": setup.executor_name,
+            "task": task_record(setup.task),
         }
     )
     start = time.perf_counter()
@@ -194,8 +216,15 @@ def run_arm(
             record["privacy"] = privacy
         writer.log(record)
         last.update(record)
+        name = setup.task.headline
         bar.set_postfix(
-            {"arm": arm, **{f"acc{b}": f"{headline(m):.3f}" for b, m in record["bits"].items()}}
+            {
+                "arm": arm,
+                **{
+                    f"{name}{b}": f"{headline(setup.task, m):.3g}"
+                    for b, m in record["bits"].items()
+                },
+            }
         )
 
     bar.set_postfix({"arm": arm})
@@ -219,6 +248,7 @@ def run_arm(
         **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
         "metrics": last["bits"],
+        "task": task_record(setup.task),
         "rounds": cfg.train.rounds,
         "wall_s": round(time.perf_counter() - start, 3),
         "target_bits": setup.target_bits,
