@@ -263,27 +263,31 @@ def plot_accuracy(
 
 
 def costs_table(summary: dict[str, Any]) -> str:
-    """Markdown table per arm: fp32 accuracy, bytes uploaded client → edge (and the share of
-    the fp32 arm's, when one is named ``fp32…``), simulated time and device energy in total
-    (fedtier.costs); with optimal allocation also the same run's cost at (f_max, P_max)."""
+    """Markdown table per arm: the headline metric at fp32 (accuracy in %), bytes uploaded
+    client → edge (and the share of the fp32 arm's, when one is named ``fp32…``), simulated
+    time and device energy in total (fedtier.costs); with optimal allocation also the same
+    run's cost at (f_max, P_max)."""
     arms = {n: a for n, a in summary.get("arms", {}).items() if "costs" in a}
     if not arms:
         return "(no cost records)"
     fp32 = next((a["costs"] for n, a in arms.items() if n.startswith("fp32")), None)
+    headline = headline_metric(summary)
+    spec = metric_spec(summary, headline)
+    short = "acc fp32 (%)" if headline == "accuracy" else f"{headline} fp32"
     lines = [
-        "| arm | acc fp32 (%) | uploaded (MB) | vs fp32 | time (s) | energy (J) "
+        f"| arm | {short} | uploaded (MB) | vs fp32 | time (s) | energy (J) "
         "| at max f, P: time (s) | energy (J) | energy saved | infeasible | dropped |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, a in arms.items():
         c = a["costs"]
-        acc = a.get("cda", {}).get("32")
+        acc = metric_values(a, headline).get("32")
         up = c.get("bytes_client_edge", 0.0)
         share = f"{up / fp32['bytes_client_edge']:.3f}" if fp32 else "–"
         at_max = c.get("energy_at_max_j")
         saved = f"{100 * (1 - c['energy_j'] / at_max):.1f}%" if at_max else "–"
         lines.append(
-            f"| {n} | {'–' if acc is None else f'{100 * acc:.1f}'} | {up / 1e6:.2f} | {share} "
+            f"| {n} | {'–' if acc is None else spec.show(acc)} | {up / 1e6:.2f} | {share} "
             f"| {c.get('time_s', 0):.1f} | {c.get('energy_j', 0):.2f} "
             f"| {c.get('time_at_max_s', c.get('time_s', 0)):.1f} "
             f"| {at_max if at_max is not None else c.get('energy_j', 0):.2f} | {saved} "
