@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fedtier.config import Config, to_dict
@@ -25,7 +27,16 @@ from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
 from fedtier.seeding import numpy_rng
 from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
-from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask, DiffusionTask, qat
+from fedtier.tasks import (
+    AutoencoderTask,
+    ClassificationTask,
+    ClientTask,
+    DiffusionTask,
+    batch_to,
+    client_batch,
+    qat,
+)
+from fedtier.tasks.base import device_of
 from fedtier.topology import Topology, build_topology
 from fedtier.upload import build_chain
 
@@ -77,6 +88,27 @@ def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTa
     return task
 
 
+def check_task_fits(cfg: Config, task: ClientTask, model: nn.Module, train: ArrayDataset) -> None:
+    """One loss evaluation on two training samples (eval mode, no gradient, a throwaway
+    generator: nothing of the run changes), so that a model that does not fit the task (a
+    classifier under ``diffusion-test``, say) is a one-line error at setup, not a traceback
+    in the first round."""
+    sample = client_batch(task, train.x[:2], train.y[:2])
+    mode = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # e.g. MSE between unequal shapes
+            task.loss(model, batch_to(sample, device_of(model)), torch.Generator())
+    except Exception as e:  # the user's model and task: any failure is a configuration error
+        raise FedtierError(
+            f"train.task '{cfg.train.task}' cannot train model '{cfg.model.name}': "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    finally:
+        model.train(mode)
+
+
 def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
     train, test = data
     parts, edge_of_client = split_clients(cfg, train)
@@ -94,6 +126,7 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
     ).to(device)
     task = make_task(cfg, train.num_classes, target_bits)
     task.groups.check(model)
+    check_task_fits(cfg, task, model, train)
     qat_bits = [b for b in target_bits if b < 32] if cfg.quant.qat else []
     if qat_bits and cfg.quant.bn_stats == "per-bit":  # per-precision statistics, on the model
         add_bit_stats(model, qat_bits)

@@ -56,3 +56,20 @@ def test_a_task_runs_from_yaml_with_its_declared_metrics_and_reruns_identically(
 
     again, _ = _run(path, tmp_path / "b", capsys)
     assert _numbers(again) == _numbers(summary)
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "fragment"),
+    [
+        ("diffusion-test-digits", "mlp", "takes 2 positional arguments"),
+        ("autoencoder-digits", "cnn", "different to the input size"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_task_is_a_one_line_error(
+    name, model, fragment, tmp_path, capsys
+):
+    argv = ["run", str(PRESETS / f"{name}.yaml"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main([*argv, "--set", f"model.name={model}", "--set", "model.options={}"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.task '{name.rsplit('-', 1)[0]}' cannot train model '{model}'" in err
+    assert fragment in err and "Traceback" not in err
