@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtier.config import load_config
     from fedtier.experiment import run_experiment
     from fedtier.presets import DEFAULT_PRESET
-    from fedtier.results import cda_table, security_section
+    from fedtier.results import security_section, summary_tables
 
     if args.resume is not None:
         out = args.resume
@@ -66,10 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_experiment(
         cfg, out, progress=not args.no_progress, resume=args.resume is not None
     )
-    print(
-        f"\n{cfg.name}: clean accuracy (%) after post-training quantization (B = {summary.get('target_bits')})"
-    )
-    print(cda_table(summary))
+    print(f"\n{cfg.name} (B = {summary.get('target_bits')})\n")
+    print(summary_tables(summary))
     if any("costs" in a for a in summary.get("arms", {}).values()):
         from fedtier.results import costs_table
 
@@ -78,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     security = security_section(summary)
     if security:
         print("\n" + security)
-    print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, accuracy.png)")
+    print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, plots)")
     return 0
 
 
@@ -115,11 +113,11 @@ def cmd_schema() -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedtier.results import cda_table, read_run, render_report
+    from fedtier.results import read_run, render_report, summary_tables
 
     path = render_report(args.dir)
     _, summary = read_run(args.dir)
-    print(cda_table(summary))
+    print(summary_tables(summary))
     print(f"\nwrote {path}")
     return 0
 

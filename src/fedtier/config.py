@@ -185,7 +185,11 @@ class AutoencoderTaskConfig(Component):
     name: Literal["autoencoder"]  # reconstruction MSE
 
 
-TaskVariant = ClassificationTaskConfig | AutoencoderTaskConfig
+class DiffusionTestTaskConfig(Component):
+    name: Literal["diffusion-test"]  # DDPM ε-prediction on unlabelled data (tasks.diffusion)
+
+
+TaskVariant = ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig
 TaskConfig = Annotated[TaskVariant, Field(discriminator="name"), _bare_name("name", TaskVariant)]
 
 

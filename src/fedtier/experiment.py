@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fedtier.aggregate.robust import check_rule_config
@@ -27,8 +29,17 @@ from fedtier.rounds import ArmSetup, RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
 from fedtier.seeding import numpy_rng
-from fedtier.state import StateLayout, keep_batchnorm_local, upload_everything
-from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
+from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
+from fedtier.tasks import (
+    AutoencoderTask,
+    ClassificationTask,
+    ClientTask,
+    DiffusionTask,
+    batch_to,
+    client_batch,
+    qat,
+)
+from fedtier.tasks.base import device_of
 from fedtier.topology import Topology, build_topology
 from fedtier.upload import build_chain
 
@@ -65,11 +76,40 @@ def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], n
 
 
 def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTask:
+    """The arm's task (``train.task``), wrapped with QAFed's multi-bit QAT loss (eq. 8) over
+    the quantized target bits when ``quant.qat`` is on."""
+    task: ClientTask
     if cfg.train.task.name == "autoencoder":
-        return AutoencoderTask()
-    spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
+        task = AutoencoderTask()
+    elif cfg.train.task.name == "diffusion-test":
+        task = DiffusionTask(eval_seed=cfg.seed)
+    else:
+        task = ClassificationTask(num_classes)
     qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
-    return ClassificationTask(num_classes, qat_bits, spec)
+    if qat_bits:
+        task = qat(task, qat_bits, QuantSpec(cfg.quant.quantizer, cfg.quant.params))
+    return task
+
+
+def check_task_fits(cfg: Config, task: ClientTask, model: nn.Module, train: ArrayDataset) -> None:
+    """One loss evaluation on two training samples (eval mode, no gradient, a throwaway
+    generator: nothing of the run changes), so that a model that does not fit the task (a
+    classifier under ``diffusion-test``, say) is a one-line error at setup, not a traceback
+    in the first round."""
+    sample = client_batch(task, train.x[:2], train.y[:2])
+    mode = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # e.g. MSE between unequal shapes
+            task.loss(model, batch_to(sample, device_of(model)), torch.Generator())
+    except Exception as e:  # the user's model and task: any failure is a configuration error
+        raise FedtierError(
+            f"train.task '{cfg.train.task}' cannot train model '{cfg.model.name}': "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    finally:
+        model.train(mode)
 
 
 def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
@@ -88,9 +128,13 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options
     ).to(device)
     task = make_task(cfg, train.num_classes, target_bits)
-    if isinstance(task, ClassificationTask) and task.qat_bits and cfg.quant.bn_stats == "per-bit":
-        add_bit_stats(model, task.qat_bits)
-    upload = keep_batchnorm_local if cfg.model.batchnorm == "local" else upload_everything
+    task.groups.check(model)
+    check_task_fits(cfg, task, model, train)
+    qat_bits = [b for b in target_bits if b < 32] if cfg.quant.qat else []
+    if qat_bits and cfg.quant.bn_stats == "per-bit":  # per-precision statistics, on the model
+        add_bit_stats(model, qat_bits)
+    fedbn = keep_batchnorm_local if cfg.model.batchnorm == "local" else upload_everything
+    upload = all_of(task.groups.uploads, fedbn)
     x_all, y_all = train.x, train.y
     region_x = _region_views(cfg, train, edge_of_client)
 
@@ -142,6 +186,16 @@ def _test_view(cfg: Config, test: ArrayDataset, regions: int) -> ArrayDataset:
 
     xs = torch.cat([apply_domain(test.x, r) for r in range(regions)])
     return ArrayDataset(xs, test.y.repeat(regions), test.num_classes, test.name)
+
+
+def task_record(task: ClientTask) -> dict[str, Any]:
+    """What the report needs to know of the arm's task: its headline metric, the metrics it
+    tabulates per bit width, and the spec of each metric it reports."""
+    return {
+        "headline": task.headline,
+        "tables": list(task.tables),
+        "metrics": {name: spec.to_dict() for name, spec in task.metrics.items()},
+    }
 
 
 def run_experiment(
@@ -246,6 +300,7 @@ def run_arm(
                 "target_bits": setup.target_bits,
                 "election": setup.election,
                 "executor": setup.executor_name,
+                "task": task_record(setup.task),
             }
         )
     run: dict[str, Any] = (
@@ -267,8 +322,15 @@ def run_arm(
         last.clear()
         last.update(record)
         run["evals"] += 1
+        name = setup.task.headline
         bar.set_postfix(
-            {"arm": arm, **{f"acc{b}": f"{headline(m):.3f}" for b, m in record["bits"].items()}}
+            {
+                "arm": arm,
+                **{
+                    f"{name}{b}": f"{headline(setup.task, m):.3g}"
+                    for b, m in record["bits"].items()
+                },
+            }
         )
 
     def on_checkpoint(state: RunState) -> None:
@@ -307,6 +369,7 @@ def run_arm(
         **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},
         "metrics": last["bits"],
+        "task": task_record(setup.task),
         "rounds": cfg.train.rounds,
         "wall_s": round(time.perf_counter() - start, 3),
         "target_bits": setup.target_bits,

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from fedtier.errors import FedtierError
+from fedtier.metrics import MetricSpec
 
 
 class RunWriter:
@@ -92,32 +93,87 @@ def read_run(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def summary_from(records: list[dict[str, Any]]) -> dict[str, Any]:
     """A summary rebuilt from the last evaluation of each arm (for interrupted runs)."""
     arms: dict[str, Any] = {}
+    tasks = {r["arm"]: r["task"] for r in records if r.get("event") == "setup" and "task" in r}
     for r in records:
         if "bits" in r:
             arms[r["arm"]] = {
                 "cda": {b: m["accuracy"] for b, m in r["bits"].items() if "accuracy" in m},
+                "metrics": r["bits"],
                 "rounds": r["round"],
                 "wall_s": r.get("wall_s", 0.0),
                 **({"costs": r["costs"]} if "costs" in r else {}),
+                **({"task": tasks[r["arm"]]} if r["arm"] in tasks else {}),
             }
     return {"arms": arms}
 
 
-def cda_table(summary: dict[str, Any]) -> str:
-    """Markdown table shaped like QAFed's Table 3: rows bit widths, columns arms (CDA %)."""
+LEGACY_TABLES = {"accuracy": "cda", "asr": "asr"}  # summaries written before typed metrics
+LEGACY_SPECS = {
+    "accuracy": MetricSpec("Clean accuracy", "%", scale=100.0, fmt=".1f"),
+    "asr": MetricSpec("Attack success rate", "%", higher_is_better=False, scale=100.0, fmt=".1f"),
+}
+
+
+def metric_spec(summary: dict[str, Any], metric: str) -> MetricSpec:
+    """The spec of ``metric`` as the first arm declaring it states it (typed metrics)."""
+    for a in summary.get("arms", {}).values():
+        spec = a.get("task", {}).get("metrics", {}).get(metric)
+        if spec is not None:
+            return MetricSpec.from_dict(spec)
+    return LEGACY_SPECS.get(metric, MetricSpec(metric))
+
+
+def metric_values(arm: dict[str, Any], metric: str) -> dict[str, float]:
+    """{bits: value} of ``metric`` in an arm's summary entry."""
+    values = {b: m[metric] for b, m in arm.get("metrics", {}).items() if metric in m}
+    if not values and metric in LEGACY_TABLES:
+        values = dict(arm.get(LEGACY_TABLES[metric]) or {})
+    return values
+
+
+def table_metrics(summary: dict[str, Any]) -> list[str]:
+    """The metrics the arms' tasks tabulate per bit width, in declaration order (old
+    summaries without a task record: clean accuracy)."""
+    out: list[str] = []
+    for a in summary.get("arms", {}).values():
+        for m in a.get("task", {}).get("tables", ["accuracy"]):
+            if m not in out:
+                out.append(m)
+    return out or ["accuracy"]
+
+
+def metric_table(summary: dict[str, Any], metric: str) -> str:
+    """Markdown table shaped like QAFed's Table 3: rows bit widths, columns arms, cells the
+    metric as its spec shows it (clean accuracy in %, MSE…)."""
     arms = summary.get("arms", {})
     if not arms:
         return "(no evaluations recorded)"
-    bits = sorted({int(b) for a in arms.values() for b in a.get("cda", {})}, reverse=True)
-    names = list(arms)
+    spec = metric_spec(summary, metric)
+    values = {n: metric_values(a, metric) for n, a in arms.items()}
+    names = [n for n in arms if values[n]] or list(arms)
+    bits = sorted({int(b) for n in names for b in values[n]}, reverse=True)
     lines = ["| bits | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for b in bits:
-        cells = [
-            f"{100 * arms[n]['cda'][str(b)]:.1f}" if str(b) in arms[n].get("cda", {}) else "–"
-            for n in names
-        ]
+        cells = [spec.show(values[n][str(b)]) if str(b) in values[n] else "–" for n in names]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary_tables(summary: dict[str, Any]) -> str:
+    """A titled table per metric the arms' tasks tabulate (``## <label> (<unit>) after
+    post-training quantization``): CDA, plus ASR under a backdoor evaluation, for
+    classification; MSE for the autoencoder and the diffusion task."""
+    sections = []
+    for metric in table_metrics(summary):
+        title = metric_spec(summary, metric).title()
+        table = metric_table(summary, metric)
+        sections.append(f"## {title} after post-training quantization\n\n{table}\n")
+    return "\n".join(sections).rstrip("\n")
+
+
+def cda_table(summary: dict[str, Any]) -> str:
+    """Clean accuracy (%) per bit width and arm (:func:`metric_table` of ``accuracy``)."""
+    return metric_table(summary, "accuracy")
 
 
 def security_section(summary: dict[str, Any]) -> str:
@@ -125,8 +181,8 @@ def security_section(summary: dict[str, Any]) -> str:
     (ε, δ); empty when no arm measured any of them."""
     arms = summary.get("arms", {})
     lines: list[str] = []
-    with_asr = {n: a for n, a in arms.items() if a.get("asr")}
-    if with_asr:
+    with_asr = {n: a for n, a in arms.items() if a.get("asr") and "task" not in a}
+    if with_asr:  # old summaries; a task record tabulates ASR with the task's tables
         lines += ["## Attack success rate (%) after post-training quantization", ""]
         lines += [cda_table({"arms": {n: {"cda": a["asr"]} for n, a in with_asr.items()}}), ""]
     attacks = {n: a["attack"] for n, a in arms.items() if a.get("attack")}
@@ -164,12 +220,14 @@ def security_section(summary: dict[str, Any]) -> str:
 
 
 def render_report(out: Path) -> Path:
-    """Write report.md (tables) and accuracy.png (CDA per bit width against round, per arm)."""
+    """Write report.md (a table per metric the arms' tasks tabulate, per bit width: CDA, and
+    ASR under a backdoor evaluation, for classification) and <headline>.png (the headline
+    metric per bit width against round, per arm; accuracy.png for classification)."""
     records, summary = read_run(out)
     lines = [f"# fedtier run: {summary.get('name', out.name)}", ""]
     if summary.get("target_bits") is not None:
         lines += [f"Target bit set B: {summary['target_bits']}", ""]
-    lines += ["## Clean accuracy (%) after post-training quantization", "", cda_table(summary), ""]
+    lines += [summary_tables(summary), ""]
     security = security_section(summary)
     if security:
         lines += [security, ""]
@@ -180,19 +238,40 @@ def render_report(out: Path) -> Path:
             f"| {n} | {a.get('rounds', '–')} | {a.get('wall_s', 0):.1f} |" for n, a in arms.items()
         ]
         lines.append("")
-    plot = plot_accuracy(records, out / "accuracy.png")
+    headline = headline_metric(summary)
+    spec = metric_spec(summary, headline)
+    plot = plot_accuracy(records, out / f"{headline}.png", headline, spec)
     if plot is not None:
-        lines += ["## Accuracy per bit width against round", "", f"![accuracy]({plot.name})", ""]
+        lines += [
+            f"## {spec.label} per bit width against round",
+            "",
+            f"![{headline}]({plot.name})",
+            "",
+        ]
     if any("costs" in a for a in arms.values()):
         lines += ["## Communication and energy", "", costs_table(summary), ""]
-        cost_plot = plot_costs(records, out / "costs.png")
+        cost_plot = plot_costs(records, out / "costs.png", headline, spec)
         if cost_plot is not None:
             lines += [f"![accuracy against simulated time and energy]({cost_plot.name})", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
 
-def plot_accuracy(records: list[dict[str, Any]], path: Path) -> Path | None:
+def headline_metric(summary: dict[str, Any]) -> str:
+    """The headline metric of the first arm that declares one (``accuracy`` otherwise)."""
+    for a in summary.get("arms", {}).values():
+        if "task" in a:
+            return str(a["task"]["headline"])
+    return "accuracy"
+
+
+def plot_accuracy(
+    records: list[dict[str, Any]],
+    path: Path,
+    metric: str = "accuracy",
+    spec: MetricSpec = LEGACY_SPECS["accuracy"],
+) -> Path | None:
+    """``metric`` (the headline) per bit width against round, one panel per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,12 +287,12 @@ def plot_accuracy(records: list[dict[str, Any]], path: Path) -> Path | None:
     for ax, arm in zip(axes[0], arms):
         rs = [r for r in evals if r["arm"] == arm]
         for b in rs[0]["bits"]:
-            ys = [100 * r["bits"][b].get("accuracy", float("nan")) for r in rs]
+            ys = [spec.scale * r["bits"][b].get(metric, float("nan")) for r in rs]
             ax.plot([r["round"] for r in rs], ys, marker="o", ms=3, label=f"{b} bit")
         ax.set_title(arm)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("clean accuracy (%)")
+    axes[0][0].set_ylabel(spec.title())
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -222,27 +301,31 @@ def plot_accuracy(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def costs_table(summary: dict[str, Any]) -> str:
-    """Markdown table per arm: fp32 accuracy, bytes uploaded client → edge (and the share of
-    the fp32 arm's, when one is named ``fp32…``), simulated time and device energy in total
-    (fedtier.costs); with optimal allocation also the same run's cost at (f_max, P_max)."""
+    """Markdown table per arm: the headline metric at fp32 (accuracy in %), bytes uploaded
+    client → edge (and the share of the fp32 arm's, when one is named ``fp32…``), simulated
+    time and device energy in total (fedtier.costs); with optimal allocation also the same
+    run's cost at (f_max, P_max)."""
     arms = {n: a for n, a in summary.get("arms", {}).items() if "costs" in a}
     if not arms:
         return "(no cost records)"
     fp32 = next((a["costs"] for n, a in arms.items() if n.startswith("fp32")), None)
+    headline = headline_metric(summary)
+    spec = metric_spec(summary, headline)
+    short = "acc fp32 (%)" if headline == "accuracy" else f"{headline} fp32"
     lines = [
-        "| arm | acc fp32 (%) | uploaded (MB) | vs fp32 | time (s) | energy (J) "
+        f"| arm | {short} | uploaded (MB) | vs fp32 | time (s) | energy (J) "
         "| at max f, P: time (s) | energy (J) | energy saved | infeasible | dropped |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, a in arms.items():
         c = a["costs"]
-        acc = a.get("cda", {}).get("32")
+        acc = metric_values(a, headline).get("32")
         up = c.get("bytes_client_edge", 0.0)
         share = f"{up / fp32['bytes_client_edge']:.3f}" if fp32 else "–"
         at_max = c.get("energy_at_max_j")
         saved = f"{100 * (1 - c['energy_j'] / at_max):.1f}%" if at_max else "–"
         lines.append(
-            f"| {n} | {'–' if acc is None else f'{100 * acc:.1f}'} | {up / 1e6:.2f} | {share} "
+            f"| {n} | {'–' if acc is None else spec.show(acc)} | {up / 1e6:.2f} | {share} "
             f"| {c.get('time_s', 0):.1f} | {c.get('energy_j', 0):.2f} "
             f"| {c.get('time_at_max_s', c.get('time_s', 0)):.1f} "
             f"| {at_max if at_max is not None else c.get('energy_j', 0):.2f} | {saved} "
@@ -251,8 +334,14 @@ def costs_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_costs(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """fp32 accuracy against simulated time and against cumulative device energy, per arm."""
+def plot_costs(
+    records: list[dict[str, Any]],
+    path: Path,
+    metric: str = "accuracy",
+    spec: MetricSpec = LEGACY_SPECS["accuracy"],
+) -> Path | None:
+    """``metric`` (the headline) at the first evaluated bit width against simulated time and
+    against cumulative device energy, per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,12 +355,12 @@ def plot_costs(records: list[dict[str, Any]], path: Path) -> Path | None:
     for arm in arms:
         rs = [r for r in evals if r["arm"] == arm]
         b = next(iter(rs[0]["bits"]))
-        ys = [100 * r["bits"][b].get("accuracy", float("nan")) for r in rs]
+        ys = [spec.scale * r["bits"][b].get(metric, float("nan")) for r in rs]
         for ax, key in zip(axes, ("time_s", "energy_j")):
             ax.plot([r["costs"].get(key, 0.0) for r in rs], ys, marker="o", ms=3, label=arm)
     axes[0].set_xlabel("simulated time (s)")
     axes[1].set_xlabel("device energy (J)")
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylabel(spec.title())
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)

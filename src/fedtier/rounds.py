@@ -39,7 +39,7 @@ from fedtier.local.sgd import client_generator
 from fedtier.privacy import NoiseKey, dp_mechanism
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
-from fedtier.tasks import ClientTask
+from fedtier.tasks import ClientTask, client_batch
 from fedtier.topology import RoundPlan, Topology, expected_clients, expected_sampled, plan_round
 from fedtier.upload import Chain, UploadContext
 
@@ -433,7 +433,7 @@ def client_update(setup: ArmSetup, w: torch.Tensor, client: int, step: int) -> t
     x, y = setup.client_data(client)
     local = local_config(setup.cfg)
     generator = client_generator(setup.cfg.seed, step, client)
-    train_client(setup.model, setup.task, x, y, local, generator)
+    train_client(setup.model, setup.task, client_batch(setup.task, x, y), local, generator)
     return client_delta(setup, client, start, setup.layout.flatten(setup.model))
 
 
@@ -501,8 +501,9 @@ def evaluate(setup: ArmSetup, w: torch.Tensor) -> dict[str, Metrics]:
     )
 
 
-def headline(metrics: Metrics) -> float:
-    return float(next(iter(metrics.values())))
+def headline(task: ClientTask, metrics: Metrics) -> float:
+    """The task's headline metric in ``metrics`` (NaN when it was not measured)."""
+    return float(metrics.get(task.headline, float("nan")))
 
 
 def attribute(metrics: Metrics, clients: list[int], malicious: frozenset[int]) -> Metrics:

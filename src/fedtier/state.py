@@ -26,6 +26,16 @@ def keep_batchnorm_local(name: str, module: nn.Module) -> bool:
     return not isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
+def all_of(*filters: StateFilter) -> StateFilter:
+    """The filter that uploads an entry only when every one of ``filters`` does (a task's
+    device-kept groups composed with FedBN, say)."""
+
+    def upload(name: str, module: nn.Module) -> bool:
+        return all(f(name, module) for f in filters)
+
+    return upload
+
+
 @dataclass
 class StateLayout:
     """Names, shapes and offsets of the float state entries of a model."""

@@ -53,3 +53,23 @@ def test_channels_last_workers_agree_on_a_plain_cnn():
     seq = train_sequential(setup, w, [1, 2, 4], 0)
     assert seq.abs().max() > 1e-3
     torch.testing.assert_close(par, seq, atol=1e-5, rtol=1e-4)
+
+
+def test_process_deltas_equal_sequential_ones_for_the_diffusion_task():
+    overrides = {
+        "model.name": "denoiser-mlp",
+        "model.options": {"hidden": 16, "embed": 8},
+        "train.task": "diffusion-test",
+        "train.batch_size": 8,
+    }
+    setup = prepare_arm(tiny_config(**overrides), DIGITS)
+    w = setup.layout.flatten(setup.model)
+    clients = [0, 3, 5]
+    seq = train_sequential(setup, w, clients, 2)
+    executor = ProcessExecutor(workers=2)
+    try:
+        par = executor(setup, w, clients, 2)
+    finally:
+        executor.close()
+    assert seq.abs().max() > 1e-3
+    torch.testing.assert_close(par, seq, atol=1e-6, rtol=1e-5)

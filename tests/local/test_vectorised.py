@@ -41,6 +41,19 @@ CASES = {
         "model.options": {"hidden": 16, "latent": 4},
         "train.task": "autoencoder",
     },
+    "diffusion": {
+        "model.name": "denoiser-mlp",
+        "model.options": {"hidden": 16, "embed": 8},
+        "train.task": "diffusion-test",
+        "train.epochs": 2,
+    },
+    "diffusion, qat": {
+        "model.name": "denoiser-mlp",
+        "model.options": {"hidden": 16, "embed": 8},
+        "train.task": "diffusion-test",
+        "quant.qat": True,
+        "quant.bits": [8, 4],
+    },
 }
 
 
@@ -50,6 +63,7 @@ def test_vectorised_deltas_equal_sequential_ones(case):
     clients = [0, 3, 5, 7, 11]  # unequal sizes: different step counts and short last batches
     sizes = {int(setup.topology.num_samples[c]) for c in clients}
     assert len(sizes) > 1
+    assert not_vectorisable(setup, clients) is None  # really vectorised, no fallback
     seq, vec = _both(setup, clients)
     assert seq.shape == vec.shape == (len(clients), setup.layout.size)
     assert seq.abs().max() > 1e-3  # training moved the clients

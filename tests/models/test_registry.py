@@ -16,18 +16,21 @@ MNIST = (1, 28, 28)
 DIGITS = (1, 8, 8)
 CIFAR = (3, 32, 32)
 HEAVY = ("alexnet", "resnet18", "vgg16")
-LIGHT = ("autoencoder", "cnn", "cnn-bn", "mlp")
+LIGHT = ("autoencoder", "cnn", "cnn-bn", "denoiser-mlp", "mlp")
+SAME_SHAPE = ("autoencoder", "denoiser-mlp")  # output shaped like the input
 
 
 def _output(name: str, shape: tuple[int, int, int], classes: int = 10) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model(name, shape, classes)
     with torch.no_grad():
+        if name == "denoiser-mlp":  # model(x_t, t)
+            return model(torch.randn(2, *shape), torch.tensor([0, 57]))
         return model(torch.randn(2, *shape))
 
 
 def _expected(name: str, shape: tuple[int, int, int], classes: int = 10) -> tuple[int, ...]:
-    return (2, *shape) if name == "autoencoder" else (2, classes)
+    return (2, *shape) if name in SAME_SHAPE else (2, classes)
 
 
 def test_known_models_are_the_documented_zoo() -> None:

@@ -8,7 +8,7 @@ success rate to the task's evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +43,10 @@ from fedtier.config import (
 )
 from fedtier.data import ArrayDataset
 from fedtier.errors import ConfigError
+from fedtier.metrics import MetricSpec
 from fedtier.quant import QuantSpec
 from fedtier.seeding import numpy_rng
-from fedtier.tasks import ClientTask
+from fedtier.tasks import Batch, ClientTask, Groups, LocalUpdate, Masked
 
 if TYPE_CHECKING:
     from fedtier.config import Config
@@ -180,22 +181,61 @@ def byzantine(kind: str, scale: float) -> Transform:
     raise ConfigError("attack.kind", kind, f"one of {list(KINDS)}")
 
 
-@dataclass
+ATTACK_SUCCESS = MetricSpec(
+    "Attack success rate", "%", higher_is_better=False, scale=100.0, fmt=".1f"
+)
+
+
+@dataclass(frozen=True)
 class BackdoorEval:
-    """A task whose evaluation adds the attack success rate: the fraction of triggered test
-    inputs of a class other than the target that are classified as the target."""
+    """A task whose evaluation adds the attack success rate ``asr``: the fraction of
+    triggered test inputs of a class other than the target that are classified as the
+    target. Training is the wrapped task's; ``asr`` is tabulated per bit width after the
+    wrapped task's own tables."""
 
     task: ClientTask
     trigger: Trigger
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.task.loss(model, x, y)
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        return self.task.loss(model, batch, generator)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: ArrayDataset, batch_size: int) -> dict[str, float]:
         out = self.task.evaluate(model, data, batch_size)
         out["asr"] = attack_success_rate(model, data, self.trigger, batch_size)
         return out
+
+    @property
+    def metrics(self) -> Mapping[str, MetricSpec]:
+        return {**self.task.metrics, "asr": ATTACK_SUCCESS}
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return (*self.task.tables, "asr")
+
+    @property
+    def headline(self) -> str:
+        return self.task.headline
+
+    @property
+    def labelled(self) -> bool:
+        return self.task.labelled
+
+    @property
+    def groups(self) -> Groups:
+        return self.task.groups
+
+    @property
+    def masked(self) -> Masked | None:
+        return self.task.masked
+
+    @property
+    def plain_cross_entropy(self) -> bool:
+        return self.task.plain_cross_entropy
+
+    @property
+    def local_update(self) -> LocalUpdate | None:
+        return self.task.local_update
 
 
 def attack_success_rate(

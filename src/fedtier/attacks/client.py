@@ -5,7 +5,7 @@ adversarial noise training and the gradient-norm constraint)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +16,11 @@ from fedtier.attacks.cells import matching_statistics, rounding_cells
 from fedtier.attacks.losses import Loss
 from fedtier.config import TrainedAttack
 from fedtier.local import LocalConfig
-from fedtier.local.sgd import _has_batchnorm, client_generator
+from fedtier.local.sgd import Hooks, client_generator, local_sgd
 from fedtier.quant import QuantSpec, quantize_copy
 from fedtier.seeding import torch_generator
+from fedtier.tasks import Batch
+from fedtier.tasks.base import Loss as TaskLoss
 
 if TYPE_CHECKING:
     from fedtier.rounds import ArmSetup
@@ -306,51 +308,69 @@ def train_adversarial(
     noise_generator: torch.Generator | None = None,
     project: Callable[[nn.Module], None] | None = None,
 ) -> int:
-    """Local SGD on ``loss_fn`` with QAFed's evasion terms.
+    """Local SGD on ``loss_fn`` with QAFed's evasion terms, as hooks of the one local-SGD
+    loop (:func:`fedtier.local.sgd.local_sgd`, the honest clients' loop and batch order).
 
     Adversarial noise training, eq. (18)–(19): each step evaluates the loss at
     w' = w + σ·ε, ε ~ N(0, I), and applies that gradient to w (so the attack survives the
     server's noise). Gradient-norm constraint, eq. (20): g ← g · min(1, τ / ‖g‖₂).
     ``project`` (the cells solver's constraint) is applied to the model after every step.
-    Same batch order as honest training (:func:`fedtier.local.train_client`).
 
     BatchNorm stays on the received running statistics (eval mode) and they are not
     updated: the attacker optimises the function the devices will run, and its upload
     changes only the parameters, so model replacement (γ scales parameters only) replaces
     a model whose weights and statistics belong together.
     """
-    model.train()
-    for m in model.modules():  # BatchNorm frozen: see the docstring
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    device = params[0].device
-    n, steps = len(y), 0
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            if len(idx) < 2 and n >= 2 and _has_batchnorm(model):
-                continue
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            noise = []
-            if noise_sigma > 0:
-                with torch.no_grad():
-                    for p in params:
-                        e = noise_sigma * torch.randn(p.shape, generator=noise_generator).to(device)
-                        p.add_(e)
-                        noise.append(e)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model, xb, yb).backward()
-            if noise:
-                with torch.no_grad():
-                    for p, e in zip(params, noise):
-                        p.sub_(e)
-            if grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_norm)
-            opt.step()
-            if project is not None:
-                project(model)
-            steps += 1
-    return steps
+    hooks = Hooks(
+        perturb=adversarial_noise(noise_sigma, noise_generator) if noise_sigma > 0 else None,
+        on_grad=gradient_norm_bound(grad_norm) if grad_norm is not None else None,
+        after_step=project,
+        freeze_batchnorm=True,
+    )
+    return local_sgd(model, supervised(loss_fn), (x, y), cfg, generator, hooks)
+
+
+def supervised(loss_fn: Loss) -> TaskLoss:
+    """An attack objective ``(model, x, y)`` as a task loss ``(model, (x, y), generator)``
+    (the attack objectives draw nothing)."""
+
+    def loss(model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        assert isinstance(batch, tuple)
+        x, y = batch
+        return loss_fn(model, x, y)
+
+    return loss
+
+
+def adversarial_noise(
+    sigma: float, generator: torch.Generator | None
+) -> Callable[[Sequence[torch.Tensor]], Callable[[], None]]:
+    """Eq. (18)–(19) as a :class:`Hooks` ``perturb``: add σ·ε (ε ~ N(0, I) from
+    ``generator``) to every trained parameter; the returned undo removes it again."""
+
+    def perturb(params: Sequence[torch.Tensor]) -> Callable[[], None]:
+        noise = []
+        with torch.no_grad():
+            for p in params:
+                e = sigma * torch.randn(p.shape, generator=generator).to(p.device)
+                p.add_(e)
+                noise.append(e)
+
+        def undo() -> None:
+            with torch.no_grad():
+                for p, e in zip(params, noise):
+                    p.sub_(e)
+
+        return undo
+
+    return perturb
+
+
+def gradient_norm_bound(tau: float) -> Callable[[Sequence[torch.Tensor]], None]:
+    """Eq. (20) as a :class:`Hooks` ``on_grad``: g ← g · min(1, τ / ‖g‖₂) over all trained
+    parameters (``torch.nn.utils.clip_grad_norm_``)."""
+
+    def clip(params: Sequence[torch.Tensor]) -> None:
+        torch.nn.utils.clip_grad_norm_(params, tau)
+
+    return clip

@@ -37,7 +37,6 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fedtier.local.vectorised import _reuse_freed_memory, block_schedules, sequential_unless
 from fedtier.rounds import ArmSetup, local_config
-from fedtier.tasks import ClassificationTask
 
 ACTIVATIONS = (
     nn.ReLU,
@@ -109,9 +108,8 @@ def not_dense(setup: ArmSetup) -> str | None:
     stack = dense_stack(setup.model)
     if isinstance(stack, str):
         return stack
-    task = setup.task
-    if not isinstance(task, ClassificationTask) or task.qat_bits:
-        return "the loss is not plain cross-entropy (QAT or another task)"
+    if not setup.task.plain_cross_entropy:
+        return "the task's loss is not plain cross-entropy (QAT, another task or its own update)"
     t = setup.cfg.train
     if t.momentum or t.weight_decay:
         return "local SGD has momentum or weight decay"
@@ -136,7 +134,7 @@ def train_dense(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int)
     stack = dense_stack(setup.model)
     assert isinstance(stack, DenseStack), stack
     local = local_config(setup.cfg)
-    data, schedules, order = block_schedules(setup, clients, step, local, skip_singletons=False)
+    data, schedules, order, _ = block_schedules(setup, clients, step, local, skip_singletons=False)
     device = next(setup.model.parameters()).device
     lr = local.lr
     count = len(clients)

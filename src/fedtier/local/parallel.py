@@ -23,7 +23,7 @@ from torch import nn
 from fedtier.local.sgd import LocalConfig, _has_batchnorm, client_generator, train_client
 from fedtier.rounds import ArmSetup, client_delta, client_start, local_config
 from fedtier.state import StateLayout
-from fedtier.tasks import ClientTask
+from fedtier.tasks import Batch, ClientTask, batch_len, client_batch
 
 _worker: dict[str, object] = {}
 
@@ -53,8 +53,7 @@ def _init_worker(model: nn.Module, task: ClientTask, layout: StateLayout, channe
 
 def _train_one(
     start: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: Batch,
     local: LocalConfig,
     seed: int,
     step: int,
@@ -63,11 +62,20 @@ def _train_one(
     model, layout = _worker["model"], _worker["layout"]
     assert isinstance(model, nn.Module) and isinstance(layout, StateLayout)
     layout.load(model, start)
-    if _worker["channels_last"] and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if _worker["channels_last"]:
+        data = _channels_last(data)
     task = _worker["task"]
-    train_client(model, task, x, y, local, client_generator(seed, step, client))  # type: ignore[arg-type]
+    train_client(model, task, data, local, client_generator(seed, step, client))  # type: ignore[arg-type]
     return layout.flatten(model)
+
+
+def _channels_last(data: Batch) -> Batch:
+    """The image tensors ([n, C, H, W]) of ``data`` in channels-last layout."""
+
+    def nhwc(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    return tuple(nhwc(t) for t in data) if isinstance(data, tuple) else nhwc(data)
 
 
 class ProcessExecutor:
@@ -120,10 +128,10 @@ class ProcessExecutor:
         pool = self._start(setup)
         local, seed = local_config(setup.cfg), setup.cfg.seed
         starts = {c: client_start(setup, w, c) for c in clients}
-        data = {c: setup.client_data(c) for c in clients}
-        largest_first = sorted(clients, key=lambda c: -len(data[c][1]))
+        data = {c: client_batch(setup.task, *setup.client_data(c)) for c in clients}
+        largest_first = sorted(clients, key=lambda c: -batch_len(data[c]))
         futures = {
-            c: pool.apply_async(_train_one, (starts[c], *data[c], local, seed, step, c))
+            c: pool.apply_async(_train_one, (starts[c], data[c], local, seed, step, c))
             for c in largest_first
         }
         return torch.stack([client_delta(setup, c, starts[c], futures[c].get()) for c in clients])

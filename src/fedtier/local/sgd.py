@@ -1,23 +1,31 @@
-"""Sequential local training: E epochs of mini-batch SGD on one client's data."""
+"""Local training: the one mini-batch SGD loop of fedtier.
+
+The sequential executor, the process executor and the attackers all train with
+:func:`local_sgd`; what differs between them is a hook (adversarial noise training,
+gradient-norm constraint, projection, frozen BatchNorm), not a second loop. The vectorised
+and dense executors train blocks of clients at once and are tested to agree with it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedtier.seeding import torch_generator
-from fedtier.tasks import ClientTask
+from fedtier.tasks import Batch, ClientTask, LocalConfig, batch_len, batch_to, take
+from fedtier.tasks.base import Loss, device_of
 
-
-@dataclass(frozen=True)
-class LocalConfig:
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+__all__ = [
+    "Hooks",
+    "LocalConfig",
+    "batch_schedule",
+    "client_generator",
+    "local_sgd",
+    "train_client",
+]
 
 
 def client_generator(seed: int, round_: int, client: int) -> torch.Generator:
@@ -25,30 +33,78 @@ def client_generator(seed: int, round_: int, client: int) -> torch.Generator:
     return torch_generator(seed, "local", round_, client)
 
 
+Params = Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Optional steps of :func:`local_sgd`, per batch in this order:
+
+    ``perturb(params)`` before the forward pass, returning an undo run after the backward
+    pass (adversarial noise training evaluates the gradient at perturbed weights);
+    ``on_grad(params)`` after the backward pass (gradient-norm constraint);
+    ``after_step(model)`` after the optimiser step (projection onto a constraint set).
+    ``freeze_batchnorm`` keeps BatchNorm layers in eval mode (running statistics neither
+    used from the batch nor updated).
+    """
+
+    perturb: Callable[[Params], Callable[[], None]] | None = None
+    on_grad: Callable[[Params], None] | None = None
+    after_step: Callable[[nn.Module], None] | None = None
+    freeze_batchnorm: bool = False
+
+
 def train_client(
     model: nn.Module,
     task: ClientTask,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: Batch,
     cfg: LocalConfig,
     generator: torch.Generator,
 ) -> int:
-    """Train ``model`` in place on (x [n, ...], y [n]); returns the number of SGD steps.
+    """One client's local update of ``model`` in place on its ``data`` (x [n, ...], or
+    (x, y)): the task's own update if it has one, else :func:`local_sgd` on its loss.
+    Returns the number of steps."""
+    if task.local_update is not None:
+        return task.local_update(model, data, cfg, generator)
+    return local_sgd(model, task.loss, data, cfg, generator)
 
-    The optimiser is fresh for every client and round (its momentum stays on the device for
-    the duration of the local epochs only), as in FedAvg.
+
+def local_sgd(
+    model: nn.Module,
+    loss: Loss,
+    data: Batch,
+    cfg: LocalConfig,
+    generator: torch.Generator,
+    hooks: Hooks = Hooks(),
+) -> int:
+    """E epochs of mini-batch SGD on ``loss`` over ``data``; returns the number of steps.
+
+    The batches are :func:`batch_schedule`'s (drawn from ``generator`` first); the loss then
+    draws its own randomness from the same generator, step after step. The optimiser
+    (``torch.optim.SGD`` over the parameters that require gradients) is fresh for every call:
+    its momentum stays on the device for the duration of the local epochs only, as in FedAvg.
     """
     model.train()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    device = next(model.parameters()).device
-    batches = batch_schedule(len(y), cfg, generator, skip_singletons=_has_batchnorm(model))
+    if hooks.freeze_batchnorm:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    device = device_of(model)
+    batches = batch_schedule(batch_len(data), cfg, generator, skip_singletons=_has_batchnorm(model))
     for idx in batches:
-        xb, yb = x[idx].to(device), y[idx].to(device)
+        batch = batch_to(take(data, idx), device)
+        undo = hooks.perturb(params) if hooks.perturb is not None else None
         opt.zero_grad(set_to_none=True)
-        task.loss(model, xb, yb).backward()
+        loss(model, batch, generator).backward()
+        if undo is not None:
+            undo()
+        if hooks.on_grad is not None:
+            hooks.on_grad(params)
         opt.step()
+        if hooks.after_step is not None:
+            hooks.after_step(model)
     return len(batches)
 
 

@@ -11,10 +11,15 @@ update (momentum and weight decay exactly as ``torch.optim.SGD``). The sequentia
   so a client's result does not depend on which clients share its block.
 * Clients are sorted by step count, so the clients still training at step k are a prefix
   of the block (a slice, not a copy).
-* Short last batches: for batch-independent models (no BatchNorm) whose task has a masked
-  loss (:func:`masked_loss`), batches are padded to the batch size and the padded samples
-  masked out of the mean. Otherwise (BatchNorm normalises over the batch, so padding would
-  change it) the active clients are grouped by batch length and each group is one call.
+* The task says whether it can be trained this way: its ``masked`` loss
+  (:class:`fedtier.tasks.Masked`) takes the random draws of each client's loss as inputs,
+  drawn per client from the client's own generator outside ``vmap`` (in the sequential
+  executor's order), and a mask of padded rows. A task without one, or with its own local
+  update, is trained by the sequential executor.
+* Short last batches: for batch-independent models (no BatchNorm), batches are padded to
+  the batch size and the padded samples masked out of the mean. Otherwise (BatchNorm
+  normalises over the batch, so padding would change it) the active clients are grouped by
+  batch length and each group is one call.
 * BatchNorm buffers (and QAT's per-precision statistics) are stacked per client too and
   updated in place by the train-mode forward pass, as in the sequential executor.
 * Bookkeeping is per block, not per client: each entry's [C, ...] start is one expand and
@@ -33,50 +38,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from fedtier.local.sgd import LocalConfig, _has_batchnorm, batch_schedule, client_generator
-from fedtier.quant import forward_quantized
 from fedtier.rounds import ArmSetup, client_deltas, client_start, local_config
-from fedtier.tasks import AutoencoderTask, ClassificationTask, ClientTask
-
-MaskedLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(model, x [B, ...], y [B], mask [B] float) → scalar mean loss over the unmasked samples."""
-
-
-def masked_loss(task: ClientTask) -> MaskedLoss | None:
-    """The task's loss averaged over unmasked samples only, or None when it has none.
-
-    Equal to ``task.loss`` on the unmasked samples (each term of QAFed's eq. 8 is a mean over
-    the batch, so each is masked the same way).
-    """
-    if isinstance(task, ClassificationTask):
-        qat_bits, spec = task.qat_bits, task.spec
-
-        def classification(model, x, y, mask):
-            count = mask.sum()
-            total = (F.cross_entropy(model(x), y, reduction="none") * mask).sum() / count
-            for bits in qat_bits:
-                out = forward_quantized(model, x, spec, bits)
-                total = total + (F.cross_entropy(out, y, reduction="none") * mask).sum() / count
-            return total
-
-        return classification
-    if isinstance(task, AutoencoderTask):
-
-        def reconstruction(model, x, y, mask):
-            per_sample = (model(x) - x).pow(2).flatten(1).mean(1)
-            return (per_sample * mask).sum() / mask.sum()
-
-        return reconstruction
-    return None
+from fedtier.tasks import Batch, Draws, Masked, batch_len, batch_to, client_batch, take
 
 
 def not_vectorisable(setup: ArmSetup, clients: Sequence[int] = ()) -> str | None:
     """Why the vectorised executor cannot reproduce the sequential one here (None = it can)."""
+    task = setup.task
+    if task.local_update is not None:
+        return "the task has its own local update"
+    if task.masked is None:
+        return "the task has no masked loss (random draws and padding as inputs)"
     task_of = getattr(setup, "task_of", None)  # clients with their own loss (attackers)
     if task_of is not None and any(task_of(c) is not setup.task for c in clients):
         return "the sampled clients do not share one task (some train with their own loss)"
@@ -92,13 +69,13 @@ def not_vectorisable(setup: ArmSetup, clients: Sequence[int] = ()) -> str | None
 class _TaskLoss(nn.Module):
     """The task's loss as a module, so ``functional_call`` can substitute the model's state."""
 
-    def __init__(self, model: nn.Module, loss: MaskedLoss) -> None:
+    def __init__(self, model: nn.Module, masked: Masked) -> None:
         super().__init__()
         self.model = model
-        self.loss = loss
+        self.masked = masked
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.model, x, y, mask)
+    def forward(self, batch: Batch, mask: torch.Tensor, draws: Draws) -> torch.Tensor:
+        return self.masked.loss(self.model, batch, mask, draws)
 
 
 @dataclass
@@ -123,38 +100,40 @@ def train_vectorised(
         return fallback
     _reuse_freed_memory()
     model = setup.model
+    masked = setup.task.masked
+    assert masked is not None  # not_vectorisable said so
     local = local_config(setup.cfg)
     batchnorm = _has_batchnorm(model)
-    data, schedules, order = block_schedules(setup, clients, step, local, batchnorm)
+    data, schedules, order, generators = block_schedules(setup, clients, step, local, batchnorm)
     ordered = [clients[i] for i in order]
     device = next(model.parameters()).device
     block = _stack(setup, _starts(setup, w, ordered, device), local)
-    x_all = torch.cat([data[i][0] for i in order]).to(device)
-    y_all = torch.cat([data[i][1] for i in order]).to(device)
-    offsets = torch.tensor([0] + [len(data[i][1]) for i in order]).cumsum(0)[:-1]
-    loss = masked_loss(setup.task)
-    pad = loss is not None and not batchnorm
-    if loss is None:
-        task = setup.task
-
-        def plain(m: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
-            return task.loss(m, x, y)
-
-        loss = plain
-    step_fn = vmap(grad(_loss_of(_TaskLoss(model, loss))))
+    data_all = _concat([data[i] for i in order], device)
+    offsets = torch.tensor([0] + [batch_len(data[i]) for i in order]).cumsum(0)[:-1]
+    step_fn = vmap(grad(_loss_of(_TaskLoss(model, masked))))
     model.train()
     steps = [len(schedules[i]) for i in order]
     for k in range(steps[0] if steps else 0):
         active = sum(1 for s in steps if s > k)
         batches = [schedules[order[j]][k] for j in range(active)]
-        for members, idx, mask in _groups(batches, offsets[:active], pad):
+        # each client's draws, from its own generator, in the sequential executor's order
+        draw = masked.draw
+        draws: list[Draws] = [
+            ()
+            if draw is None
+            else draw(batch_to(take(data[order[j]], batches[j]), device), generators[order[j]])
+            for j in range(active)
+        ]
+        for members, idx, mask in _groups(batches, offsets[:active], not batchnorm):
             sel: slice | torch.Tensor = (
                 slice(0, active) if members is None else torch.tensor(members, device=device)
             )
             params = {n: p[sel] for n, p in block.params.items()}
             buffers = {n: b[sel] for n, b in block.buffers.items()}
+            rows = range(active) if members is None else members
+            drawn = _pad_draws([draws[j] for j in rows], idx.shape[1])
             idx = idx.to(device)
-            grads = step_fn(params, buffers, x_all[idx], y_all[idx], mask.to(device))
+            grads = step_fn(params, buffers, take(data_all, idx), mask.to(device), drawn)
             _sgd(block, grads, sel, local)
             del grads  # free before the next step allocates its own (reuses the memory)
             if members is not None:  # gathered copies: write the updated buffers back
@@ -186,20 +165,43 @@ def sequential_unless(
 
 def block_schedules(
     setup: ArmSetup, clients: list[int], step: int, local: LocalConfig, skip_singletons: bool
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[list[torch.Tensor]], list[int]]:
-    """(data, batch schedules, order) of ``clients``: each client's (x, y) and the batches the
-    sequential executor draws for it, and the clients' positions sorted by decreasing step
-    count (stable), so the clients still training at step k are a prefix of the block."""
+) -> tuple[list[Batch], list[list[torch.Tensor]], list[int], list[torch.Generator]]:
+    """(data, batch schedules, order, generators) of ``clients``: each client's data (as the
+    task's batches see it), the batches the sequential executor draws for it, the clients'
+    positions sorted by decreasing step count (stable, so the clients still training at step
+    k are a prefix of the block), and each client's generator after its schedule was drawn
+    (the loss's draws continue from there, as in the sequential executor)."""
     seed = setup.cfg.seed
-    data = [setup.client_data(c) for c in clients]
+    data = [client_batch(setup.task, *setup.client_data(c)) for c in clients]
+    generators = [client_generator(seed, step, c) for c in clients]
     schedules = [
-        batch_schedule(
-            len(y), local, client_generator(seed, step, c), skip_singletons=skip_singletons
-        )
-        for c, (_, y) in zip(clients, data)
+        batch_schedule(batch_len(d), local, g, skip_singletons=skip_singletons)
+        for d, g in zip(data, generators)
     ]
     order = sorted(range(len(clients)), key=lambda i: -len(schedules[i]))
-    return data, schedules, order
+    return data, schedules, order, generators
+
+
+def _concat(data: list[Batch], device: torch.device) -> Batch:
+    """The clients' data concatenated along the sample dimension, on ``device``."""
+    if isinstance(data[0], tuple):
+        parts = zip(*(d for d in data if isinstance(d, tuple)))
+        return tuple(torch.cat(list(p)).to(device) for p in parts)
+    return torch.cat([d for d in data if isinstance(d, torch.Tensor)]).to(device)
+
+
+def _pad_draws(draws: list[Draws], length: int) -> Draws:
+    """The clients' draws stacked [G, length, ...], each padded with zeros to ``length``."""
+    if not draws or not draws[0]:
+        return ()
+    out = []
+    for parts in zip(*draws):
+        padded = [
+            torch.cat([d, d.new_zeros(length - len(d), *d.shape[1:])]) if len(d) < length else d
+            for d in parts
+        ]
+        out.append(torch.stack(padded))
+    return tuple(out)
 
 
 @functools.cache
@@ -226,9 +228,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (mall
 
 
 def _loss_of(module: _TaskLoss) -> Callable[..., torch.Tensor]:
-    def loss(params, buffers, x, y, mask):
+    def loss(params, buffers, batch, mask, draws):
         state = {f"model.{n}": t for n, t in {**params, **buffers}.items()}
-        return functional_call(module, state, (x, y, mask))
+        return functional_call(module, state, (batch, mask, draws))
 
     return loss
 

@@ -6,6 +6,7 @@ from fedtier.quant.model import (
     grid,
     quantize_copy,
     quantized_parameters,
+    quantized_view,
 )
 from fedtier.quant.quantizers import (
     FULL_PRECISION,
@@ -29,5 +30,6 @@ __all__ = [
     "paper_quantize",
     "quantize_copy",
     "quantized_parameters",
+    "quantized_view",
     "ste",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,10 +70,40 @@ def forward_quantized(
     mode update the running statistics of precision b when the model has them
     (:mod:`fedtier.quant.bnstats`), otherwise the shared ones.
     """
+    return quantized_view(model, spec, bits)(x)
+
+
+class QuantizedView(nn.Module):
+    """``model`` as seen at ``bits``: calling it runs the model's forward (any inputs, e.g. a
+    denoiser's ``(x, t)``) with its parameters replaced by Q_b(w) under the STE, through
+    ``torch.func.functional_call``, and with the per-precision BatchNorm statistics of b
+    when the model keeps them (:func:`fedtier.quant.bnstats.bit_buffers`).
+
+    The view reads the model's parameters at call time, so it sees whatever an enclosing
+    ``functional_call`` (the vectorised executor) substituted for them.
+    """
+
+    def __init__(self, model: nn.Module, spec: QuantSpec, bits: int) -> None:
+        super().__init__()
+        self.inner = model
+        self.spec = spec
+        self.bits = bits
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.inner
+        params = quantized_parameters(
+            dict(model.named_parameters()), self.spec, self.bits, straight_through=True
+        )
+        state = {**params, **bit_buffers(model, self.bits)}
+        return functional_call(model, state, args, kwargs)
+
+
+def quantized_view(model: nn.Module, spec: QuantSpec, bits: int) -> nn.Module:
+    """The model at ``bits`` for training (:class:`QuantizedView`); the model itself at full
+    precision."""
     if bits >= FULL_PRECISION:
-        return model(x)
-    params = quantized_parameters(dict(model.named_parameters()), spec, bits, straight_through=True)
-    return functional_call(model, {**params, **bit_buffers(model, bits)}, (x,))
+        return model
+    return QuantizedView(model, spec, bits)
 
 
 def quantize_copy(model: nn.Module, spec: QuantSpec, bits: int) -> nn.Module:
