@@ -105,7 +105,7 @@ def check_task_fits(cfg: Config, task: ClientTask, model: nn.Module, train: Arra
             task.loss(model, batch_to(sample, device_of(model)), torch.Generator())
     except Exception as e:  # the user's model and task: any failure is a configuration error
         raise FedtierError(
-            f"train.task '{cfg.train.task}' cannot train model '{cfg.model.name}': "
+            f"train.task '{cfg.train.task.name}' cannot train model '{cfg.model.name}': "
             f"{type(e).__name__}: {e}"
         ) from e
     finally:
