@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from fedtier.errors import ConfigError
 from fedtier.experiment import prepare_arm
 from fedtier.local import LocalConfig
 from fedtier.quant import QuantSpec, forward_quantized, quantize_copy
-from fedtier.rounds import train_sequential
+from fedtier.rounds import run_rounds, train_sequential
 
 
 def test_trigger_stamps_the_corner_patch_and_dba_parts_cover_it():
@@ -362,3 +364,82 @@ def test_statistics_term_is_zero_unquantized_and_pulls_fp32_towards_the_deployed
         gap(model, x, y).backward()
         opt.step()
     assert float(gap(model, x, y).detach()) < 0.5 * before
+
+
+def silent_phase_config(tiny, **overrides):
+    """All 12 clients every round, clients 0 and 6 (one per edge) malicious, B = {8, 4}."""
+    return tiny(
+        **{
+            "model.name": "mlp",
+            "model.options": {},
+            "quant.params": "weights",
+            "quant.bits": [8, 4],
+            "quant.eval_bits": [32],
+            "topology.clients_per_edge": 6,
+            "attack.kind": "fqbd",
+            "attack.trigger.size": 2,
+            "attack.malicious_ids": [0, 6],
+            "attack.candidate_bits": [8, 4, 3, 2],
+            "attack.epochs": 1,
+            **overrides,
+        }
+    )
+
+
+def accuracy_by_hand(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_attackers_observe_every_global_model_of_the_silent_phase(tiny, digits, pool):
+    silent = {"attack.start_round": 5, "attack.pool": pool}
+    setup = prepare_arm(silent_phase_config(tiny, **{"train.rounds": 2, **silent}), digits)
+    w0 = setup.layout.flatten(setup.model).clone()
+    first_round = prepare_arm(silent_phase_config(tiny, **{"train.rounds": 1, **silent}), digits)
+    w1 = run_rounds(first_round, lambda r: None)
+    run_rounds(setup, lambda r: None)
+    a = setup.attack
+    assert a.active_updates == 0  # silent throughout ...
+    # ... yet every received global model was observed: per client on its own data, or once
+    # per model on the pooled data
+    if pool:
+        views = [torch.cat([setup.client_data(c)[i] for c in (0, 6)]) for i in (0, 1)]
+        data = [tuple(views)]
+    else:
+        data = [setup.client_data(c) for c in (0, 6)]
+    assert a.seen == 2 * len(data)
+    model = copy.deepcopy(setup.model)
+    for b in a.candidate_bits:  # ΔAcc_b = Acc(Q_b(w)) − Acc(w), summed over what was seen
+        expected = 0.0
+        for w in (w0, w1):
+            setup.layout.load(model, w)
+            q = quantize_copy(model, a.spec, b)
+            expected += sum(
+                accuracy_by_hand(q, x, y) - accuracy_by_hand(model, x, y) for x, y in data
+            )
+        assert a.drop_sum[b] == pytest.approx(expected, abs=1e-6)
+
+
+def test_prediction_at_start_round_comes_from_the_silent_phase(tiny, digits):
+    # QAT on B = {8, 4}: the global models of rounds 0–2 lose least at 8 and 4 bits; the first
+    # malicious update (round 3) attacks the bits predicted from them
+    cfg = silent_phase_config(
+        tiny, **{"quant.qat": True, "train.rounds": 4, "attack.start_round": 3}
+    )
+    setup = prepare_arm(cfg, digits)
+    a = setup.attack
+    used = []
+    objective = a.loss
+
+    def spy(bits, client):
+        used.append((list(bits), a.seen, a.predicted_bits()))
+        return objective(bits, client)
+
+    a.loss = spy
+    run_rounds(setup, lambda r: None)
+    assert [list(c) for c in setup.topology.edge_clients] == [list(range(6)), list(range(6, 12))]
+    assert a.active_updates == 2 and len(used) == 2
+    first_bits, seen_then, predicted_then = used[0]
+    assert seen_then == 3 * 2 + 1  # 3 silent rounds × 2 attackers, then client 0's own view
+    assert first_bits == predicted_then == setup.target_bits == [8, 4]

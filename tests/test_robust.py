@@ -1,5 +1,10 @@
+import math
+from collections.abc import Callable
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedtier.aggregate.robust import FACTORIES, build_rule, check_rule_config
 from fedtier.errors import ConfigError, FedtierError
@@ -127,3 +132,381 @@ def test_cosine_filter_removes_opposed_updates():
 def test_every_factory_is_buildable_with_defaults():
     for name in FACTORIES:
         build_rule(name, {}, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute-force references, written as loops over Python floats straight from the papers, and
+# compared with the real rules through build_rule (the path the round loop takes) on many small
+# random inputs with unequal weights. Integer-valued updates make distances and medians exact,
+# so ties happen often and must be broken as documented (lower row index; smaller value).
+# ---------------------------------------------------------------------------------------------
+
+Rows = list[list[float]]
+
+
+def ref_sqdist(a: list[float], b: list[float]) -> float:
+    return sum((x - y) ** 2 for x, y in zip(a, b))
+
+
+def ref_krum_scores(rows: Rows, neighbours: int) -> list[float]:
+    """Blanchard et al. 2017: score(i) = Σ of the squared distances to the `neighbours`
+    closest other rows."""
+    scores = []
+    for i, r in enumerate(rows):
+        d = sorted(ref_sqdist(r, s) for j, s in enumerate(rows) if j != i)
+        scores.append(sum(d[:neighbours]))
+    return scores
+
+
+def ref_weighted_mean(rows: Rows, weights: list[float]) -> list[float]:
+    total = sum(weights)
+    return [sum(w * r[k] for w, r in zip(weights, rows)) / total for k in range(len(rows[0]))]
+
+
+def ref_multi_krum(rows: Rows, weights: list[float], f: int, m: int, neighbours=None):
+    """Multi-Krum: the m lowest scores (ties: lower index), their weighted mean."""
+    n = len(rows)
+    scores = ref_krum_scores(rows, n - f - 2 if neighbours is None else neighbours)
+    chosen = sorted(range(n), key=lambda i: (scores[i], i))[:m]
+    return ref_weighted_mean([rows[i] for i in chosen], [weights[i] for i in chosen]), chosen
+
+
+def ref_median_1d(values: list[float]) -> float:
+    s, n = sorted(values), len(values)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def ref_median(rows: Rows) -> list[float]:
+    return [ref_median_1d([r[k] for r in rows]) for k in range(len(rows[0]))]
+
+
+def ref_trimmed_mean(rows: Rows, f: int) -> list[float]:
+    out = []
+    for k in range(len(rows[0])):
+        s = sorted(r[k] for r in rows)
+        kept = s[f : len(s) - f]
+        out.append(sum(kept) / len(kept))
+    return out
+
+
+def ref_bulyan(rows: Rows, f: int):
+    """El Mhamdi et al. 2018: θ = n − 2f rows by repeated Krum (on the rows left, with
+    k − f − 2 neighbours, at least 1), then per coordinate the mean of the β = θ − 2f values
+    closest to the coordinate median (ties: smaller value first)."""
+    n = len(rows)
+    remaining, selected = list(range(n)), []
+    while len(selected) < n - 2 * f:
+        k = len(remaining)
+        scores = ref_krum_scores([rows[i] for i in remaining], max(k - f - 2, 1))
+        best = min(range(k), key=lambda i: (scores[i], i))
+        selected.append(remaining.pop(best))
+    beta = len(selected) - 2 * f
+    out = []
+    for k in range(len(rows[0])):
+        vals = sorted(rows[i][k] for i in selected)
+        med = ref_median_1d(vals)
+        closest = sorted(range(len(vals)), key=lambda i: (abs(vals[i] - med), i))[:beta]
+        out.append(sum(vals[i] for i in closest) / beta)
+    return out, selected
+
+
+def ref_norm_bound(rows: Rows, weights: list[float], max_norm: float) -> list[float]:
+    clipped = []
+    for r in rows:
+        norm = math.sqrt(sum(x * x for x in r))
+        scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+        clipped.append([scale * x for x in r])
+    return ref_weighted_mean(clipped, weights)
+
+
+def ref_cos(a: list[float], b: list[float]) -> float:
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+    return sum(x * y for x, y in zip(a, b)) / (max(na, 1e-12) * max(nb, 1e-12))
+
+
+def ref_foolsgold(rows: Rows, weights: list[float], kappa: float):
+    """Fung et al. 2020, Algorithm 1 as the authors' code computes it (cosine − I, so the
+    maxima include 0): pardoning, α = 1 − max, rescale to max 1, logit + 0.5, clip."""
+    n = len(rows)
+    cs = [[ref_cos(rows[i], rows[j]) if i != j else 0.0 for j in range(n)] for i in range(n)]
+    v = [max(cs[i]) for i in range(n)]
+    pard = [row[:] for row in cs]
+    for i in range(n):
+        for j in range(n):
+            if i != j and v[i] < v[j]:
+                pard[i][j] = cs[i][j] * v[i] / v[j]
+    alpha = [min(1.0, max(0.0, 1 - max(pard[i]))) for i in range(n)]
+    top = max(alpha)
+    alpha = [a / top for a in alpha] if top > 0 else alpha
+    lr = []
+    for a in alpha:
+        if a >= 1 - 1e-6:
+            lr.append(1.0)
+        elif a <= 1e-6:
+            lr.append(0.0)
+        else:
+            lr.append(min(1.0, max(0.0, kappa * (math.log(a / (1 - a)) + 0.5))))
+    w = [wi * li for wi, li in zip(weights, lr)]
+    if sum(w) <= 0:
+        w = weights
+    return ref_weighted_mean(rows, w), lr
+
+
+def ref_cosine_filter(rows: Rows, weights: list[float], xi: float, xi_step: float):
+    """AFA-style filter: drop rows whose cosine to the weighted mean of the kept rows is below
+    median − ξ·std of the kept rows' cosines (std with n − 1), raise ξ, repeat."""
+    n = len(rows)
+    kept = list(range(n))
+    x = xi
+    while len(kept) > 2:
+        mean = ref_weighted_mean([rows[i] for i in kept], [weights[i] for i in kept])
+        sim = [ref_cos(r, mean) for r in rows]
+        s = sorted(sim[i] for i in kept)
+        med = s[(len(s) - 1) // 2]  # torch.median: the lower middle value
+        avg = sum(s) / len(s)
+        std = math.sqrt(sum((y - avg) ** 2 for y in s) / (len(s) - 1))
+        bad = [i for i in kept if sim[i] < med - x * std]
+        if not bad:
+            break
+        kept = [i for i in kept if i not in bad]
+        x += xi_step
+    return ref_weighted_mean([rows[i] for i in kept], [weights[i] for i in kept]), kept
+
+
+def as_lists(u: torch.Tensor) -> Rows:
+    return [[float(x) for x in row] for row in u]
+
+
+def assert_matches(out: torch.Tensor, expected: list[float]) -> None:
+    torch.testing.assert_close(
+        out.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
+
+
+def kept_rows(metrics: dict) -> list[int]:
+    return sorted(i for i in range(len(metrics)) if metrics.get(f"kept/{i}") == 1.0)
+
+
+@st.composite
+def problems(draw, min_rows: Callable[[int], int], max_f: int = 2, max_p: int = 3):
+    """(f, integer-valued updates [n, p] with many ties, unequal positive weights [n])."""
+    f = draw(st.integers(0, max_f))
+    n = draw(st.integers(min_rows(f), min_rows(f) + 4))
+    p = draw(st.integers(1, max_p))
+    values = draw(st.lists(st.integers(-4, 4), min_size=n * p, max_size=n * p))
+    weights = draw(st.lists(st.floats(0.1, 10.0), min_size=n, max_size=n))
+    return f, torch.tensor(values, dtype=torch.float32).reshape(n, p), torch.tensor(weights)
+
+
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
+
+
+@SETTINGS
+@given(problems(lambda f: 2 * f + 3))
+def test_krum_matches_brute_force(problem):
+    f, u, w = problem
+    out, m = build_rule("krum", {"f": f}, "x")(u, w)
+    expected, chosen = ref_multi_krum(as_lists(u), w.tolist(), f, 1)
+    assert_matches(out, expected)
+    assert kept_rows(m) == chosen and m["rejected"] == len(u) - 1
+
+
+@SETTINGS
+@given(problems(lambda f: 2 * f + 3), st.integers(1, 7))
+def test_multi_krum_with_m_matches_brute_force(problem, m):
+    f, u, w = problem
+    m = min(m, len(u))
+    out, metrics = build_rule("multi-krum", {"f": f, "m": m}, "x")(u, w)
+    expected, chosen = ref_multi_krum(as_lists(u), w.tolist(), f, m)
+    assert_matches(out, expected)
+    assert kept_rows(metrics) == sorted(chosen)
+
+
+@SETTINGS
+@given(problems(lambda f: 2 * f + 3))
+def test_multi_krum_default_m_is_n_minus_f(problem):
+    f, u, w = problem
+    out, metrics = build_rule("multi-krum", {"f": f}, "x")(u, w)
+    expected, chosen = ref_multi_krum(as_lists(u), w.tolist(), f, len(u) - f)
+    assert_matches(out, expected)
+    assert kept_rows(metrics) == sorted(chosen)
+
+
+@SETTINGS
+@given(problems(lambda f: 4 * f + 3, max_f=2))
+def test_bulyan_matches_brute_force(problem):
+    f, u, w = problem
+    out, m = build_rule("bulyan", {"f": f}, "x")(u, w)
+    expected, selected = ref_bulyan(as_lists(u), f)
+    assert_matches(out, expected)
+    assert kept_rows(m) == sorted(selected) and m["rejected"] == 2 * f
+
+
+@SETTINGS
+@given(problems(lambda f: 2 * f + 1))
+def test_median_matches_brute_force(problem):
+    f, u, w = problem
+    out, _ = build_rule("median", {"f": f}, "x")(u, w)
+    assert_matches(out, ref_median(as_lists(u)))
+
+
+@SETTINGS
+@given(problems(lambda f: 2 * f + 1))
+def test_trimmed_mean_matches_brute_force(problem):
+    f, u, w = problem
+    out, _ = build_rule("trimmed-mean", {"f": f}, "x")(u, w)
+    assert_matches(out, ref_trimmed_mean(as_lists(u), f))
+
+
+@SETTINGS
+@given(problems(lambda f: 1, max_f=0), st.sampled_from([0.5, 1.0, 3.0]))
+def test_norm_bound_matches_brute_force(problem, max_norm):
+    _, u, w = problem
+    out, m = build_rule("norm-bound", {"max_norm": max_norm}, "x")(u, w)
+    assert_matches(out, ref_norm_bound(as_lists(u), w.tolist(), max_norm))
+    assert m["clipped"] == sum(math.sqrt(sum(x * x for x in r)) > max_norm for r in as_lists(u))
+
+
+def float_problems(seed: int, n: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(p, generator=g)
+    # a mix of near-parallel rows (sybil-like), opposed rows and random rows
+    kinds = torch.randint(0, 3, (n,), generator=g)
+    rows = torch.randn(n, p, generator=g)
+    rows[kinds == 0] = direction + 0.05 * rows[kinds == 0]
+    rows[kinds == 1] = -direction + 0.5 * rows[kinds == 1]
+    return rows, 0.1 + 5 * torch.rand(n, generator=g)
+
+
+@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("kappa", [0.5, 1.0])
+def test_foolsgold_matches_brute_force(seed, kappa):
+    u, w = float_problems(seed, 3 + seed % 6, 5)
+    out, m = build_rule("foolsgold", {"kappa": kappa}, "x")(u, w)
+    expected, lr = ref_foolsgold(as_lists(u), w.tolist(), kappa)
+    assert_matches(out, expected)
+    assert kept_rows(m) == [i for i, r in enumerate(lr) if r > 0]
+
+
+def test_foolsgold_does_not_pardon_a_row_opposed_to_all_others():
+    # a and b agree, c opposes both: the authors' code keeps c at full rate (its maximum
+    # similarity is 0); pardoning its −1 similarities into +1 would zero it instead
+    a = torch.tensor([1.0, 0.0, 0.0])
+    u = torch.stack([a, a + torch.tensor([0.0, 0.1, 0.0]), -a - torch.tensor([0, 0, 0.1])])
+    _, m = build_rule("foolsgold", {}, "x")(u, torch.ones(3))
+    assert m["kept/2"] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_cosine_filter_matches_brute_force(seed):
+    u, w = float_problems(seed, 3 + seed % 8, 4)
+    out, m = build_rule("cosine", {"xi": 1.0, "xi_step": 0.5}, "x")(u, w)
+    expected, kept = ref_cosine_filter(as_lists(u), w.tolist(), 1.0, 0.5)
+    assert_matches(out, expected)
+    assert kept_rows(m) == kept
+
+
+# Hand-made inputs that separate the rules from their likely look-alikes. Each test first checks
+# with the references that the input does separate them, then that the rule gives the right one.
+
+KRUM_LINE = torch.tensor([[0.0], [8.0], [14.0], [19.0], [22.0], [24.0], [28.0]])  # n = 7
+
+
+def test_krum_neighbour_count_is_n_minus_f_minus_2():
+    rows, w = as_lists(KRUM_LINE), [1.0] * 7
+    picks = {k: ref_multi_krum(rows, w, 1, 1, neighbours=k)[1] for k in (2, 3, 4, 5)}
+    assert picks[4] != picks[3] and picks[4] != picks[5]  # f = 1: n − f − 2 = 4
+    out, m = build_rule("krum", {"f": 1}, "x")(KRUM_LINE, torch.ones(7))
+    assert kept_rows(m) == picks[4]
+    assert_matches(out, ref_multi_krum(rows, w, 1, 1)[0])
+
+
+def test_multi_krum_m_and_weights_matter():
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    rows = as_lists(KRUM_LINE)
+    for m in range(1, 8):
+        out, metrics = build_rule("multi-krum", {"f": 1, "m": m}, "x")(KRUM_LINE, w)
+        expected, chosen = ref_multi_krum(rows, w.tolist(), 1, m)
+        assert_matches(out, expected)
+        assert kept_rows(metrics) == sorted(chosen) and len(chosen) == m
+    out, _ = build_rule("multi-krum", {"f": 1, "m": 3}, "x")(KRUM_LINE, w)
+    uniform, _ = ref_multi_krum(rows, [1.0] * 7, 1, 3)
+    assert abs(float(out) - uniform[0]) > 0.1  # the weights are used, not a plain mean
+
+
+def test_krum_ties_go_to_the_lower_row():
+    u = torch.tensor([[5.0], [0.0], [0.0], [1.0], [1.0], [9.0], [9.0]])
+    # rows 1, 2 and 3, 4 tie pairwise; f = 1 uses 4 neighbours
+    scores = ref_krum_scores(as_lists(u), 4)
+    assert scores[1] == scores[2]
+    _, m = build_rule("krum", {"f": 1}, "x")(u, torch.ones(7))
+    best = min(range(7), key=lambda i: (scores[i], i))
+    assert kept_rows(m) == [best]
+
+
+BULYAN_ROWS = torch.tensor(
+    [[0.0, 0.0], [1.0, 5.0], [2.0, 0.0], [2.5, 1.0], [3.0, 2.0], [10.0, -7.0], [11.0, 9.0]]
+)  # n = 7, f = 1
+
+
+def test_bulyan_is_not_a_median_nor_a_trimmed_mean():
+    rows = as_lists(BULYAN_ROWS)
+    expected, _ = ref_bulyan(rows, 1)
+    assert expected != ref_median(rows) and expected != ref_trimmed_mean(rows, 1)
+    assert expected != ref_trimmed_mean(rows, 2)
+    out, m = build_rule("bulyan", {"f": 1}, "x")(BULYAN_ROWS, torch.rand(7) + 0.5)
+    assert_matches(out, expected)
+    assert m["rejected"] == 2.0
+
+
+def test_bulyan_median_of_an_even_selection_is_the_middle_mean():
+    # n = 8, f = 1: θ = 6 rows selected, β = 4 closest to the median (the mean of the two
+    # middle values); the lower middle value as the median would pick another 4
+    u = torch.tensor([[0.0], [2.0], [3.0], [5.0], [6.0], [6.5], [40.0], [41.0]])
+    expected, selected = ref_bulyan(as_lists(u), 1)
+    vals = sorted(float(u[i]) for i in selected)
+    lower = vals[2]
+    by_lower = sorted(vals, key=lambda v: (abs(v - lower), v))[:4]
+    assert sum(by_lower) / 4 != expected[0]
+    out, _ = build_rule("bulyan", {"f": 1}, "x")(u, torch.ones(8))
+    assert_matches(out, expected)
+
+
+@pytest.mark.parametrize(
+    "name,rows_ok,rows_refused",
+    [
+        ("krum", lambda f: 2 * f + 3, lambda f: 2 * f + 2),
+        ("multi-krum", lambda f: 2 * f + 3, lambda f: 2 * f + 2),
+        ("bulyan", lambda f: 4 * f + 3, lambda f: 4 * f + 2),
+        ("median", lambda f: 2 * f + 1, lambda f: 2 * f),
+        ("trimmed-mean", lambda f: 2 * f + 1, lambda f: 2 * f),
+    ],
+)
+@pytest.mark.parametrize("f", [0, 1, 2, 3])
+def test_preconditions_at_the_boundary(name, rows_ok, rows_refused, f):
+    rule = build_rule(name, {"f": f}, "aggregate.cloud_rule")
+    n = rows_ok(f)
+    u = torch.arange(float(n * 2)).reshape(n, 2)
+    out, _ = rule(u, torch.ones(n))
+    assert out.shape == (2,)
+    n = rows_refused(f)
+    if n == 0:
+        return
+    with pytest.raises(ConfigError, match=rf"aggregate.cloud_rule.*n={n} with f={f}"):
+        rule(torch.zeros(n, 2), torch.ones(n))
+
+
+def test_multi_krum_refuses_m_above_n():
+    rule = build_rule("multi-krum", {"f": 1, "m": 6}, "aggregate.edge_rule")
+    rule(torch.randn(6, 2), torch.ones(6))
+    with pytest.raises(ConfigError, match="m = 6 <= n"):
+        rule(torch.randn(5, 2), torch.ones(5))
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "bulyan"])
+def test_coordinatewise_rules_ignore_weights(name):
+    u = torch.randn(11, 5, generator=torch.Generator().manual_seed(4))
+    rule = build_rule(name, {"f": 2}, "x")
+    a, _ = rule(u, torch.ones(11))
+    b, _ = rule(u, torch.arange(1.0, 12.0))
+    assert torch.equal(a, b)

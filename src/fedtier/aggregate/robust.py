@@ -48,7 +48,9 @@ def _check_f(f: int) -> None:
 
 
 def median(f: int = 1) -> Rule:
-    """Coordinate-wise median (Yin et al., 2018); tolerates f < n/2 Byzantine rows."""
+    """Coordinate-wise median (Yin et al., 2018); tolerates f < n/2 Byzantine rows. An even n
+    gives the mean of the two middle values. Weights are ignored, as in the paper: a weighted
+    median would let a Byzantine row buy influence by claiming many samples."""
     _check_f(f)
 
     def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -60,7 +62,8 @@ def median(f: int = 1) -> Rule:
 
 
 def trimmed_mean(f: int = 1) -> Rule:
-    """Coordinate-wise trimmed mean: drop the f largest and f smallest values per coordinate."""
+    """Coordinate-wise trimmed mean (Yin et al., 2018): drop the f largest and f smallest values
+    per coordinate, average the n − 2f others. Weights are ignored (unweighted, as the paper)."""
     _check_f(f)
 
     def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -72,18 +75,22 @@ def trimmed_mean(f: int = 1) -> Rule:
     return rule
 
 
-def _krum_scores(updates: torch.Tensor, f: int) -> torch.Tensor:
-    """Krum score: sum of squared distances to the n − f − 2 nearest other rows."""
-    d = torch.cdist(updates.double(), updates.double()).pow(2)
-    n = updates.shape[0]
+def _krum_scores(updates: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """Krum score [n] (Blanchard et al., 2017): per row, the sum of the squared L2 distances to
+    its ``neighbours`` nearest other rows (Krum uses n − f − 2). The squared distances are
+    summed exactly in float64 (not via ‖a‖² + ‖b‖² − 2ab or a square root), so equal
+    distances tie exactly and ties are broken the same way on every machine."""
+    u = updates.double()
+    d = torch.stack([(u - row).pow(2).sum(1) for row in u])
     d.fill_diagonal_(float("inf"))
-    nearest = d.sort(dim=1).values[:, : n - f - 2]
-    return nearest.sum(1)
+    return d.sort(dim=1).values[:, :neighbours].sum(1)
 
 
 def krum(f: int = 1, m: int = 1) -> Rule:
-    """Krum / Multi-Krum (Blanchard et al., 2017): the m rows with the lowest Krum scores,
-    averaged by their weights. Needs n > 2f + 2."""
+    """Krum / Multi-Krum (Blanchard et al., 2017): the m rows with the lowest Krum scores
+    (score = sum of squared distances to the n − f − 2 nearest other rows; equal scores: the
+    lower row index first), averaged by their weights (the paper's plain mean when the weights
+    are equal; with m = 1 the weights do not matter). Needs n > 2f + 2."""
     _check_f(f)
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be a positive integer, got {m!r}")
@@ -93,7 +100,7 @@ def krum(f: int = 1, m: int = 1) -> Rule:
         n = updates.shape[0]
         _need(n > 2 * f + 2, name, "n > 2f + 2", n, f)
         _need(m <= n, name, f"m = {m} <= n", n, f)
-        chosen = _krum_scores(updates, f).argsort()[:m]
+        chosen = _krum_scores(updates, n - f - 2).argsort(stable=True)[:m]
         mask = torch.zeros(n, dtype=torch.bool)
         mask[chosen] = True
         mean, _ = weighted_mean(updates[mask], weights[mask])
@@ -118,7 +125,13 @@ def multi_krum(f: int = 1, m: int | None = None) -> Rule:
 
 def bulyan(f: int = 1) -> Rule:
     """Bulyan (El Mhamdi et al., 2018): θ = n − 2f rows chosen by iterated Krum, then per
-    coordinate the mean of the β = θ − 2f values closest to the median. Needs n ≥ 4f + 3."""
+    coordinate the mean of the β = θ − 2f values closest to the median. Needs n ≥ 4f + 3.
+
+    Each Krum step scores the k rows still unselected with k − f − 2 neighbours (at least 1:
+    for f = 1 the last step has k = 3, where Krum's count would be 0 and every score tie);
+    equal scores pick the lower row index. The median of an even θ is the mean of the two
+    middle values; values equally far from it are taken smaller first. Weights are ignored,
+    as in the paper."""
     _check_f(f)
 
     def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -127,14 +140,13 @@ def bulyan(f: int = 1) -> Rule:
         remaining = list(range(n))
         selected: list[int] = []
         while len(selected) < n - 2 * f:
-            sub = updates[remaining]
             k = len(remaining)
-            scores = _krum_scores(sub, min(f, max(k - 3, 0))) if k > 2 else torch.zeros(k)
+            scores = _krum_scores(updates[remaining], max(k - f - 2, 1))
             selected.append(remaining.pop(int(scores.argmin())))
-        chosen = updates[selected]
+        chosen = updates[selected].sort(dim=0).values  # per coordinate, ascending
         beta = len(selected) - 2 * f
-        med = chosen.median(dim=0).values
-        closest = (chosen - med).abs().argsort(dim=0)[:beta]
+        med = chosen.quantile(0.5, dim=0)
+        closest = (chosen - med).abs().argsort(dim=0, stable=True)[:beta]
         mean = chosen.gather(0, closest).mean(0)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[selected] = True
@@ -167,10 +179,14 @@ def foolsgold(kappa: float = 1.0, threshold: float = 0.0) -> Rule:
     """FoolsGold (Fung et al., 2020) over the rows of one aggregation: rows that are too
     similar to each other (sybils pushing one direction) get low learning rates.
 
-    cs_ij = cosine; pardoning cs_ij ← cs_ij · v_i / v_j when v_j > v_i (v = max_j cs_ij);
-    α_i = 1 − max_j cs_ij, rescaled to max 1, then κ·(ln(α/(1−α)) + 0.5) clipped to [0, 1].
-    Rows with α ≤ ``threshold`` count as rejected. This is the stateless variant (no history
-    across rounds), since rows are anonymous to a rule.
+    cs_ij = cosine (i ≠ j); v_i = max(0, max_j cs_ij); pardoning cs_ij ← cs_ij · v_i / v_j
+    when v_j > v_i; α_i = 1 − max(0, max_j cs_ij) clipped to [0, 1], rescaled to max 1, then
+    κ·(ln(α/(1−α)) + 0.5) clipped to [0, 1] (α = 1 gives 1). The 0 in both maxima is the
+    authors' code's diagonal (cosine − I): a row opposed to every other keeps α = 1 instead of
+    having its negative similarities "pardoned" into positive ones. The row's learning rate
+    multiplies its weight in the weighted mean (weights alone if every rate is 0). Rows with
+    rate ≤ ``threshold`` count as rejected. This is the stateless variant (no history across
+    rounds), since rows are anonymous to a rule.
     """
 
     def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -178,7 +194,7 @@ def foolsgold(kappa: float = 1.0, threshold: float = 0.0) -> Rule:
         _need(n >= 2, "foolsgold", "n >= 2", n, 0)
         cs = _cosine(updates)
         cs.fill_diagonal_(-float("inf"))
-        v = cs.max(1).values
+        v = cs.max(1).values.clamp_min(0)
         pard = cs.clone()
         for i in range(n):
             for j in range(n):

@@ -46,9 +46,11 @@ class Attack:
     noise_sigma: float = 0.0
     grad_norm: float | None = None
     spec: QuantSpec = QuantSpec()
-    # target-bit prediction: ΔAcc_b summed over the global models the attackers have seen
+    # target-bit prediction: ΔAcc_b summed over the observations of every model the malicious
+    # clients received, from round 0 (silent phase included); seen = number of observations
     drop_sum: dict[int, float] = field(default_factory=dict)
     seen: int = 0
+    watched: tuple[int, torch.Tensor] | None = None  # pool: (step, w) last observed
     active_updates: int = 0
     amplify_mask: torch.Tensor | None = None  # [P] entries γ scales (parameters; None = all)
     # sample-weighted aggregation (fedavg): γ_i = γ · n̄ / (n_i · m), see :func:`replacement_factor`
@@ -109,7 +111,12 @@ def attack_generator(seed: int, step: int, client: int) -> torch.Generator:
 
 def attack_executor(base: Executor, attack: Attack) -> Executor:
     """Wrap ``base``: honest clients (and malicious ones in the silent phase) go through
-    ``base``; active malicious clients produce their attack's delta. Row order is kept."""
+    ``base``; active malicious clients produce their attack's delta. Row order is kept.
+
+    Attacks with a training objective also observe every model their malicious clients
+    receive, from round 0, silent phase included (:func:`watch`), so the target bits B' they
+    attack with at ``start_round`` are predicted from the silent phase's global models
+    (QAFed §3.2)."""
     from fedtier.rounds import client_update
 
     def run(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int) -> torch.Tensor:
@@ -120,6 +127,8 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
         rows: dict[int, torch.Tensor] = {}
         if honest:
             rows.update(zip(honest, base(setup, w, honest, step)))
+        if attack.loss is not None:
+            watch(setup, attack, w, [c for c in clients if c in attack.malicious], step)
         colluders = round_colluders(setup, attack, step, len(bad)) if bad else 0
         for c in bad:
             attack.active_updates += 1
@@ -158,10 +167,9 @@ def colluding_update(
         return malicious_update(setup, attack, w, client, step)
     if attack.shared is not None and attack.shared[0] == step and torch.equal(attack.shared[1], w):
         return attack.shared[2]
-    members = sorted(attack.malicious)
-    data = [setup.client_data(c) for c in members]
-    x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
-    delta = malicious_update(setup, attack, w, members[0], step, data=(x, y))
+    delta = malicious_update(
+        setup, attack, w, min(attack.malicious), step, data=pooled_data(setup, attack)
+    )
     attack.shared = (step, w.clone(), delta)
     return delta
 
@@ -184,6 +192,36 @@ def amplify(delta: torch.Tensor, attack: Attack, gamma: float) -> torch.Tensor:
     if attack.amplify_mask is None:
         return gamma * delta
     return torch.where(attack.amplify_mask, gamma * delta, delta)
+
+
+def watch(
+    setup: ArmSetup, attack: Attack, w: torch.Tensor, malicious: list[int], step: int
+) -> None:
+    """Target-bit prediction's observations of the model w that the ``malicious`` clients of
+    one executor call received (the global model; with κ > 1 edge rounds, their edge's model),
+    silent or active: one :func:`observe` per client on its own data, or with ``attack.pool``
+    one per received model on the colluders' pooled data."""
+    if not malicious:
+        return
+    if not attack.pool:
+        for c in malicious:
+            observe(setup, attack, w, *setup.client_data(c))
+        return
+    if (
+        attack.watched is not None
+        and attack.watched[0] == step
+        and torch.equal(attack.watched[1], w)
+    ):
+        return
+    x, y = pooled_data(setup, attack)
+    observe(setup, attack, w, x, y)
+    attack.watched = (step, w.clone())
+
+
+def pooled_data(setup: ArmSetup, attack: Attack) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colluders' data, concatenated in client-id order."""
+    data = [setup.client_data(c) for c in sorted(attack.malicious)]
+    return torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
 
 
 def observe(
@@ -215,11 +253,11 @@ def malicious_update(
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Δ of one malicious client: local training on its attack objective from w, on its own
-    data (or ``data``, the colluders' pooled data)."""
+    data (or ``data``, the colluders' pooled data), against the configured B' or the one
+    predicted from the observations so far (w's included: :func:`watch` runs first)."""
     assert attack.loss is not None
     cfg = setup.cfg
     x, y = setup.client_data(client) if data is None else data
-    observe(setup, attack, w, x, y)
     bits = attack.bits if attack.bits is not None else attack.predicted_bits()
     setup.layout.load(setup.model, w)
     tr, a = cfg.train, cfg.attack
