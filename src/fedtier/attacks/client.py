@@ -67,7 +67,7 @@ class Attack:
     shared: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, w, Δ) of the round
 
     # what changes during a run (saved with every checkpoint, fedtier.rounds.RunState)
-    STATE_FIELDS = ("drop_sum", "seen", "active_updates", "repair_flips", "shared")
+    STATE_FIELDS = ("drop_sum", "seen", "active_updates", "repair_flips", "shared", "watched")
 
     def state_dict(self) -> dict[str, Any]:
         """The attack's run state (observations, counters, the colluders' shared model)."""
