@@ -377,7 +377,7 @@ def silent_phase_config(tiny, **overrides):
             "quant.eval_bits": [32],
             "topology.clients_per_edge": 6,
             "attack.kind": "fqbd",
-            "attack.trigger.size": 2,
+            "trigger.size": 2,
             "attack.malicious_ids": [0, 6],
             "attack.candidate_bits": [8, 4, 3, 2],
             "attack.epochs": 1,

@@ -9,6 +9,7 @@ from fedtier.experiment import prepare_arm, run_experiment
 from fedtier.local import LocalConfig, train_client
 from fedtier.local.sgd import client_generator
 from fedtier.rounds import run_rounds
+from fedtier.tasks import client_batch
 from fedtier.topology import plan_round
 from tests.conftest import tiny_config
 
@@ -111,7 +112,7 @@ def cloud_rounds_by_hand(setup, w0: torch.Tensor, kappa: int, rounds: int) -> to
                     setup.layout.load(model, w_edge)
                     x, y = setup.client_data(c)
                     g = client_generator(cfg.seed, step, c)
-                    train_client(model, setup.task, x, y, local, g)
+                    train_client(model, setup.task, client_batch(setup.task, x, y), local, g)
                     total += n_c * (setup.layout.flatten(model) - w_edge)
                 w_edge = w_edge + total / sum(sizes)
             edge_deltas.append(w_edge - w)
