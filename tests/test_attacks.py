@@ -20,8 +20,9 @@ from fedtier.data import load_dataset
 from fedtier.errors import ConfigError
 from fedtier.experiment import prepare_arm
 from fedtier.local import LocalConfig
+from fedtier.local.arm import train_sequential
 from fedtier.quant import QuantSpec, forward_quantized, quantize_copy
-from fedtier.rounds import run_rounds, train_sequential
+from fedtier.rounds import run_rounds
 
 
 def test_trigger_stamps_the_corner_patch_and_dba_parts_cover_it():

@@ -648,6 +648,17 @@ COMPONENTS: dict[str, tuple[str, dict[str, type[BaseModel]]]] = {
 }
 
 
+def dp_mechanism(cfg: Config) -> tuple[str, float, float] | None:
+    """("central" | "local", z, δ) when the arm uses differential privacy, else None."""
+    rule = cfg.aggregate.edge_rule
+    if isinstance(rule, DpMeanRule):
+        return "central", rule.noise, rule.delta
+    for spec in cfg.upload:
+        if isinstance(spec, LdpStage):
+            return "local", spec.noise, spec.delta
+    return None
+
+
 def schema() -> dict[str, Any]:
     """The JSON Schema of a config file (``fedtier schema``), for editors' YAML validation."""
     return Config.model_json_schema()

@@ -19,13 +19,14 @@ from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, load_dataset, partition
 from fedtier.errors import FedtierError
+from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter
-from fedtier.rounds import ArmSetup, RunState, evaluated_state, headline
+from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
 from fedtier.seeding import numpy_rng

@@ -25,25 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedtier.aggregate import ServerStep, client_weights
 from fedtier.aggregate.robust import build_rule
 from fedtier.aggregate.rules import Rule
-from fedtier.config import Config
 from fedtier.costs.model import CostLedger
-from fedtier.data import ArrayDataset
 from fedtier.evaluate import evaluate_at_bits
-from fedtier.local import LocalConfig, train_client
-from fedtier.local.sgd import client_generator
+from fedtier.local.arm import ArmSetup, Metrics, is_private
 from fedtier.privacy import NoiseKey, dp_mechanism
-from fedtier.quant import QuantSpec
-from fedtier.state import StateLayout
-from fedtier.tasks import ClientTask, client_batch
-from fedtier.topology import RoundPlan, Topology, expected_clients, expected_sampled, plan_round
-from fedtier.upload import Chain, UploadContext
-
-Metrics = dict[str, float]
+from fedtier.tasks import ClientTask
+from fedtier.topology import RoundPlan, expected_clients, expected_sampled, plan_round
+from fedtier.upload import UploadContext
 
 
 @dataclass
@@ -125,42 +117,14 @@ class TierProgram:
     cloud: CloudStep
 
 
-@dataclass
-class ArmSetup:
-    """Everything one arm needs; built by :func:`fedtier.experiment.prepare_arm`."""
+def default_program() -> TierProgram:
+    """Today's tiers: devices train, edges screen and aggregate κ times, the cloud applies
+    its rule and the server step."""
+    return TierProgram(device_step, edge_step, cloud_step)
 
-    cfg: Config
-    model: nn.Module  # one working model, reused by every client (no per-client copies)
-    task: ClientTask
-    layout: StateLayout
-    client_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # client id → (x, y)
-    test: ArrayDataset
-    topology: Topology
-    spec: QuantSpec
-    target_bits: list[int]
-    election: dict | None = None  # the vote that chose target_bits (None when configured)
-    upload: Chain = field(default_factory=Chain)  # client → edge stages
-    executor: Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor] | None = None
-    # FedBN: the device-kept part of each client's state. It is the RunState's ``device``
-    # (bound by :func:`bind_state`); executors read and write it through client_start/delta.
-    local_state: dict[int, torch.Tensor] = field(default_factory=dict)
-    executor_name: str = "sequential"  # which executor trains the clients (fedtier.local.select)
-    costs: Any = None  # fedtier.costs.CostModel: bytes, simulated time and energy (None = off)
-    # edge-side screening of uploads before the rule: (setup, w_edge, deltas, ctx) → metrics
-    # with kept/<row> flags; rejected rows are dropped (fedtier.defenses.qcheck)
-    screen: Callable[[ArmSetup, torch.Tensor, torch.Tensor, UploadContext], Metrics] | None = None
-    # after each server step: (w, round) → (w, metrics) (global clipping, server noise)
-    post_step: Callable[[torch.Tensor, int], tuple[torch.Tensor, Metrics]] | None = None
-    malicious: frozenset[int] = frozenset()  # for counting rejected honest/malicious updates
-    attack: Any = None  # the arm's fedtier.attacks.Attack (its summary goes in summary.json)
-    program: TierProgram | None = None  # None = the default device, edge and cloud steps
 
-    def __post_init__(self) -> None:
-        self.upload_mask = self.layout.mask()
-        if self.executor is None:
-            self.executor = train_sequential
-        if self.program is None:
-            self.program = TierProgram(device_step, edge_step, cloud_step)
+def program_of(setup: ArmSetup) -> TierProgram:
+    return setup.program if setup.program is not None else default_program()
 
 
 def init_state(setup: ArmSetup) -> RunState:
@@ -203,8 +167,7 @@ def run_rounds(
     cfg = setup.cfg
     state = state if state is not None else init_state(setup)
     bind_state(setup, state)
-    assert setup.program is not None
-    program = setup.program
+    program = program_of(setup)
     while state.round < cfg.train.rounds:
         t = state.round
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t, poisson=is_private(cfg))
@@ -261,21 +224,6 @@ def cloud_step(
         w, m = setup.post_step(w, t)
         _add(state.stages, "server", m)
     return w
-
-
-def round_plan(setup: ArmSetup, step: int) -> RoundPlan | None:
-    """The plan of the synchronous round that edge step ``step`` belongs to; None under an
-    asynchronous schedule, whose executor calls are not rounds."""
-    cfg = setup.cfg
-    if cfg.schedule.name != "sync":
-        return None
-    t = step // cfg.aggregate.edge_rounds
-    return plan_round(setup.topology, cfg.topology, cfg.seed, t, poisson=is_private(cfg))
-
-
-def is_private(cfg: Config) -> bool:
-    """DP arms sample clients by Poisson sampling (what their accountant analyses)."""
-    return dp_mechanism(cfg) is not None
 
 
 def central_dp_rows(setup: ArmSetup, edge: int) -> int | None:
@@ -337,11 +285,11 @@ def edge_step(
     if setup.costs is not None:
         clients = setup.costs.schedule(clients)
         sizes, weights = sizes[: len(clients)], weights[: len(clients)]
-    assert setup.program is not None
+    program = program_of(setup)
     for k in range(kappa):
         step = t * kappa + k
         rule = edge_rule(setup, t, edge, k)
-        sent = setup.program.device(setup, state, w_edge, edge, clients, step)
+        sent = program.device(setup, state, w_edge, edge, clients, step)
         deltas, keep = sent.deltas, sent.arrived.clone()
         if setup.screen is not None:
             ctx = upload_context(setup, state, edge, clients, step)
@@ -417,64 +365,6 @@ def upload_context(
     return UploadContext(
         step, edge, clients, sizes, setup.cfg.seed, radio=setup.costs, states=state.upload
     )
-
-
-def train_sequential(
-    setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
-) -> torch.Tensor:
-    """The reference executor: clients one after another in one working model → [C, P]."""
-    return torch.stack([client_update(setup, w, c, step) for c in clients])
-
-
-def client_update(setup: ArmSetup, w: torch.Tensor, client: int, step: int) -> torch.Tensor:
-    """Δ_i = w_{t,E}^i − w_t for one client (zero where the state is kept on the device)."""
-    start = client_start(setup, w, client)
-    setup.layout.load(setup.model, start)
-    x, y = setup.client_data(client)
-    local = local_config(setup.cfg)
-    generator = client_generator(setup.cfg.seed, step, client)
-    train_client(setup.model, setup.task, client_batch(setup.task, x, y), local, generator)
-    return client_delta(setup, client, start, setup.layout.flatten(setup.model))
-
-
-def local_config(cfg: Config) -> LocalConfig:
-    """The local-training settings of ``cfg.train``."""
-    t = cfg.train
-    return LocalConfig(t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
-
-
-def client_start(setup: ArmSetup, w: torch.Tensor, client: int) -> torch.Tensor:
-    """The state [P] a client starts from: w, with FedBN's device-kept entries restored."""
-    if client in setup.local_state:
-        return torch.where(setup.upload_mask, w, setup.local_state[client])
-    return w
-
-
-def client_delta(
-    setup: ArmSetup, client: int, start: torch.Tensor, new: torch.Tensor
-) -> torch.Tensor:
-    """Δ_i [P] from a client's start and trained state; keeps the device-kept part (FedBN)."""
-    upload = setup.upload_mask
-    if not bool(upload.all()):
-        setup.local_state[client] = new
-    return torch.where(upload, new - start, torch.zeros_like(new))
-
-
-def client_deltas(
-    setup: ArmSetup, clients: list[int], w: torch.Tensor, new: torch.Tensor
-) -> torch.Tensor:
-    """:func:`client_delta` of every row of ``new`` [C, P] (trained from w, rows in
-    ``clients`` order) in one operation; ``new`` is overwritten with the deltas.
-
-    A client's start differs from w only where the state is kept on the device, and the
-    delta is zero there, so new − w equals new − start wherever it is uploaded.
-    """
-    upload = setup.upload_mask
-    if bool(upload.all()):
-        return new.sub_(w)
-    for c, row in zip(clients, new):
-        setup.local_state[c] = row.clone()
-    return new.sub_(w).masked_fill_(~upload, 0.0)
 
 
 def evaluated_state(setup: ArmSetup, w: torch.Tensor) -> torch.Tensor:

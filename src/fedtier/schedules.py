@@ -33,13 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtier.local.arm import ArmSetup
 from fedtier.rounds import (
-    ArmSetup,
     RunState,
     bind_state,
     evaluate,
     init_state,
     out_of_time,
+    program_of,
     run_rounds,
     sync_state,
     upload,
@@ -78,8 +79,7 @@ def run_async(
     state = state if state is not None else init_state(setup)
     bind_state(setup, state)
     q = state.schedule
-    assert setup.program is not None
-    program = setup.program
+    program = program_of(setup)
 
     def dispatch() -> None:
         idle = [c for c in range(setup.topology.num_clients) if c not in q["busy"]]

@@ -17,8 +17,9 @@ from fedtier.config import (
 from fedtier.data import ArrayDataset
 from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
+from fedtier.local.arm import ArmSetup
 from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
-from fedtier.rounds import ArmSetup, server_lr
+from fedtier.rounds import server_lr
 from fedtier.seeding import numpy_rng
 from fedtier.topology import expected_sampled, sample_rate
 

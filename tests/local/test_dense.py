@@ -6,9 +6,10 @@ from torch import nn
 
 from fedtier.data import load_dataset
 from fedtier.experiment import prepare_arm
+from fedtier.local.arm import train_sequential
 from fedtier.local.dense import dense_stack, not_dense, sample_space_pays, train_dense
 from fedtier.local.select import choose_executor
-from fedtier.rounds import run_rounds, train_sequential
+from fedtier.rounds import run_rounds
 from tests.conftest import tiny_config
 
 DIGITS = load_dataset("digits")

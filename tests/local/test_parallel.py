@@ -4,8 +4,8 @@ import torch
 
 from fedtier.data import load_dataset
 from fedtier.experiment import prepare_arm
+from fedtier.local.arm import train_sequential
 from fedtier.local.parallel import ProcessExecutor
-from fedtier.rounds import train_sequential
 from tests.conftest import tiny_config
 
 DIGITS = load_dataset("digits")

@@ -10,11 +10,12 @@ from torch import nn
 
 from fedtier.data import load_dataset
 from fedtier.experiment import prepare_arm
+from fedtier.local.arm import client_start, train_sequential
 from fedtier.local.select import choose_executor
 from fedtier.local.vectorised import not_vectorisable, train_vectorised
 from fedtier.metrics import MetricSpec
 from fedtier.quant import QuantSpec
-from fedtier.rounds import client_start, run_rounds, train_sequential
+from fedtier.rounds import run_rounds
 from fedtier.state import StateLayout
 from fedtier.tasks import AutoencoderTask, ClassificationTask, DiffusionTask, Groups, qat
 from tests.conftest import tiny_config

@@ -23,7 +23,7 @@ from fedtier.tasks import Batch
 from fedtier.tasks.base import Loss as TaskLoss
 
 if TYPE_CHECKING:
-    from fedtier.rounds import ArmSetup
+    from fedtier.local.arm import ArmSetup
 
 Executor = Callable[["ArmSetup", torch.Tensor, list[int], int], torch.Tensor]
 # (honest delta [P], generator) -> malicious delta [P]
@@ -117,7 +117,7 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
     receive, from round 0, silent phase included (:func:`watch`), so the target bits B' they
     attack with at ``start_round`` are predicted from the silent phase's global models
     (QAFed §3.2)."""
-    from fedtier.rounds import client_update
+    from fedtier.local.arm import client_update
 
     def run(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int) -> torch.Tensor:
         kappa = setup.cfg.aggregate.edge_rounds
@@ -148,7 +148,7 @@ def round_colluders(setup: ArmSetup, attack: Attack, step: int, here: int) -> in
     """How many malicious clients upload in this synchronous round, over all edges (the
     colluders know each other, and share the model replacement among them); ``here`` (those of
     this call) for asynchronous schedules and κ > 1 edge rounds, whose calls are not rounds."""
-    from fedtier.rounds import round_plan
+    from fedtier.local.arm import round_plan
 
     plan = round_plan(setup, step) if setup.cfg.aggregate.edge_rounds == 1 else None
     if plan is None:

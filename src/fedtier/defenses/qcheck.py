@@ -44,7 +44,7 @@ from fedtier.quant import QuantSpec, grid, quantize_copy
 from fedtier.upload import UploadContext
 
 if TYPE_CHECKING:
-    from fedtier.rounds import ArmSetup
+    from fedtier.local.arm import ArmSetup
 
 Metrics = dict[str, float]
 
@@ -95,7 +95,7 @@ def landing_scales(setup: ArmSetup, ctx: UploadContext) -> list[float]:
     and, in a synchronous round of E > 1 edges, 1/E (the cloud's mean of E similar edges). A
     replacement attacker alone in its edge scales its upload by E so that the *global* model
     becomes its model; scored at the edge share only, that model would be E times too far."""
-    from fedtier.rounds import round_plan
+    from fedtier.local.arm import round_plan
 
     plan = round_plan(setup, ctx.round)
     edges = 1 if plan is None else len(plan.edges)

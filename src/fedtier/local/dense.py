@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from fedtier.local.arm import ArmSetup, local_config
 from fedtier.local.vectorised import _reuse_freed_memory, block_schedules, sequential_unless
-from fedtier.rounds import ArmSetup, local_config
 
 ACTIVATIONS = (
     nn.ReLU,

@@ -20,8 +20,8 @@ import torch
 import torch.multiprocessing as tmp
 from torch import nn
 
+from fedtier.local.arm import ArmSetup, client_delta, client_start, local_config
 from fedtier.local.sgd import LocalConfig, _has_batchnorm, client_generator, train_client
-from fedtier.rounds import ArmSetup, client_delta, client_start, local_config
 from fedtier.state import StateLayout
 from fedtier.tasks import Batch, ClientTask, batch_len, client_batch
 

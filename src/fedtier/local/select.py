@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fedtier.rounds import ArmSetup, train_sequential
-
-log = logging.getLogger("fedtier")
+from fedtier.local.arm import ArmSetup, train_sequential
+from fedtier.local.messages import log, say_once
 
 Executor = Callable[[ArmSetup, torch.Tensor, list[int], int], torch.Tensor]
-_said: set[str] = set()
-
-
-def say_once(message: str) -> None:
-    """Log ``message`` as a warning the first time it occurs in this process."""
-    if message not in _said:
-        _said.add(message)
-        log.warning(message)
 
 
 def is_compute_bound(model: nn.Module) -> bool:

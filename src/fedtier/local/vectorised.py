@@ -42,8 +42,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import pad_sequence
 
+from fedtier.local.arm import ArmSetup, client_deltas, client_start, local_config
 from fedtier.local.sgd import LocalConfig, _has_batchnorm, batch_schedule, client_generator
-from fedtier.rounds import ArmSetup, client_deltas, client_start, local_config
 from fedtier.tasks import Batch, Draws, Masked, batch_len, batch_to, client_batch, take
 
 
@@ -156,8 +156,8 @@ def sequential_unless(
     reason = not_vectorisable(setup, clients)
     if reason is None:
         return None
-    from fedtier.local.select import say_once
-    from fedtier.rounds import train_sequential
+    from fedtier.local.arm import train_sequential
+    from fedtier.local.messages import say_once
 
     say_once(f"{executor} executor: falling back to sequential because {reason}")
     return train_sequential(setup, w, clients, step)

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedtier.aggregate.rules import Rule
-from fedtier.config import Config, DpMeanRule, LdpStage
+from fedtier.config import dp_mechanism as dp_mechanism  # re-exported
 from fedtier.errors import ConfigError
 from fedtier.seeding import torch_generator
 from fedtier.upload.chain import STAGES, Stage, UploadContext
+
+if TYPE_CHECKING:  # a type only: the aggregation rules import this module's dp_mean
+    from fedtier.aggregate.rules import Rule
 
 
 @dataclass(frozen=True)
@@ -124,17 +127,6 @@ def round_noise(noise: float, edge_rounds: int) -> float:
     """The noise multiplier of one cloud round: κ Gaussian mechanisms with multiplier z on the
     same sample compose to one Gaussian with multiplier z / √κ."""
     return noise / math.sqrt(edge_rounds)
-
-
-def dp_mechanism(cfg: Config) -> tuple[str, float, float] | None:
-    """("central" | "local", z, δ) when the arm uses DP, else None."""
-    rule = cfg.aggregate.edge_rule
-    if isinstance(rule, DpMeanRule):
-        return "central", rule.noise, rule.delta
-    for spec in cfg.upload:
-        if isinstance(spec, LdpStage):
-            return "local", spec.noise, spec.delta
-    return None
 
 
 STAGES["ldp"] = local_dp
