@@ -20,10 +20,11 @@ from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
 from fedtier.tasks import ClientTask, LocalConfig, client_batch
 from fedtier.topology import RoundPlan, Topology, plan_round
+from fedtier.upload.chain import Chain
 
 if TYPE_CHECKING:
     from fedtier.rounds import TierProgram
-    from fedtier.upload import Chain, UploadContext
+    from fedtier.upload import UploadContext
 
 Metrics = dict[str, float]
 
