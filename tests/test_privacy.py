@@ -131,17 +131,19 @@ def test_central_dp_noise_through_the_training_loop(tiny, digits, kappa):
 def test_two_edges_of_one_round_get_different_noise(tiny, digits):
     from dataclasses import replace
 
+    from fedtier.rounds import program_of
+
     setup = dp_arm(tiny, digits, **{"train.rounds": 1})
     seen = []
-    assert setup.program is not None
-    original = setup.program.edge
+    program = program_of(setup)
+    original = program.edge
 
     def spy(*args):  # the edge step is replaceable: record what each edge sends the cloud
         result = original(*args)
         seen.append(result.delta)
         return result
 
-    setup.program = replace(setup.program, edge=spy)
+    setup.program = replace(program, edge=spy)
     train(setup)
     assert len(seen) == 2
     ratio = float((seen[0] - seen[1]).norm() / seen[0].norm())
