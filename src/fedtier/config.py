@@ -240,7 +240,9 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Confi
         try:
             d = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise FedtierError(f"config file '{source}' is not valid YAML: {e}") from None
+            raise FedtierError(
+                f"config file '{source}' is not valid YAML: {_yaml_problem(e)}"
+            ) from None
         if not isinstance(d, dict):
             raise FedtierError(
                 f"config file '{source}' must hold a mapping, got {type(d).__name__}"
@@ -255,8 +257,24 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Confi
         if "=" not in item:
             raise FedtierError(f"--set '{item}': expected dotted.key=value, e.g. train.rounds=10")
         key, raw = item.split("=", 1)
-        set_dotted(d, key.strip(), yaml.safe_load(raw), field_prefix="")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise FedtierError(
+                f"--set '{item}': the value of '{key.strip()}' is not valid YAML "
+                f"({_yaml_problem(e)}); quote it for a string, e.g. --set 'name=\"a[1\"'"
+            ) from None
+        set_dotted(d, key.strip(), value, field_prefix="")
     return from_dict(d)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{e.problem}{where}"
+    return " ".join(str(e).split())
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any, field_prefix: str) -> None:
@@ -363,6 +381,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(name, value, "a fraction in (0, 1) or a whole count >= 1")
         if limit is not None and value > limit:
             raise ConfigError(name, value, f"at most topology.edges ({limit})")
+    # A whole count larger than an edge would silently sample all of its clients: refuse it.
+    # Clients are spread over edges in contiguous blocks (np.array_split), the smallest
+    # holding clients // edges; region-level partitions use the same blocks.
+    smallest_edge = t.clients // t.edges
+    if t.clients_per_edge >= 1 and t.clients_per_edge > smallest_edge:
+        raise ConfigError(
+            "topology.clients_per_edge",
+            t.clients_per_edge,
+            f"at most the {smallest_edge} clients of the smallest edge "
+            f"({t.clients} clients over {t.edges} edges), or a fraction in (0, 1)",
+        )
     if (
         not t.device_mix
         or any(v < 0 for v in t.device_mix.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
-from fedtier.results import RunWriter
+from fedtier.results import RunWriter, check_new_run_dir, read_run, summary_from
 from fedtier.rounds import ArmSetup, headline
 from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
@@ -141,11 +142,52 @@ def _test_view(cfg: Config, test: ArrayDataset, regions: int) -> ArrayDataset:
     return ArrayDataset(xs, test.y.repeat(regions), test.num_classes, test.name)
 
 
-def run_experiment(cfg: Config, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Run every arm of ``cfg`` into ``out``; returns the summary (also in summary.json)."""
+def load_arm_data(
+    arms: dict[str, Config],
+) -> dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]]:
+    """(train, test) of every data set the arms use, each loaded once."""
+    cache: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]] = {}
+    for acfg in arms.values():
+        key = (acfg.data.dataset, acfg.data.root)
+        if key not in cache:
+            cache[key] = load_dataset(acfg.data.dataset, acfg.data.root, seed=acfg.seed)
+    return cache
+
+
+def preflight(
+    arms: dict[str, Config], data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]]
+) -> None:
+    """Prepare every arm once and discard it, so that what can only fail while building a
+    run (an unknown model, a bad model option, a missing device) fails before the run
+    directory is touched. Each arm is prepared again when it runs: ``prepare_arm`` seeds
+    itself, so the numbers are those of a run without this check."""
+    log = logging.getLogger("fedtier")
+    level = log.level
+    log.setLevel(logging.WARNING)  # the executor choice is logged when the arm runs
+    try:
+        for acfg in arms.values():
+            close_executor(prepare_arm(acfg, data[(acfg.data.dataset, acfg.data.root)]))
+    finally:
+        log.setLevel(level)
+
+
+def run_experiment(
+    cfg: Config, out: Path, progress: bool = True, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run every arm of ``cfg`` into the new run directory ``out``; returns the summary (also
+    in summary.json).
+
+    ``out`` must not hold a run yet unless ``overwrite`` (then it is replaced once every arm
+    has been prepared). Nothing is written before the data are loaded and every arm is
+    prepared, so a mistake found there leaves no directory behind. A run that stops early
+    (Ctrl-C, an error) still writes summary.json and report.md, marked ``"complete": false``
+    with the arm and round it stopped at; the arm's last evaluation is in the tables.
+    """
     arms = cfg.arm_configs()
-    writer = RunWriter(out, to_dict(cfg))
-    cache: dict[tuple, tuple[ArrayDataset, ArrayDataset]] = {}
+    check_new_run_dir(out, overwrite)
+    data = load_arm_data(arms)
+    preflight(arms, data)
+    writer = RunWriter(out, to_dict(cfg), overwrite=overwrite)
     summary: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "arms": {}}
     bar = tqdm(
         total=sum(a.train.rounds for a in arms.values()),
@@ -154,24 +196,68 @@ def run_experiment(cfg: Config, out: Path, progress: bool = True) -> dict[str, A
         disable=not progress,
         dynamic_ncols=True,
     )
+    rounds_done: dict[str, int] = {}
+    current: str | None = None
     try:
-        for arm, acfg in arms.items():
+        for current, acfg in arms.items():
+            rounds_done[current] = 0
             key = (acfg.data.dataset, acfg.data.root)
-            if key not in cache:
-                cache[key] = load_dataset(acfg.data.dataset, acfg.data.root, seed=acfg.seed)
-            summary["arms"][arm] = run_arm(arm, acfg, cache[key], writer, bar)
-            summary["target_bits"] = summary["arms"][arm]["target_bits"]
+            summary["arms"][current] = run_arm(current, acfg, data[key], writer, bar, rounds_done)
+            summary["target_bits"] = summary["arms"][current]["target_bits"]
+        summary["complete"] = True
+    except BaseException as e:
+        summary["complete"] = False
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error: {e}"
+        summary["stopped"] = _stopped(arms, current, rounds_done, reason, writer, summary)
+        raise
     finally:
         bar.close()
-        if summary["arms"]:
-            writer.finish(summary)
+        writer.finish(summary)
     return summary
 
 
-def run_arm(
-    arm: str, cfg: Config, data: tuple[ArrayDataset, ArrayDataset], writer: RunWriter, bar: tqdm
+def _stopped(
+    arms: dict[str, Config],
+    arm: str | None,
+    rounds_done: dict[str, int],
+    reason: str,
+    writer: RunWriter,
+    summary: dict[str, Any],
 ) -> dict[str, Any]:
-    """One arm: set up, log the bit-width election, train, and return its summary entry."""
+    """Where a run stopped; the stopped arm's last evaluation (if any) joins summary["arms"]
+    so the tables show what the plot of metrics.jsonl shows."""
+    stop: dict[str, Any] = {"reason": reason, "not_run": list(arms)[len(rounds_done) :]}
+    if arm is None or arm in summary["arms"]:
+        return stop
+    records, _ = read_run(writer.out)
+    partial = summary_from([r for r in records if r.get("arm") == arm])["arms"].get(arm)
+    if partial is not None:
+        summary["arms"][arm] = {**partial, "complete": False}
+    stop.update(
+        arm=arm,
+        rounds_done=rounds_done.get(arm, 0),
+        rounds=arms[arm].train.rounds,
+        last_evaluation=None if partial is None else partial["rounds"],
+    )
+    return stop
+
+
+def run_arm(
+    arm: str,
+    cfg: Config,
+    data: tuple[ArrayDataset, ArrayDataset],
+    writer: RunWriter,
+    bar: tqdm,
+    rounds_done: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One arm: set up, log the bit-width election, train, and return its summary entry.
+    ``rounds_done[arm]`` counts the arm's completed rounds as they finish."""
+    done = rounds_done if rounds_done is not None else {}
+
+    def on_round(t: int) -> None:
+        done[arm] = done.get(arm, 0) + 1
+        bar.update(1)
+
     setup = prepare_arm(cfg, data)
     writer.log(
         {
@@ -200,7 +286,7 @@ def run_arm(
 
     bar.set_postfix({"arm": arm})
     try:
-        run_schedule(setup, on_eval, on_round=lambda t: bar.update(1))
+        run_schedule(setup, on_eval, on_round=on_round)
     finally:
         close_executor(setup)
     extra: dict[str, Any] = {}
