@@ -1,8 +1,13 @@
-"""Command line: ``fedtier run|presets|report``. User mistakes print one clear line, exit 2."""
+"""Command line: ``fedtier run|presets|report|schema``. User mistakes print one clear line, exit 2.
+
+Exit status: 0 done; 2 a user mistake (one line on stderr) or no command (usage); 130
+interrupted (Ctrl-C; the run directory keeps what was computed, marked incomplete).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="run directory (default runs/<name>-<time>)"
     )
     run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (only once the new run is prepared); "
+        "without it an existing run directory is refused",
+    )
+    run.add_argument(
         "--resume",
         type=Path,
         default=None,
@@ -47,36 +58,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtier.config import load_config
     from fedtier.experiment import run_experiment
     from fedtier.presets import DEFAULT_PRESET
-    from fedtier.results import security_section, summary_tables
+    from fedtier.results import console_report
 
     if args.resume is not None:
         out = args.resume
         if args.out is not None and args.out != out:
             raise FedtierError("--resume DIR continues DIR; leave out --out (or give the same DIR)")
+        if args.overwrite:
+            raise FedtierError("--resume continues a run; it cannot be combined with --overwrite")
         if not (out / "config.yaml").is_file():
             raise FedtierError(f"--resume: '{out}' is not a fedtier run directory (no config.yaml)")
-        if (out / "summary.json").is_file() and not (out / "checkpoint.pt").is_file():
-            raise FedtierError(f"--resume: '{out}' has no checkpoint to continue from")
         source = args.config if args.config is not None else out / "config.yaml"
         cfg = load_config(source, args.overrides)
     else:
         cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     show_log()
+    args.out = out  # for the message if the run is interrupted
     summary = run_experiment(
-        cfg, out, progress=not args.no_progress, resume=args.resume is not None
+        cfg,
+        out,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        resume=args.resume is not None,
     )
-    print(f"\n{cfg.name} (B = {summary.get('target_bits')})\n")
-    print(summary_tables(summary))
-    if any("costs" in a for a in summary.get("arms", {}).values()):
-        from fedtier.results import costs_table
-
-        print("\ncommunication and energy (fedtier.costs):")
-        print(costs_table(summary))
-    security = security_section(summary)
-    if security:
-        print("\n" + security)
-    print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, plots)")
+    print("\n" + console_report(summary))
+    print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, plots, models/)")
     return 0
 
 
@@ -84,9 +91,20 @@ def show_log() -> None:
     """Print fedtier's INFO log lines (e.g. which executor trains the clients) on stderr."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+        """Writes to whatever sys.stderr is now (main() may run many times in a process)."""
+
+        @property  # type: ignore[override]
+        def stream(self):  # type: ignore[no-untyped-def]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:  # type: ignore[no-untyped-def]
+            pass
+
     log = logging.getLogger("fedtier")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("fedtier: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -113,35 +131,60 @@ def cmd_schema() -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedtier.results import read_run, render_report, summary_tables
+    from fedtier.results import console_report, read_run, render_report
 
     path = render_report(args.dir)
     _, summary = read_run(args.dir)
-    print(summary_tables(summary))
+    print(console_report(summary))
     print(f"\nwrote {path}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _marked_incomplete(out: Path) -> bool:
+    """True when ``out`` holds a run that this interrupted process marked incomplete."""
+    import json
+
     try:
-        if args.command in (None, "run"):
-            if args.command is None:
-                args = build_parser().parse_args(
-                    ["run", *(argv if argv is not None else sys.argv[1:])]
-                )
-            return cmd_run(args)
-        if args.command == "presets":
-            return cmd_presets()
-        if args.command == "schema":
-            return cmd_schema()
-        return cmd_report(args)
+        return json.loads(Path(out, "summary.json").read_text()).get("complete") is False
+    except (OSError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `fedtier`: say what it can do (argparse's exit status)
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            code = cmd_run(args)
+        elif args.command == "presets":
+            code = cmd_presets()
+        elif args.command == "schema":
+            code = cmd_schema()
+        else:
+            code = cmd_report(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+        return code
     except FedtierError as e:
-        print(f"fedtier: error: {e}", file=sys.stderr)
+        print(f"fedtier: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedtier: interrupted; evaluations so far are in the run directory", file=sys.stderr)
+        out = getattr(args, "out", None)
+        where = (
+            f"the run directory {out}/ keeps the evaluations so far (marked incomplete); "
+            f"continue it with: fedtier run --resume {out}"
+            if out is not None and _marked_incomplete(out)
+            else "the run had not started; nothing was written"
+        )
+        print(f"\nfedtier: interrupted; {where}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`fedtier presets | head -3`): stop quietly, as Unix tools do;
+        # stdout goes to /dev/null so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what the shell reports for a tool killed by the pipe
 
 
 if __name__ == "__main__":

@@ -114,6 +114,17 @@ class TopologyConfig(Section):
             raise _fail(
                 "edges_per_round", self.edges_per_round, f"at most topology.edges ({self.edges})"
             )
+        # A whole count larger than an edge would silently sample all of its clients: refuse
+        # it. Clients are spread over edges in contiguous blocks (np.array_split), the
+        # smallest holding clients // edges; region-level partitions use the same blocks.
+        smallest_edge = self.clients // self.edges
+        if self.clients_per_edge >= 1 and self.clients_per_edge > smallest_edge:
+            raise _fail(
+                "clients_per_edge",
+                self.clients_per_edge,
+                f"at most the {smallest_edge} clients of the smallest edge "
+                f"({self.clients} clients over {self.edges} edges), or a fraction in (0, 1)",
+            )
         for name in self.device_mix:
             if name not in DEVICE_CLASS_NAMES:
                 raise _fail(
@@ -695,7 +706,9 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Confi
         try:
             d = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise FedtierError(f"config file '{source}' is not valid YAML: {e}") from None
+            raise FedtierError(
+                f"config file '{source}' is not valid YAML: {_yaml_problem(e)}"
+            ) from None
         if not isinstance(d, dict):
             raise FedtierError(
                 f"config file '{source}' must hold a mapping, got {type(d).__name__}"
@@ -710,8 +723,24 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Confi
         if "=" not in item:
             raise FedtierError(f"--set '{item}': expected dotted.key=value, e.g. train.rounds=10")
         key, raw = item.split("=", 1)
-        set_dotted(d, key.strip(), yaml.safe_load(raw), field_prefix="")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise FedtierError(
+                f"--set '{item}': the value of '{key.strip()}' is not valid YAML "
+                f"({_yaml_problem(e)}); quote it for a string, e.g. --set 'name=\"a[1\"'"
+            ) from None
+        set_dotted(d, key.strip(), value, field_prefix="")
     return from_dict(d)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{e.problem}{where}"
+    return " ".join(str(e).split())
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any, field_prefix: str) -> None:

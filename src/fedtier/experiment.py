@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
-from fedtier.results import RunWriter
+from fedtier.results import RunWriter, check_new_run_dir, read_run, summary_from
 from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.security import add_rejections, install, privacy_record
@@ -199,14 +200,56 @@ def task_record(task: ClientTask) -> dict[str, Any]:
     }
 
 
+def load_arm_data(
+    arms: dict[str, Config],
+) -> dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]]:
+    """(train, test) of every data set the arms use, each loaded once."""
+    cache: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]] = {}
+    for acfg in arms.values():
+        key = (acfg.data.dataset, acfg.data.root)
+        if key not in cache:
+            cache[key] = load_dataset(acfg.data.dataset, acfg.data.root, seed=acfg.seed)
+    return cache
+
+
+def preflight(
+    arms: dict[str, Config], data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]]
+) -> None:
+    """Prepare every arm once and discard it, so that what can only fail while building a
+    run (an unknown model, a bad model option, a missing device) fails before the run
+    directory is touched. Each arm is prepared again when it runs: ``prepare_arm`` seeds
+    itself, so the numbers are those of a run without this check."""
+    log = logging.getLogger("fedtier")
+    level = log.level
+    log.setLevel(logging.WARNING)  # the executor choice is logged when the arm runs
+    try:
+        for acfg in arms.values():
+            close_executor(prepare_arm(acfg, data[(acfg.data.dataset, acfg.data.root)]))
+    finally:
+        log.setLevel(level)
+
+
 def run_experiment(
-    cfg: Config, out: Path, progress: bool = True, resume: bool = False
+    cfg: Config,
+    out: Path,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every arm of ``cfg`` into ``out``; returns the summary (also in summary.json).
+    """Run every arm of ``cfg`` into the new run directory ``out``; returns the summary (also
+    in summary.json).
+
+    ``out`` must not hold a run yet unless ``overwrite`` (then it is replaced once every arm
+    has been prepared). Nothing is written before the data are loaded and every arm is
+    prepared, so a mistake found there leaves no directory behind. A run that stops early
+    (Ctrl-C, an error) still writes summary.json and report.md, marked ``"complete": false``
+    with the arm and round it stopped at; the arm's last evaluation is in the tables.
 
     With ``resume`` the run continues from ``out``'s checkpoint (arms already finished are
     kept, the arm in progress continues from its last checkpointed evaluation) and gives the
-    summary and final models an uninterrupted run gives."""
+    summary and final models an uninterrupted run gives.
+    """
     arms = cfg.arm_configs()
     for acfg in arms.values():
         check_rule_config(acfg)  # robust rules' preconditions on the row counts, before training
@@ -216,11 +259,15 @@ def run_experiment(
             f"the checkpoint in '{out}' belongs to another configuration; resume it with the "
             f"run's own config (fedtier run --resume {out}) or start a new run directory"
         )
-    writer = RunWriter(
-        out,
-        to_dict(cfg),
-        resume_from=checkpoint["metrics_lines"] if checkpoint else 0 if resume else None,
-    )
+    if not resume:
+        check_new_run_dir(out, overwrite)
+    data = load_arm_data(arms)
+    if not resume:
+        preflight(arms, data)
+    if resume:
+        writer = RunWriter.reopen(out, checkpoint["metrics_lines"] if checkpoint else 0)
+    else:
+        writer = RunWriter(out, to_dict(cfg), overwrite=overwrite)
     summary: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "arms": {}}
     if checkpoint is not None:
         summary["arms"].update(checkpoint["arms_done"])
@@ -237,19 +284,20 @@ def run_experiment(
         disable=not progress,
         dynamic_ncols=True,
     )
-    cache: dict[tuple, tuple[ArrayDataset, ArrayDataset]] = {}
+    rounds_done: dict[str, int] = {
+        n: a.train.rounds for n, a in arms.items() if n in summary["arms"]
+    }
+    current: str | None = None
     try:
-        for arm, acfg in arms.items():
-            if arm in summary["arms"]:
+        for current, acfg in arms.items():
+            if current in summary["arms"]:
                 continue
-            key = (acfg.data.dataset, acfg.data.root)
-            if key not in cache:
-                cache[key] = load_dataset(acfg.data.dataset, acfg.data.root, seed=acfg.seed)
             from_checkpoint = (
-                resumed["progress"] if resumed is not None and resumed["arm"] == arm else None
+                resumed["progress"] if resumed is not None and resumed["arm"] == current else None
             )
+            rounds_done[current] = from_checkpoint["state"]["round"] if from_checkpoint else 0
 
-            def save(arm_progress: dict[str, Any] | None, arm: str = arm) -> None:
+            def save(arm_progress: dict[str, Any] | None, arm: str = current) -> None:
                 save_checkpoint(
                     out,
                     {
@@ -263,15 +311,49 @@ def run_experiment(
                     },
                 )
 
-            entry = run_arm(arm, acfg, cache[key], writer, bar, save, from_checkpoint)
-            summary["arms"][arm] = entry
+            key = (acfg.data.dataset, acfg.data.root)
+            entry = run_arm(
+                current, acfg, data[key], writer, bar, rounds_done, save, from_checkpoint
+            )
+            summary["arms"][current] = entry
             summary["target_bits"] = entry["target_bits"]
             save(None)  # the arm is done
+        summary["complete"] = True
+    except BaseException as e:
+        summary["complete"] = False
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error: {e}"
+        summary["stopped"] = _stopped(arms, current, rounds_done, reason, writer, summary)
+        raise
     finally:
         bar.close()
-        if summary["arms"]:
-            writer.finish(summary)
+        writer.finish(summary)
     return summary
+
+
+def _stopped(
+    arms: dict[str, Config],
+    arm: str | None,
+    rounds_done: dict[str, int],
+    reason: str,
+    writer: RunWriter,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """Where a run stopped; the stopped arm's last evaluation (if any) joins summary["arms"]
+    so the tables show what the plot of metrics.jsonl shows."""
+    stop: dict[str, Any] = {"reason": reason, "not_run": list(arms)[len(rounds_done) :]}
+    if arm is None or arm in summary["arms"]:
+        return stop
+    records, _ = read_run(writer.out)
+    partial = summary_from([r for r in records if r.get("arm") == arm])["arms"].get(arm)
+    if partial is not None:
+        summary["arms"][arm] = {**partial, "complete": False}
+    stop.update(
+        arm=arm,
+        rounds_done=rounds_done.get(arm, 0),
+        rounds=arms[arm].train.rounds,
+        last_evaluation=None if partial is None else partial["rounds"],
+    )
+    return stop
 
 
 def run_arm(
@@ -280,13 +362,20 @@ def run_arm(
     data: tuple[ArrayDataset, ArrayDataset],
     writer: RunWriter,
     bar: tqdm,
+    rounds_done: dict[str, int] | None = None,
     save: Callable[[dict[str, Any] | None], None] | None = None,
     progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One arm: set up, log the bit-width election, train (from ``progress``, a checkpoint's
-    state of this arm, when resuming),
-    save the final model, and return its summary entry. ``save`` receives the arm's state
-    after every ``eval.checkpoint_every``-th evaluation."""
+    state of this arm, when resuming), save the final model, and return its summary entry.
+    ``rounds_done[arm]`` counts the arm's completed rounds as they finish; ``save`` receives
+    the arm's state after every ``eval.checkpoint_every``-th evaluation."""
+    done = rounds_done if rounds_done is not None else {}
+
+    def on_round(t: int) -> None:
+        done[arm] = done.get(arm, 0) + 1
+        bar.update(1)
+
     setup = prepare_arm(cfg, data)
     # integer buffers (BatchNorm's num_batches_tracked) are not federated: the final model
     # keeps their initial values, so it does not depend on which executor trained it
@@ -345,7 +434,7 @@ def run_arm(
         w = run_schedule(
             setup,
             on_eval,
-            on_round=lambda t: bar.update(1),
+            on_round=on_round,
             state=state,
             on_checkpoint=on_checkpoint,
         )

@@ -2,11 +2,18 @@
 
 Everything a report needs is in metrics.jsonl and summary.json, so ``fedtier report DIR``
 re-renders tables and plots of a finished (or interrupted) run without re-running it.
+
+A run directory is never overwritten by accident: a new run refuses a directory that already
+holds one (:func:`check_new_run_dir`) unless asked to replace it, and ``metrics.jsonl`` is
+only ever appended to. A run that stops early (Ctrl-C, an error, a killed process) is marked
+``"complete": false`` in summary.json, and its report says which arm stopped at which round.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,34 +22,111 @@ import yaml
 from fedtier.errors import FedtierError
 from fedtier.metrics import MetricSpec
 
+RUN_MARKERS = ("metrics.jsonl", "config.yaml")  # files that make a directory a fedtier run
+
+
+def is_run_dir(out: Path) -> bool:
+    """True when ``out`` is a directory holding a fedtier run (config.yaml or metrics.jsonl)."""
+    return out.is_dir() and any((out / name).is_file() for name in RUN_MARKERS)
+
+
+def check_new_run_dir(out: Path, overwrite: bool = False) -> None:
+    """Raise FedtierError, before any work is done, when a new run cannot go to ``out``.
+
+    Allowed: a path that does not exist yet (its nearest existing ancestor must be a writable
+    directory), an empty directory, or, with ``overwrite``, a directory holding a fedtier run.
+    Refused: a regular file, a path under a file, an unwritable place, a run directory
+    without ``overwrite``, and a non-empty directory that holds no run (never deleted).
+    """
+    try:
+        if out.exists():
+            if not out.is_dir():
+                raise FedtierError(f"--out '{out}' is a file, not a directory; choose a new path")
+            if any(out.iterdir()):
+                if not is_run_dir(out):
+                    raise FedtierError(
+                        f"--out '{out}' is a non-empty directory that holds no fedtier run "
+                        f"(no {' or '.join(RUN_MARKERS)}); choose a new or empty directory"
+                    )
+                if not overwrite:
+                    # `--resume DIR` (continue this run) is the other way out, where offered.
+                    raise FedtierError(
+                        f"run directory '{out}' already holds a run; pass --overwrite to "
+                        "replace it, or choose another --out"
+                    )
+            # replacing renames the old run aside, so its parent must be writable too
+            places = [out, out.resolve().parent] if overwrite else [out]
+        else:
+            ancestor = out.absolute().parent
+            while not ancestor.exists():
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise FedtierError(
+                    f"--out '{out}': '{ancestor}' is a file, not a directory; choose another path"
+                )
+            places = [ancestor]
+        for place in places:
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise FedtierError(
+                    f"--out '{out}': cannot write in '{place}' "
+                    "(permission denied or a read-only file system)"
+                )
+    except OSError as e:  # e.g. a directory we may not list
+        raise FedtierError(f"--out '{out}': {e.strerror or e}") from None
+
 
 class RunWriter:
-    """Appends evaluation records as they come, so nothing computed is lost on an error.
+    """Creates a new run directory and appends evaluation records as they come, so nothing
+    computed is lost on an error. ``metrics.jsonl`` is opened for appending only.
 
-    ``metrics.jsonl`` is only ever appended to. A resumed run (``resume_from`` = the number of
-    lines its checkpoint had seen) appends a ``{"event": "resume", "valid_lines": N}`` marker:
-    readers drop the lines between the N-th and the marker (written after the checkpoint by
-    the killed process, possibly cut short), which the resumed run writes again.
+    A resumed run (:meth:`reopen`, with the number of lines its checkpoint had seen) appends
+    a ``{"event": "resume", "valid_lines": N}`` marker: readers drop the lines between the
+    N-th and the marker (written after the checkpoint by the killed process, possibly cut
+    short), which the resumed run writes again.
+
+    ``overwrite`` replaces an existing run directory: the old one is renamed aside and deleted
+    only once the new directory and its config.yaml are written (call this after everything
+    that can fail while preparing the run, as :func:`fedtier.experiment.run_experiment` does).
     """
 
-    def __init__(self, out: Path, config: dict[str, Any], resume_from: int | None = None) -> None:
+    def __init__(self, out: Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
+        check_new_run_dir(out, overwrite)
         self.out = out
         self.metrics = out / "metrics.jsonl"
-        if resume_from is None:
+        aside = None
+        if overwrite and is_run_dir(out):
+            aside = out.resolve().with_name(f".{out.resolve().name}.replaced-{os.getpid()}")
+            out.rename(aside)
+        try:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            self.metrics.touch()
-            self.lines = 0
-            return
-        text = self.metrics.read_bytes() if self.metrics.is_file() else b""
+            self.metrics.open("a").close()
+        except OSError as e:
+            if aside is not None:  # put the old run back where it was
+                shutil.rmtree(out, ignore_errors=True)
+                aside.rename(out)
+            raise FedtierError(
+                f"cannot write the run directory '{out}': {e.strerror or e}"
+            ) from None
+        if aside is not None:
+            shutil.rmtree(aside)
+        self.lines = 0
+
+    @classmethod
+    def reopen(cls, out: Path, valid_lines: int) -> RunWriter:
+        """The writer of an existing run directory that a resumed run continues."""
+        writer = cls.__new__(cls)
+        writer.out, writer.metrics = out, out / "metrics.jsonl"
+        text = writer.metrics.read_bytes() if writer.metrics.is_file() else b""
         if text and not text.endswith(b"\n"):  # a line cut short by a kill
-            with self.metrics.open("ab") as f:
+            with writer.metrics.open("ab") as f:
                 f.write(b"\n")
             text += b"\n"
-        self.lines = text.count(b"\n")
-        self.log(
-            {"event": "resume", "valid_lines": resume_from, "discarded": self.lines - resume_from}
+        writer.lines = text.count(b"\n")
+        writer.log(
+            {"event": "resume", "valid_lines": valid_lines, "discarded": writer.lines - valid_lines}
         )
+        return writer
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:
@@ -57,7 +141,8 @@ class RunWriter:
 def read_run(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(metrics records, summary) of a run directory; clear errors when files are missing.
 
-    Lines superseded by a resume (see :class:`RunWriter`) are dropped."""
+    Lines superseded by a resume (see :class:`RunWriter`) are dropped. Without summary.json
+    (the process was killed) the summary is rebuilt from the records and marked incomplete."""
     if not out.is_dir():
         raise FedtierError(f"run directory '{out}' does not exist")
     path = out / "metrics.jsonl"
@@ -84,17 +169,31 @@ def read_run(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             raise FedtierError(f"{path}: line {i} is not valid JSON ({r})")
         records.append(r)
     summary_path = out / "summary.json"
-    summary = (
-        json.loads(summary_path.read_text()) if summary_path.is_file() else summary_from(records)
-    )
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as e:
+            raise FedtierError(f"{summary_path} is not valid JSON ({e.msg})") from None
+    else:
+        summary = summary_from(records)
+        try:
+            name = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("name")
+        except (OSError, yaml.YAMLError, AttributeError):
+            name = None
+        summary = {"name": name or out.name, **summary, "complete": False}
+        summary["stopped"] = {"reason": "no summary.json: the process ended before finishing"}
     return records, summary
 
 
 def summary_from(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """A summary rebuilt from the last evaluation of each arm (for interrupted runs)."""
+    """A summary rebuilt from the last evaluation of each arm (for interrupted runs): the
+    same arms and last rounds the accuracy plot draws from these records."""
     arms: dict[str, Any] = {}
     tasks = {r["arm"]: r["task"] for r in records if r.get("event") == "setup" and "task" in r}
+    target_bits = None
     for r in records:
+        if r.get("event") == "setup":
+            target_bits = r.get("target_bits")
         if "bits" in r:
             arms[r["arm"]] = {
                 "cda": {b: m["accuracy"] for b, m in r["bits"].items() if "accuracy" in m},
@@ -104,7 +203,55 @@ def summary_from(records: list[dict[str, Any]]) -> dict[str, Any]:
                 **({"costs": r["costs"]} if "costs" in r else {}),
                 **({"task": tasks[r["arm"]]} if r["arm"] in tasks else {}),
             }
-    return {"arms": arms}
+    return {"arms": arms, **({"target_bits": target_bits} if target_bits is not None else {})}
+
+
+def incomplete_note(summary: dict[str, Any]) -> str:
+    """One paragraph saying how a run stopped early (empty for a complete run): which arm
+    stopped after which round, which evaluation the tables show, which arms never ran."""
+    if summary.get("complete", True):
+        return ""
+    stop = summary.get("stopped", {})
+    parts = []
+    if stop.get("arm") is not None:
+        part = f"arm '{stop['arm']}' stopped after round {stop['rounds_done']} of {stop['rounds']}"
+        last = stop.get("last_evaluation")
+        part += (
+            f" (the tables show its last evaluation, round {last})"
+            if last is not None
+            else " before its first evaluation (not in the tables)"
+        )
+        parts.append(part)
+    elif summary.get("arms"):
+        parts.append(
+            "each arm shows its last evaluation: "
+            + ", ".join(f"'{n}' round {a.get('rounds')}" for n, a in summary["arms"].items())
+        )
+    if stop.get("not_run"):
+        parts.append("not run: " + ", ".join(f"'{n}'" for n in stop["not_run"]))
+    reason = stop.get("reason", "stopped early")
+    return f"**Incomplete run** ({reason}): " + "; ".join(parts or ["no evaluation recorded"]) + "."
+
+
+def console_report(summary: dict[str, Any]) -> str:
+    """What ``fedtier run`` prints at the end and ``fedtier report`` prints again: a table
+    per metric the task tabulates (clean accuracy for classification), the costs table, the security section and, for a run that stopped
+    early, which arm stopped where."""
+    lines = []
+    note = incomplete_note(summary)
+    if note:
+        lines += [note.replace("**", ""), ""]
+    lines += [
+        f"{summary.get('name', 'run')} (B = {summary.get('target_bits')})",
+        "",
+        summary_tables(summary),
+    ]
+    if any("costs" in a for a in summary.get("arms", {}).values()):
+        lines += ["", "communication and energy (fedtier.costs):", costs_table(summary)]
+    security = security_section(summary)
+    if security:
+        lines += ["", security.rstrip("\n")]
+    return "\n".join(lines)
 
 
 LEGACY_TABLES = {"accuracy": "cda", "asr": "asr"}  # summaries written before typed metrics
@@ -225,6 +372,9 @@ def render_report(out: Path) -> Path:
     metric per bit width against round, per arm; accuracy.png for classification)."""
     records, summary = read_run(out)
     lines = [f"# fedtier run: {summary.get('name', out.name)}", ""]
+    note = incomplete_note(summary)
+    if note:
+        lines += [note, ""]
     if summary.get("target_bits") is not None:
         lines += [f"Target bit set B: {summary['target_bits']}", ""]
     lines += [summary_tables(summary), ""]

@@ -94,7 +94,10 @@ def build_topology(
 
 @dataclass
 class RoundPlan:
-    """Who takes part in round ``round``: ``edges[e]`` = sampled client ids of edge e."""
+    """Who takes part in round ``round``: ``edges[e]`` = sampled client ids of edge e.
+
+    ``round`` is the 0-based round index the plan is drawn from (it seeds the sampling);
+    the logged form, :meth:`to_dict`, counts rounds from 1 like metrics.jsonl does."""
 
     round: int
     edges: dict[int, list[int]] = field(default_factory=dict)
@@ -104,7 +107,9 @@ class RoundPlan:
         return [c for cs in self.edges.values() for c in cs]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The plan as logged in metrics.jsonl: ``round`` = the number of completed cloud
+        rounds once this plan has run (index + 1, the record's own ``round``)."""
+        return {**asdict(self), "round": self.round + 1}
 
 
 def _count(spec: float, total: int) -> int:

@@ -14,6 +14,11 @@ workers finish together.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import resource_sharer  # type: ignore[attr-defined]
 from multiprocessing.pool import Pool
 
 import torch
@@ -45,6 +50,9 @@ def _context():  # type: ignore[no-untyped-def]
 
 
 def _init_worker(model: nn.Module, task: ClientTask, layout: StateLayout, channels_last: bool):
+    # Ctrl-C reaches the whole process group: only the parent handles it (and terminates the
+    # pool); a worker dying of KeyboardInterrupt would print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -78,6 +86,20 @@ def _channels_last(data: Batch) -> Batch:
     return tuple(nhwc(t) for t in data) if isinstance(data, tuple) else nhwc(data)
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while worker processes are started, so they inherit the ignoring (the
+    parent's own handler is restored at once). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class ProcessExecutor:
     """An executor (``(setup, w, clients, step) -> deltas [C, P]``) backed by a process pool.
 
@@ -100,16 +122,22 @@ class ProcessExecutor:
                 channels_last = not _has_batchnorm(setup.model)
             # multiprocessing.Pool's workers are daemonic: they end with this process even if
             # close() is never called (a ProcessPoolExecutor can hang the interpreter's exit).
-            self._pool = _context().Pool(
-                self.workers,
-                initializer=_init_worker,
-                initargs=(setup.model, setup.task, setup.layout, channels_last),
-            )
+            with _sigint_ignored():  # also before a new worker reaches its initializer
+                self._pool = _context().Pool(
+                    self.workers,
+                    initializer=_init_worker,
+                    initargs=(setup.model, setup.task, setup.layout, channels_last),
+                )
         return self._pool
 
     def close(self) -> None:
         """Stop the worker processes (the next call starts them again)."""
         if self._pool is not None:
+            # Tensors travel to the workers as file descriptors served by this process's
+            # resource-sharer thread; a worker terminated mid-transfer (Ctrl-C during a round)
+            # would make that thread print a ConnectionResetError. Stop it first: it restarts
+            # on the next transfer, and a worker that cannot fetch its task exits quietly.
+            resource_sharer.stop(timeout=1.0)
             self._pool.terminate()
             self._pool.join()
         self._pool = None
