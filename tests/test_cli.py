@@ -280,13 +280,13 @@ def test_an_interrupt_in_the_second_arm_gives_an_incomplete_run_whose_tables_mat
 
     real = experiment.run_schedule
 
-    def interrupted_in_b(setup, on_eval, on_round):  # Ctrl-C after arm b's second round
+    def interrupted_in_b(setup, on_eval, on_round, **resume):  # Ctrl-C after b's 2nd round
         def on_round_b(t):
             on_round(t)
             if setup.cfg.train.lr == 0.01 and t == 1:
                 raise KeyboardInterrupt
 
-        return real(setup, on_eval, on_round_b)
+        return real(setup, on_eval, on_round_b, **resume)
 
     monkeypatch.setattr(experiment, "run_schedule", interrupted_in_b)
     cfg = tmp_path / "two.yaml"
@@ -316,6 +316,21 @@ def test_an_interrupt_in_the_second_arm_gives_an_incomplete_run_whose_tables_mat
     report = (out / "report.md").read_text()
     assert "Incomplete run" in report and "arm 'b' stopped after round 2 of 4" in report
     assert "| 4 | 2 |" not in report and "| b | 2 |" in report  # the rounds table
+    # Ctrl-C leaves a checkpoint: --resume finishes the run as if it had never stopped
+    monkeypatch.setattr(experiment, "run_schedule", real)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    whole = tmp_path / "whole"
+    assert main(["run", str(cfg), "--out", str(whole), "--no-progress"]) == 0
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "wall_s"}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["complete"] is True and "stopped" not in resumed
+    assert strip(resumed) == strip(json.loads((whole / "summary.json").read_text()))
+    assert [r["round"] for r in _eval_records(out)][-2:] == [3, 4]  # b continued from round 2
 
 
 def test_report_prints_everything_the_run_printed(finished_run, tmp_path, capsys):
@@ -326,7 +341,7 @@ def test_report_prints_everything_the_run_printed(finished_run, tmp_path, capsys
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
-    for fragment in ("clean accuracy (%)", "| 32 |", "communication and energy", "| qafed |"):
+    for fragment in ("Clean accuracy (%)", "| 32 |", "communication and energy", "| qafed |"):
         assert fragment in printed
     assert "Incomplete" not in printed
     (out / "summary.json").unlink()  # as after kill -9: rebuilt from metrics.jsonl
