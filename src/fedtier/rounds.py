@@ -215,7 +215,7 @@ def cloud_step(
     a = setup.cfg.aggregate
     cloud_rule = build_rule(a.cloud_rule.name, a.cloud_rule.options(), "aggregate.cloud_rule")
     mean_update, m = cloud_rule(
-        torch.stack([r.delta for r in live]), torch.tensor([r.weight for r in live])
+        torch.stack([r.delta for r in live]), torch.tensor([cloud_weight(r) for r in live])
     )
     _add(state.stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
     step = ServerStep(a.rule, server_lr(setup), setup.topology.num_clients)
@@ -224,6 +224,13 @@ def cloud_step(
         w, m = setup.post_step(w, t)
         _add(state.stages, "server", m)
     return w
+
+
+def cloud_weight(result: EdgeResult) -> float:
+    """An edge's weight in the cloud rule: its weight (clients' samples, or counts), times
+    its score when its edge step reports one (an edge that trains, e.g. a GAN's community
+    generator, scores itself; the cloud weights edges by those scores)."""
+    return result.weight if result.score is None else result.weight * result.score
 
 
 def central_dp_rows(setup: ArmSetup, edge: int) -> int | None:

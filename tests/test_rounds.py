@@ -1,0 +1,37 @@
+"""The tier programs: each step is replaceable, and the cloud weights edges by their scores."""
+
+from dataclasses import replace
+
+import torch
+
+from fedtier.data import load_dataset
+from fedtier.experiment import prepare_arm
+from fedtier.rounds import EdgeResult, program_of, run_rounds
+
+
+def test_the_cloud_weights_edges_by_the_scores_their_edge_steps_report(tiny):
+    cfg = tiny(**{"model.name": "mlp", "model.options": {}, "train.rounds": 1, "train.lr": 0.05})
+    digits = load_dataset("digits", None, seed=0)
+    plain, scored = prepare_arm(cfg, digits), prepare_arm(cfg, digits)
+    w0 = plain.layout.flatten(plain.model)
+    sent: dict[int, EdgeResult] = {}
+    program = program_of(scored)
+
+    def edge_with_score(setup, state, w, edge, clients, t):
+        result = program.edge(setup, state, w, edge, clients, t)
+        result = replace(result, score=[0.25, 3.0][edge])  # e.g. a discriminator's verdict
+        sent[edge] = result
+        return result
+
+    scored.program = replace(program, edge=edge_with_score)
+    w_scored = run_rounds(scored, lambda r: None)
+    w_plain = run_rounds(plain, lambda r: None)
+    # by hand: the fedavg cloud mean with weights (samples of the edge's clients) × score
+    weights = torch.tensor([sent[e].weight * [0.25, 3.0][e] for e in (0, 1)])
+    deltas = torch.stack([sent[e].delta for e in (0, 1)])
+    expect = w0 + (weights / weights.sum()) @ deltas
+    torch.testing.assert_close(w_scored, expect)
+    # without scores the same edges are weighted by samples alone: a different model
+    assert not torch.allclose(w_scored, w_plain)
+    plain_weights = torch.tensor([sent[e].weight for e in (0, 1)])
+    torch.testing.assert_close(w_plain, w0 + (plain_weights / plain_weights.sum()) @ deltas)
