@@ -172,3 +172,58 @@ def test_final_model_loads_with_the_documented_one_liner(reference):
     state = load_file(str(reference["sync"] / "models" / "qat-fedbn.safetensors"))
     assert all(model.state_dict()[k].equal(v) for k, v in state.items())
     assert any("_q8" in k for k in state)  # QAT's per-precision BatchNorm statistics travel
+
+
+def dropout_mlp(input_shape, num_classes):
+    """A model whose training draws from torch's global stream (dropout, sequential executor)."""
+    import math
+
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 32),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(32, num_classes),
+    )
+
+
+DROPOUT = """
+name: resume-dropout
+seed: 5
+data: {dataset: digits}
+topology: {edges: 2, clients: 8, edges_per_round: 2, clients_per_edge: 2}
+model: {name: "tests.test_resume:dropout_mlp"}
+train: {rounds: 6, epochs: 1, batch_size: 32, lr: 0.05, executor: sequential}
+quant: {eval_bits: [32]}
+eval: {every: 1}
+"""
+
+
+def test_interrupt_and_resume_continue_torchs_global_stream(tmp_path, monkeypatch):
+    import fedtier.experiment as experiment
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(DROPOUT)
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(whole), "--no-progress"]) == 0
+    real = experiment.run_schedule
+
+    def ctrl_c_after_round_3(setup, on_eval, on_round, **resume):
+        def on_round_3(t):
+            on_round(t)
+            if t == 2:
+                raise KeyboardInterrupt
+
+        return real(setup, on_eval, on_round_3, **resume)
+
+    monkeypatch.setattr(experiment, "run_schedule", ctrl_c_after_round_3)
+    assert main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 130
+    monkeypatch.setattr(experiment, "run_schedule", real)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    got = json.loads((out / "summary.json").read_text())
+    assert _strip_wall(got) == _strip_wall(json.loads((whole / "summary.json").read_text()))
+    for name, tensors in _models(out).items():
+        for k, v in tensors.items():
+            assert v.equal(_models(whole)[name][k]), (name, k)

@@ -273,7 +273,6 @@ def run_experiment(
         summary["arms"].update(checkpoint["arms_done"])
         if checkpoint.get("target_bits") is not None:
             summary["target_bits"] = checkpoint["target_bits"]
-        torch.set_rng_state(checkpoint["torch_rng"])
     resumed = checkpoint if checkpoint is not None and checkpoint.get("progress") else None
     done = sum(a.train.rounds for n, a in arms.items() if n in summary["arms"])
     bar = tqdm(
@@ -307,7 +306,6 @@ def run_experiment(
                         "arm": arm,
                         "progress": arm_progress,
                         "metrics_lines": writer.lines,
-                        "torch_rng": torch.get_rng_state(),
                     },
                 )
 
@@ -399,6 +397,8 @@ def run_arm(
         else {"last": {}, "rejections": {}, "evals": 0, "wall_s": 0.0}
     )
     state = RunState.from_dict(progress["state"]) if progress is not None else None
+    if progress is not None:  # torch's global stream (dropout in the sequential executor)
+        torch.set_rng_state(progress["torch_rng"])
     start = time.perf_counter() - run["wall_s"]
     last, rejections = run["last"], run["rejections"]
 
@@ -427,7 +427,7 @@ def run_arm(
         every = cfg.eval.checkpoint_every
         if save is not None and every > 0 and run["evals"] % every == 0:
             run["wall_s"] = time.perf_counter() - start
-            save({"state": state.to_dict(), "run": run})
+            save({"state": state.to_dict(), "run": run, "torch_rng": torch.get_rng_state()})
 
     bar.set_postfix({"arm": arm})
     try:
