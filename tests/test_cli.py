@@ -376,13 +376,18 @@ def _ignores(pid, signum):
     raise AssertionError(f"no SigIgn line for {pid}")
 
 
-def test_ctrl_c_with_worker_processes_prints_one_clean_line(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_ctrl_c_with_worker_processes_prints_one_clean_line(tmp_path, start_method):
     import os
     import signal
     import time
 
     cfg = tmp_path / "sig.yaml"
-    cfg.write_text(SIGINT_RUN)
+    cfg.write_text(
+        SIGINT_RUN.replace(
+            "executor: processes", f"executor: processes, start_method: {start_method}"
+        )
+    )
     out = tmp_path / "run"
     src = str(Path(__file__).parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src, "PYTHONFAULTHANDLER": "1"}

@@ -216,6 +216,10 @@ class TrainConfig(Section):
     executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice
     )
+    # how the processes executor starts its workers: fork (shares the parent's memory
+    # copy-on-write, starts at once) or spawn (fresh interpreters; for platforms or programs
+    # where fork is unsafe, e.g. threads or CUDA in the parent). Same numbers either way.
+    start_method: Literal["fork", "spawn"] = "fork"
 
 
 class QuantConfig(Section):

@@ -18,7 +18,7 @@ from fedtier.aggregate.robust import check_rule_config
 from fedtier.checkpoint import load_checkpoint, save_checkpoint, save_model
 from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
-from fedtier.data import ArrayDataset, load_dataset, partition
+from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
 from fedtier.errors import FedtierError
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
@@ -137,18 +137,11 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         add_bit_stats(model, qat_bits)
     fedbn = keep_batchnorm_local if cfg.model.batchnorm == "local" else upload_everything
     upload = all_of(task.groups.uploads, fedbn)
-    x_all, y_all = train.x, train.y
     region_x = _region_views(cfg, train, edge_of_client)
-
-    def client_data(c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(parts[c])
-        xs = (
-            region_x[int(edge_of_client[c])]
-            if region_x is not None and edge_of_client is not None
-            else x_all
-        )
-        return xs[idx], y_all[idx]
-
+    if region_x is not None and edge_of_client is not None:  # each region its own view
+        client_data = ClientData(tuple(region_x), train.y, tuple(parts), edge_of_client)
+    else:
+        client_data = ClientData((train.x,), train.y, tuple(parts))
     layout = StateLayout.of(model, upload)
     setup = ArmSetup(
         cfg=cfg,

@@ -1,7 +1,8 @@
 """One arm's setup and the clients' side of a round, shared by the executors, the attacks
 and the round loop (which sits above them): :class:`ArmSetup`, the reference executor
-(:func:`train_sequential`), where a client starts and what it uploads (FedBN's device-kept
-state), and the round plan an edge step belongs to.
+(:func:`train_sequential`: each client a plain :class:`~fedtier.local.jobs.ClientJob` run by
+:func:`~fedtier.local.jobs.run_job`, as in the worker processes), where a client starts and
+what it uploads (FedBN's device-kept state), and the round plan an edge step belongs to.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from torch import nn
 
 from fedtier.config import Config, dp_mechanism
 from fedtier.data import ArrayDataset
-from fedtier.local.sgd import client_generator, train_client
+from fedtier.local.jobs import ClientJob, JobContext, run_job
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
-from fedtier.tasks import ClientTask, LocalConfig, client_batch
+from fedtier.tasks import Batch, ClientTask, LocalConfig
 from fedtier.topology import RoundPlan, Topology, plan_round
 from fedtier.upload.chain import Chain
 
@@ -37,7 +38,8 @@ class ArmSetup:
     model: nn.Module  # one working model, reused by every client (no per-client copies)
     task: ClientTask
     layout: StateLayout
-    client_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # client id → (x, y)
+    # client id → (x, y): a ClientData (plain data, picklable) in every arm fedtier builds
+    client_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     test: ArrayDataset
     topology: Topology
     spec: QuantSpec
@@ -90,14 +92,26 @@ def train_sequential(
 
 
 def client_update(setup: ArmSetup, w: torch.Tensor, client: int, step: int) -> torch.Tensor:
-    """Δ_i = w_{t,E}^i − w_t for one client (zero where the state is kept on the device)."""
+    """Δ_i = w_{t,E}^i − w_t for one client (zero where the state is kept on the device):
+    its job (:func:`client_job`) run in the arm's own model (:func:`fedtier.local.jobs.run_job`)."""
+    job = client_job(setup, w, client, step)
+    result = run_job(job_context(setup), job)
+    return client_delta(setup, client, job.start, result.state)
+
+
+def client_job(
+    setup: ArmSetup, w: torch.Tensor, client: int, step: int, data: Batch | None = None
+) -> ClientJob:
+    """The job of ``client`` at edge step ``step`` from the global (or edge) state w [P]:
+    it starts from :func:`client_start`; ``data`` None refers to the client's samples by id."""
     start = client_start(setup, w, client)
-    setup.layout.load(setup.model, start)
-    x, y = setup.client_data(client)
-    local = local_config(setup.cfg)
-    generator = client_generator(setup.cfg.seed, step, client)
-    train_client(setup.model, setup.task, client_batch(setup.task, x, y), local, generator)
-    return client_delta(setup, client, start, setup.layout.flatten(setup.model))
+    return ClientJob(client, step, setup.cfg.seed, start, local_config(setup.cfg), data)
+
+
+def job_context(setup: ArmSetup, channels_last: bool = False) -> JobContext:
+    """The arm's fixed parts for :func:`fedtier.local.jobs.run_job`: its working model, task,
+    layout and client data."""
+    return JobContext(setup.model, setup.task, setup.layout, setup.client_data, channels_last)
 
 
 def local_config(cfg: Config) -> LocalConfig:

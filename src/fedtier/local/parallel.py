@@ -3,34 +3,47 @@
 Batching clients does not help a CNN whose clients each have their own conv weights: the
 matrix products do not get larger. What helps on a multi-core CPU is running clients
 side by side in worker processes with one thread each (no thread oversubscription, no
-intra-op synchronisation) and channels-last convolutions. Each worker holds one working
-model, built once when the pool starts; per client it receives the start state [P] and the
-client's own samples (never the data set), trains with the very function the sequential
-executor uses (:func:`fedtier.local.train_client`, same per-(seed, round, client)
-generator), and returns the trained state [P]. Clients are dispatched largest first, so the
-workers finish together.
+intra-op synchronisation) and channels-last convolutions.
+
+Workers exchange plain data only (:mod:`fedtier.local.jobs`). Each worker receives the
+arm's :class:`~fedtier.local.jobs.JobContext` once, when the pool starts: one working model,
+the task, the layout and the arm's client data. Per client it receives a
+:class:`~fedtier.local.jobs.ClientJob` (client id, seed key, start state [P], local
+settings; the client's samples only when the worker could not be given the data), runs it
+with :func:`~fedtier.local.jobs.run_job` (the sequential executor's code path, same
+per-(seed, step, client) generator) and returns a :class:`~fedtier.local.jobs.ClientResult`.
+Nothing crossing is a closure, so the pool starts with ``fork`` or ``spawn``
+(``train.start_method``). Clients are dispatched largest first, so the workers finish
+together.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from multiprocessing import resource_sharer  # type: ignore[attr-defined]
 from multiprocessing.pool import Pool
+from typing import Literal
 
 import torch
 import torch.multiprocessing as tmp
-from torch import nn
 
-from fedtier.local.arm import ArmSetup, client_delta, client_start, local_config
-from fedtier.local.sgd import LocalConfig, _has_batchnorm, client_generator, train_client
-from fedtier.state import StateLayout
-from fedtier.tasks import Batch, ClientTask, batch_len, client_batch
+from fedtier.data import ClientData
+from fedtier.errors import FedtierError
+from fedtier.local.arm import ArmSetup, client_delta, client_job, job_context
+from fedtier.local.jobs import ClientJob, ClientResult, JobContext, run_job
+from fedtier.local.messages import say_once
+from fedtier.local.sgd import _has_batchnorm
+from fedtier.tasks import client_batch
 
-_worker: dict[str, object] = {}
+StartMethod = Literal["fork", "spawn"]
+
+_worker: dict[str, JobContext] = {}
 
 
 def available_workers() -> int:
@@ -41,49 +54,30 @@ def available_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _context():  # type: ignore[no-untyped-def]
-    """fork where the platform has it: workers share the parent's memory copy-on-write and
-    need no ``if __name__ == "__main__"`` guard in the user's script (with one thread each,
-    as PyTorch's DataLoader workers do); spawn elsewhere."""
-    methods = tmp.get_all_start_methods()
-    return tmp.get_context("fork" if "fork" in methods else "spawn")
+def _context(method: StartMethod):  # type: ignore[no-untyped-def]
+    """The multiprocessing context of ``method``; spawn where the platform has no fork."""
+    if method not in tmp.get_all_start_methods():
+        say_once(f"processes executor: start method '{method}' is not available here, using spawn")
+        method = "spawn"
+    return tmp.get_context(method)
 
 
-def _init_worker(model: nn.Module, task: ClientTask, layout: StateLayout, channels_last: bool):
+def _init_worker(context: JobContext) -> None:
     # Ctrl-C reaches the whole process group: only the parent handles it (and terminates the
     # pool); a worker dying of KeyboardInterrupt would print its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    if channels_last:
+    # The worker's own working model. Under spawn the context arrives through torch's
+    # pickler, which passes tensors as shared memory: the parameters would be the parent's
+    # (and every other worker's) very storage. A deep copy makes them private.
+    model = copy.deepcopy(context.model)
+    if context.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    _worker.update(model=model, task=task, layout=layout, channels_last=channels_last)
+    _worker["context"] = replace(context, model=model)
 
 
-def _train_one(
-    start: torch.Tensor,
-    data: Batch,
-    local: LocalConfig,
-    seed: int,
-    step: int,
-    client: int,
-) -> torch.Tensor:
-    model, layout = _worker["model"], _worker["layout"]
-    assert isinstance(model, nn.Module) and isinstance(layout, StateLayout)
-    layout.load(model, start)
-    if _worker["channels_last"]:
-        data = _channels_last(data)
-    task = _worker["task"]
-    train_client(model, task, data, local, client_generator(seed, step, client))  # type: ignore[arg-type]
-    return layout.flatten(model)
-
-
-def _channels_last(data: Batch) -> Batch:
-    """The image tensors ([n, C, H, W]) of ``data`` in channels-last layout."""
-
-    def nhwc(t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-    return tuple(nhwc(t) for t in data) if isinstance(data, tuple) else nhwc(data)
+def _run(job: ClientJob) -> ClientResult:
+    return run_job(_worker["context"], job)
 
 
 @contextmanager
@@ -104,30 +98,55 @@ class ProcessExecutor:
     """An executor (``(setup, w, clients, step) -> deltas [C, P]``) backed by a process pool.
 
     The pool (``workers`` processes, default: one per available core) starts on first use and
-    lives as long as the executor; ``close()`` or interpreter exit stops it. ``channels_last``
-    (default: for models without BatchNorm) runs convolutions in NHWC layout; its different
-    summation order is harmless for plain CNNs (agreement ~1e-7) but BatchNorm over small
-    client batches amplifies it, so BatchNorm models keep the sequential layout by default.
+    lives as long as the executor; ``close()`` or interpreter exit stops it. ``start_method``
+    (None: the arm's ``train.start_method``) starts the workers by ``fork`` or ``spawn``.
+    ``channels_last`` (default: for models without BatchNorm) runs convolutions in NHWC
+    layout; its different summation order is harmless for plain CNNs (agreement ~1e-7) but
+    BatchNorm over small client batches amplifies it, so BatchNorm models keep the
+    sequential layout by default.
+
+    The arm's client data go to each worker once, with the pool: under ``fork`` whatever
+    ``setup.client_data`` is (nothing is pickled), under ``spawn`` when it is a
+    :class:`fedtier.data.ClientData` (plain data). Otherwise, or when ``setup.client_data``
+    is no longer the one the pool was given, each job carries its client's samples.
     """
 
-    def __init__(self, workers: int | None = None, channels_last: bool | None = None) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        channels_last: bool | None = None,
+        start_method: StartMethod | None = None,
+    ) -> None:
         self.workers = workers or available_workers()
         self.channels_last = channels_last
+        self.start_method = start_method
         self._pool: Pool | None = None
+        self._data: object = None  # the client data the workers hold (None: none)
 
     def _start(self, setup: ArmSetup) -> Pool:
         if self._pool is None:
             channels_last = self.channels_last
             if channels_last is None:
                 channels_last = not _has_batchnorm(setup.model)
+            method = self.start_method or setup.cfg.train.start_method
+            ship = method == "fork" or isinstance(setup.client_data, ClientData)
+            context = job_context(setup, channels_last)
+            if not ship:
+                context = replace(context, data=None)
             # multiprocessing.Pool's workers are daemonic: they end with this process even if
             # close() is never called (a ProcessPoolExecutor can hang the interpreter's exit).
             with _sigint_ignored():  # also before a new worker reaches its initializer
-                self._pool = _context().Pool(
-                    self.workers,
-                    initializer=_init_worker,
-                    initargs=(setup.model, setup.task, setup.layout, channels_last),
-                )
+                try:
+                    self._pool = _context(method).Pool(
+                        self.workers, initializer=_init_worker, initargs=(context,)
+                    )
+                except Exception as e:  # spawn pickles the context; fork pickles nothing
+                    raise FedtierError(
+                        f"train.start_method '{method}': the arm's model, task or layout cannot "
+                        f"be sent to worker processes ({type(e).__name__}: {e}); use "
+                        f"train.start_method 'fork' or train.executor 'sequential'"
+                    ) from e
+            self._data = context.data
         return self._pool
 
     def close(self) -> None:
@@ -141,9 +160,27 @@ class ProcessExecutor:
             self._pool.terminate()
             self._pool.join()
         self._pool = None
+        self._data = None
 
     def __del__(self) -> None:
         self.close()
+
+    def jobs(
+        self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
+    ) -> list[ClientJob]:
+        """The clients' jobs from w [P], in ``clients`` order; each carries its samples unless
+        the workers hold the arm's client data."""
+        by_id = self._data is not None and self._data is setup.client_data
+        return [
+            client_job(
+                setup,
+                w,
+                c,
+                step,
+                None if by_id else client_batch(setup.task, *setup.client_data(c)),
+            )
+            for c in clients
+        ]
 
     def __call__(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
@@ -154,12 +191,11 @@ class ProcessExecutor:
         if fallback is not None:
             return fallback
         pool = self._start(setup)
-        local, seed = local_config(setup.cfg), setup.cfg.seed
-        starts = {c: client_start(setup, w, c) for c in clients}
-        data = {c: client_batch(setup.task, *setup.client_data(c)) for c in clients}
-        largest_first = sorted(clients, key=lambda c: -batch_len(data[c]))
-        futures = {
-            c: pool.apply_async(_train_one, (starts[c], data[c], local, seed, step, c))
-            for c in largest_first
-        }
-        return torch.stack([client_delta(setup, c, starts[c], futures[c].get()) for c in clients])
+        jobs = self.jobs(setup, w, clients, step)
+        sizes = setup.topology.num_samples
+        largest_first = sorted(range(len(jobs)), key=lambda i: -int(sizes[jobs[i].client]))
+        futures = {i: pool.apply_async(_run, (jobs[i],)) for i in largest_first}
+        results = [futures[i].get() for i in range(len(jobs))]
+        return torch.stack(
+            [client_delta(setup, j.client, j.start, r.state) for j, r in zip(jobs, results)]
+        )
