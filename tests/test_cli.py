@@ -420,7 +420,7 @@ def test_ctrl_c_with_worker_processes_prints_one_clean_line(tmp_path, start_meth
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 130
+    assert p.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     # nothing from the workers either (a dying worker starts with "Process ForkPoolWorker-1:")
     lines = [line for line in err.splitlines() if line.strip()]

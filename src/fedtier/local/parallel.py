@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from multiprocessing import resource_sharer  # type: ignore[attr-defined]
 from multiprocessing.pool import Pool
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.multiprocessing as tmp
 
@@ -76,8 +77,30 @@ def _init_worker(context: JobContext) -> None:
     _worker["context"] = replace(context, model=model)
 
 
+def _by_value(x: Any) -> Any:
+    """Tensors (alone or in a batch tuple) as numpy arrays, which pickle by value. Tensors
+    would travel as file descriptors served by a thread of the sending process, and a
+    transfer cut by Ctrl-C makes that thread print a traceback."""
+    if isinstance(x, torch.Tensor):
+        return x.numpy()
+    if isinstance(x, tuple):
+        return tuple(_by_value(v) for v in x)
+    return x
+
+
+def _as_tensors(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, tuple):
+        return tuple(_as_tensors(v) for v in x)
+    return x
+
+
 def _run(job: ClientJob) -> ClientResult:
-    return run_job(_worker["context"], job)
+    """A worker's job: arrives and leaves with its tensors as numpy arrays (:func:`_by_value`)."""
+    job = replace(job, start=_as_tensors(job.start), data=_as_tensors(job.data))
+    result = run_job(_worker["context"], job)
+    return replace(result, state=_by_value(result.state))
 
 
 @contextmanager
@@ -152,10 +175,10 @@ class ProcessExecutor:
     def close(self) -> None:
         """Stop the worker processes (the next call starts them again)."""
         if self._pool is not None:
-            # Tensors travel to the workers as file descriptors served by this process's
-            # resource-sharer thread; a worker terminated mid-transfer (Ctrl-C during a round)
-            # would make that thread print a ConnectionResetError. Stop it first: it restarts
-            # on the next transfer, and a worker that cannot fetch its task exits quietly.
+            # Jobs and results travel by value (_by_value), but spawn's start-up sends the
+            # context's tensors as file descriptors served by this process's resource-sharer
+            # thread; stop it before the workers, so a cut transfer prints no traceback (it
+            # restarts on the next transfer).
             resource_sharer.stop(timeout=1.0)
             self._pool.terminate()
             self._pool.join()
@@ -194,8 +217,15 @@ class ProcessExecutor:
         jobs = self.jobs(setup, w, clients, step)
         sizes = setup.topology.num_samples
         largest_first = sorted(range(len(jobs)), key=lambda i: -int(sizes[jobs[i].client]))
-        futures = {i: pool.apply_async(_run, (jobs[i],)) for i in largest_first}
+        sent = {
+            i: replace(jobs[i], start=_by_value(jobs[i].start), data=_by_value(jobs[i].data))
+            for i in largest_first
+        }
+        futures = {i: pool.apply_async(_run, (sent[i],)) for i in largest_first}
         results = [futures[i].get() for i in range(len(jobs))]
         return torch.stack(
-            [client_delta(setup, j.client, j.start, r.state) for j, r in zip(jobs, results)]
+            [
+                client_delta(setup, j.client, j.start, _as_tensors(r.state))
+                for j, r in zip(jobs, results)
+            ]
         )
