@@ -7,7 +7,7 @@ from fedtier.aggregate import ServerStep, client_weights, weighted_mean
 def test_weighted_mean_by_hand_and_permutation_invariant():
     u = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     w = torch.tensor([1.0, 3.0])
-    mean, _ = weighted_mean(u, w)
+    mean, _, _ = weighted_mean(u, w)
     torch.testing.assert_close(mean, torch.tensor([2.5, 3.0]))
     torch.testing.assert_close(weighted_mean(u.flip(0), w.flip(0))[0], mean)
 
@@ -20,7 +20,7 @@ def test_weighted_mean_rejects_bad_shapes():
 def test_qafed_server_step_is_eta_sum_over_population():
     deltas = torch.randn(4, 5)
     step = ServerStep("qafed", server_lr=6.0, population=100)
-    mean, _ = weighted_mean(deltas, client_weights("qafed", torch.tensor([10, 20, 30, 40])))
+    mean, _, _ = weighted_mean(deltas, client_weights("qafed", torch.tensor([10, 20, 30, 40])))
     w = torch.zeros(5)
     torch.testing.assert_close(step.apply(w, mean, sampled=4), 6.0 * deltas.sum(0) / 100)
 
@@ -28,7 +28,7 @@ def test_qafed_server_step_is_eta_sum_over_population():
 def test_qafed_with_eta_n_over_m_is_plain_average():
     deltas = torch.randn(10, 3)
     step = ServerStep("qafed", server_lr=100 / 10, population=100)
-    mean, _ = weighted_mean(deltas, torch.ones(10))
+    mean, _, _ = weighted_mean(deltas, torch.ones(10))
     torch.testing.assert_close(step.apply(torch.zeros(3), mean, 10), deltas.mean(0))
 
 

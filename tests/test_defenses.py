@@ -49,9 +49,7 @@ def test_defense_config_errors(tiny):
 
 
 def test_attribute_counts_rejected_honest_and_malicious():
-    m = attribute(
-        {"kept/0": 1.0, "kept/1": 0.0, "kept/2": 0.0, "rejected": 2.0}, [4, 7, 9], frozenset({7})
-    )
+    m = attribute({"rejected": 2.0}, torch.tensor([True, False, False]), [4, 7, 9], frozenset({7}))
     assert m == {
         "rejected": 2.0,
         "rejected_malicious": 1.0,
@@ -59,7 +57,9 @@ def test_attribute_counts_rejected_honest_and_malicious():
         "seen_malicious": 1.0,
         "seen_honest": 2.0,
     }
-    assert attribute({"x": 1.0}, [1, 2], frozenset()) == {"x": 1.0}
+    assert attribute({"x": 1.0}, None, [1, 2], frozenset()) == {"x": 1.0}  # selects no rows
+    with pytest.raises(ValueError, match="mask"):
+        attribute({}, torch.tensor([True]), [1, 2], frozenset())
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,8 @@ def test_qcheck_rejects_an_update_whose_quantized_model_diverges(tiny, digits):
     screen = quant_consistency(x, [4], spec, ratio=3.0)
     from fedtier.upload import UploadContext
 
-    m = screen(setup, w, deltas, UploadContext(0, 0, [0, 1, 2, 3, 4], torch.ones(5), 0))
-    assert [m[f"kept/{i}"] for i in range(5)] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    kept, m = screen(setup, w, deltas, UploadContext(0, 0, [0, 1, 2, 3, 4], torch.ones(5), 0))
+    assert kept.tolist() == [True, True, True, True, False] and m["rejected"] == 1.0
 
 
 def test_end_to_end_attack_defense_and_privacy_summary(tiny, tmp_path):

@@ -26,7 +26,7 @@ def digits():
 def test_central_dp_noise_has_the_calibrated_scale():
     clip, z, n, p = 2.0, 1.5, 10, 200_000
     rule = build_rule("dp-mean", {"clip": clip, "noise": z}, "x")
-    out, _ = rule(torch.zeros(n, p), torch.ones(n))
+    out, _, _ = rule(torch.zeros(n, p), torch.ones(n))
     assert out.std().item() == pytest.approx(z * clip / n, rel=0.01)
     assert abs(out.mean().item()) < 3 * z * clip / n / math.sqrt(p)
 
@@ -34,9 +34,9 @@ def test_central_dp_noise_has_the_calibrated_scale():
 def test_central_dp_clips_every_row_and_sums_equally():
     rule = build_rule("dp-mean", {"clip": 1.0, "noise": 0.0}, "x")
     u = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
-    out, m = rule(u, torch.tensor([100.0, 1.0]))
+    out, m, kept = rule(u, torch.tensor([100.0, 1.0]))
     torch.testing.assert_close(out, (torch.tensor([0.6, 0.8]) + torch.tensor([0.3, 0.4])) / 2)
-    assert m["clipped"] == 1.0
+    assert m["clipped"] == 1.0 and kept is None  # clipped rows still enter the sum
 
 
 def test_central_dp_noise_is_fresh_for_every_round_edge_and_edge_round():
@@ -66,11 +66,11 @@ def test_central_dp_fixed_denominator_and_empty_sample():
     noise = z * clip * torch.randn(p, generator=torch_generator(0, "dp-mean", 1, 1, 0))
     u = torch.zeros(3, p)
     u[:, 0] = torch.tensor([3.0, 0.5, -0.2])
-    out, _ = rule(u, torch.tensor([5.0, 1.0, 1.0]))
+    out, _, _ = rule(u, torch.tensor([5.0, 1.0, 1.0]))
     expect = noise.clone()
     expect[0] += 1.0 + 0.5 - 0.2  # clipped rows summed, not weighted
     torch.testing.assert_close(out, expect / 2.5)  # divided by q N_e, not by the 3 rows
-    empty, _ = rule(torch.zeros(0, p), torch.zeros(0))
+    empty, _, _ = rule(torch.zeros(0, p), torch.zeros(0))
     torch.testing.assert_close(empty, noise / 2.5)
 
 

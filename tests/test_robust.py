@@ -32,7 +32,7 @@ def test_permutation_invariant(name):
 @pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum", "multi-krum", "bulyan"])
 def test_tolerates_f_byzantine_rows(name):
     u = honest_and_byzantine(11, 2)
-    out, _ = build_rule(name, {"f": 2}, "x")(u, torch.ones(11))
+    out, _, _ = build_rule(name, {"f": 2}, "x")(u, torch.ones(11))
     honest = u[:9]
     assert bool(
         (out >= honest.min(0).values - 1e-6).all() and (out <= honest.max(0).values + 1e-6).all()
@@ -42,27 +42,27 @@ def test_tolerates_f_byzantine_rows(name):
 @pytest.mark.parametrize("name", ["median", "trimmed-mean", "bulyan"])
 def test_coordinatewise_output_inside_the_hull_of_all_rows(name):
     u = torch.randn(11, 20, generator=torch.Generator().manual_seed(3))
-    out, _ = build_rule(name, {"f": 2}, "x")(u, torch.ones(11))
+    out, _, _ = build_rule(name, {"f": 2}, "x")(u, torch.ones(11))
     assert bool((out >= u.min(0).values - 1e-6).all() and (out <= u.max(0).values + 1e-6).all())
 
 
 def test_krum_returns_one_row_and_flags_rejections():
     u = honest_and_byzantine(7, 2)
-    out, m = build_rule("krum", {"f": 2}, "x")(u, torch.ones(7))
+    out, m, kept = build_rule("krum", {"f": 2}, "x")(u, torch.ones(7))
     assert any(torch.equal(out, row) for row in u[:5])
-    assert m["kept/5"] == 0.0 and m["kept/6"] == 0.0 and m["rejected"] == 6.0
+    assert not kept[5] and not kept[6] and m["rejected"] == 6.0 and int(kept.sum()) == 1
 
 
 def test_multi_krum_drops_the_byzantine_rows_and_averages_the_rest():
     u = honest_and_byzantine(9, 2)
-    out, m = build_rule("multi-krum", {"f": 2}, "x")(u, torch.ones(9))
+    out, _, kept = build_rule("multi-krum", {"f": 2}, "x")(u, torch.ones(9))
     torch.testing.assert_close(out, u[:7].mean(0))
-    assert [m[f"kept/{i}"] for i in range(9)] == [1.0] * 7 + [0.0, 0.0]
+    assert kept.tolist() == [True] * 7 + [False, False]
 
 
 def test_trimmed_mean_by_hand():
     u = torch.tensor([[1.0], [2.0], [3.0], [100.0], [-50.0]])
-    out, _ = build_rule("trimmed-mean", {"f": 1}, "x")(u, torch.ones(5))
+    out, _, _ = build_rule("trimmed-mean", {"f": 1}, "x")(u, torch.ones(5))
     torch.testing.assert_close(out, torch.tensor([2.0]))
 
 
@@ -115,17 +115,18 @@ def test_foolsgold_downweights_identical_sybils():
     g = torch.Generator().manual_seed(0)
     honest = torch.randn(6, 50, generator=g)
     sybil = torch.ones(1, 50).repeat(3, 1) + 0.001 * torch.randn(3, 50, generator=g)
-    out, m = build_rule("foolsgold", {}, "x")(torch.cat([honest, sybil]), torch.ones(9))
-    assert all(m[f"kept/{i}"] == 0.0 for i in range(6, 9))
-    assert all(m[f"kept/{i}"] == 1.0 for i in range(6))
+    out, _, kept = build_rule("foolsgold", {}, "x")(torch.cat([honest, sybil]), torch.ones(9))
+    assert kept.tolist() == [True] * 6 + [False] * 3
     torch.testing.assert_close(out, honest.mean(0), atol=1e-4, rtol=1e-4)
 
 
 def test_cosine_filter_removes_opposed_updates():
     g = torch.Generator().manual_seed(0)
     honest = 1.0 + 0.2 * torch.randn(8, 30, generator=g)
-    out, m = build_rule("cosine", {}, "x")(torch.cat([honest, -5 * honest[:1]]), torch.ones(9))
-    assert m["kept/8"] == 0.0 and m["rejected"] == 1.0
+    out, m, kept = build_rule("cosine", {}, "x")(
+        torch.cat([honest, -5 * honest[:1]]), torch.ones(9)
+    )
+    assert kept.tolist() == [True] * 8 + [False] and m["rejected"] == 1.0
     torch.testing.assert_close(out, honest.mean(0))
 
 
@@ -283,8 +284,11 @@ def assert_matches(out: torch.Tensor, expected: list[float]) -> None:
     )
 
 
-def kept_rows(metrics: dict) -> list[int]:
-    return sorted(i for i in range(len(metrics)) if metrics.get(f"kept/{i}") == 1.0)
+def kept_rows(kept: torch.Tensor | None, metrics: dict, n: int) -> list[int]:
+    """The rows of a rule's [n] bool mask, checked against its ``rejected`` count."""
+    assert kept is not None and kept.dtype == torch.bool and kept.shape == (n,)
+    assert metrics["rejected"] == n - int(kept.sum())
+    return [i for i in range(n) if kept[i]]
 
 
 @st.composite
@@ -305,10 +309,10 @@ SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
 @given(problems(lambda f: 2 * f + 3))
 def test_krum_matches_brute_force(problem):
     f, u, w = problem
-    out, m = build_rule("krum", {"f": f}, "x")(u, w)
+    out, m, kept = build_rule("krum", {"f": f}, "x")(u, w)
     expected, chosen = ref_multi_krum(as_lists(u), w.tolist(), f, 1)
     assert_matches(out, expected)
-    assert kept_rows(m) == chosen and m["rejected"] == len(u) - 1
+    assert kept_rows(kept, m, len(u)) == chosen and m["rejected"] == len(u) - 1
 
 
 @SETTINGS
@@ -316,53 +320,56 @@ def test_krum_matches_brute_force(problem):
 def test_multi_krum_with_m_matches_brute_force(problem, m):
     f, u, w = problem
     m = min(m, len(u))
-    out, metrics = build_rule("multi-krum", {"f": f, "m": m}, "x")(u, w)
+    out, metrics, kept = build_rule("multi-krum", {"f": f, "m": m}, "x")(u, w)
     expected, chosen = ref_multi_krum(as_lists(u), w.tolist(), f, m)
     assert_matches(out, expected)
-    assert kept_rows(metrics) == sorted(chosen)
+    assert kept_rows(kept, metrics, len(u)) == sorted(chosen)
 
 
 @SETTINGS
 @given(problems(lambda f: 2 * f + 3))
 def test_multi_krum_default_m_is_n_minus_f(problem):
     f, u, w = problem
-    out, metrics = build_rule("multi-krum", {"f": f}, "x")(u, w)
+    out, metrics, kept = build_rule("multi-krum", {"f": f}, "x")(u, w)
     expected, chosen = ref_multi_krum(as_lists(u), w.tolist(), f, len(u) - f)
     assert_matches(out, expected)
-    assert kept_rows(metrics) == sorted(chosen)
+    assert kept_rows(kept, metrics, len(u)) == sorted(chosen)
 
 
 @SETTINGS
 @given(problems(lambda f: 4 * f + 3, max_f=2))
 def test_bulyan_matches_brute_force(problem):
     f, u, w = problem
-    out, m = build_rule("bulyan", {"f": f}, "x")(u, w)
+    out, m, kept = build_rule("bulyan", {"f": f}, "x")(u, w)
     expected, selected = ref_bulyan(as_lists(u), f)
     assert_matches(out, expected)
-    assert kept_rows(m) == sorted(selected) and m["rejected"] == 2 * f
+    assert kept_rows(kept, m, len(u)) == sorted(selected) and m["rejected"] == 2 * f
 
 
 @SETTINGS
 @given(problems(lambda f: 2 * f + 1))
 def test_median_matches_brute_force(problem):
     f, u, w = problem
-    out, _ = build_rule("median", {"f": f}, "x")(u, w)
+    out, _, kept = build_rule("median", {"f": f}, "x")(u, w)
     assert_matches(out, ref_median(as_lists(u)))
+    assert kept is None  # every row enters the median
 
 
 @SETTINGS
 @given(problems(lambda f: 2 * f + 1))
 def test_trimmed_mean_matches_brute_force(problem):
     f, u, w = problem
-    out, _ = build_rule("trimmed-mean", {"f": f}, "x")(u, w)
+    out, _, kept = build_rule("trimmed-mean", {"f": f}, "x")(u, w)
     assert_matches(out, ref_trimmed_mean(as_lists(u), f))
+    assert kept is None
 
 
 @SETTINGS
 @given(problems(lambda f: 1, max_f=0), st.sampled_from([0.5, 1.0, 3.0]))
 def test_norm_bound_matches_brute_force(problem, max_norm):
     _, u, w = problem
-    out, m = build_rule("norm-bound", {"max_norm": max_norm}, "x")(u, w)
+    out, m, kept = build_rule("norm-bound", {"max_norm": max_norm}, "x")(u, w)
+    assert kept is None  # clipped rows still count
     assert_matches(out, ref_norm_bound(as_lists(u), w.tolist(), max_norm))
     assert m["clipped"] == sum(math.sqrt(sum(x * x for x in r)) > max_norm for r in as_lists(u))
 
@@ -382,10 +389,10 @@ def float_problems(seed: int, n: int, p: int) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("kappa", [0.5, 1.0])
 def test_foolsgold_matches_brute_force(seed, kappa):
     u, w = float_problems(seed, 3 + seed % 6, 5)
-    out, m = build_rule("foolsgold", {"kappa": kappa}, "x")(u, w)
+    out, m, kept = build_rule("foolsgold", {"kappa": kappa}, "x")(u, w)
     expected, lr = ref_foolsgold(as_lists(u), w.tolist(), kappa)
     assert_matches(out, expected)
-    assert kept_rows(m) == [i for i, r in enumerate(lr) if r > 0]
+    assert kept_rows(kept, m, len(u)) == [i for i, r in enumerate(lr) if r > 0]
 
 
 def test_foolsgold_does_not_pardon_a_row_opposed_to_all_others():
@@ -393,17 +400,17 @@ def test_foolsgold_does_not_pardon_a_row_opposed_to_all_others():
     # similarity is 0); pardoning its −1 similarities into +1 would zero it instead
     a = torch.tensor([1.0, 0.0, 0.0])
     u = torch.stack([a, a + torch.tensor([0.0, 0.1, 0.0]), -a - torch.tensor([0, 0, 0.1])])
-    _, m = build_rule("foolsgold", {}, "x")(u, torch.ones(3))
-    assert m["kept/2"] == 1.0
+    _, _, kept = build_rule("foolsgold", {}, "x")(u, torch.ones(3))
+    assert kept[2]
 
 
 @pytest.mark.parametrize("seed", range(60))
 def test_cosine_filter_matches_brute_force(seed):
     u, w = float_problems(seed, 3 + seed % 8, 4)
-    out, m = build_rule("cosine", {"xi": 1.0, "xi_step": 0.5}, "x")(u, w)
+    out, m, mask = build_rule("cosine", {"xi": 1.0, "xi_step": 0.5}, "x")(u, w)
     expected, kept = ref_cosine_filter(as_lists(u), w.tolist(), 1.0, 0.5)
     assert_matches(out, expected)
-    assert kept_rows(m) == kept
+    assert kept_rows(mask, m, len(u)) == kept
 
 
 # Hand-made inputs that separate the rules from their likely look-alikes. Each test first checks
@@ -416,8 +423,8 @@ def test_krum_neighbour_count_is_n_minus_f_minus_2():
     rows, w = as_lists(KRUM_LINE), [1.0] * 7
     picks = {k: ref_multi_krum(rows, w, 1, 1, neighbours=k)[1] for k in (2, 3, 4, 5)}
     assert picks[4] != picks[3] and picks[4] != picks[5]  # f = 1: n − f − 2 = 4
-    out, m = build_rule("krum", {"f": 1}, "x")(KRUM_LINE, torch.ones(7))
-    assert kept_rows(m) == picks[4]
+    out, m, kept = build_rule("krum", {"f": 1}, "x")(KRUM_LINE, torch.ones(7))
+    assert kept_rows(kept, m, 7) == picks[4]
     assert_matches(out, ref_multi_krum(rows, w, 1, 1)[0])
 
 
@@ -425,11 +432,11 @@ def test_multi_krum_m_and_weights_matter():
     w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
     rows = as_lists(KRUM_LINE)
     for m in range(1, 8):
-        out, metrics = build_rule("multi-krum", {"f": 1, "m": m}, "x")(KRUM_LINE, w)
+        out, metrics, kept = build_rule("multi-krum", {"f": 1, "m": m}, "x")(KRUM_LINE, w)
         expected, chosen = ref_multi_krum(rows, w.tolist(), 1, m)
         assert_matches(out, expected)
-        assert kept_rows(metrics) == sorted(chosen) and len(chosen) == m
-    out, _ = build_rule("multi-krum", {"f": 1, "m": 3}, "x")(KRUM_LINE, w)
+        assert kept_rows(kept, metrics, 7) == sorted(chosen) and len(chosen) == m
+    out, _, _ = build_rule("multi-krum", {"f": 1, "m": 3}, "x")(KRUM_LINE, w)
     uniform, _ = ref_multi_krum(rows, [1.0] * 7, 1, 3)
     assert abs(float(out) - uniform[0]) > 0.1  # the weights are used, not a plain mean
 
@@ -439,9 +446,9 @@ def test_krum_ties_go_to_the_lower_row():
     # rows 1, 2 and 3, 4 tie pairwise; f = 1 uses 4 neighbours
     scores = ref_krum_scores(as_lists(u), 4)
     assert scores[1] == scores[2]
-    _, m = build_rule("krum", {"f": 1}, "x")(u, torch.ones(7))
+    _, m, kept = build_rule("krum", {"f": 1}, "x")(u, torch.ones(7))
     best = min(range(7), key=lambda i: (scores[i], i))
-    assert kept_rows(m) == [best]
+    assert kept_rows(kept, m, 7) == [best]
 
 
 BULYAN_ROWS = torch.tensor(
@@ -454,9 +461,9 @@ def test_bulyan_is_not_a_median_nor_a_trimmed_mean():
     expected, _ = ref_bulyan(rows, 1)
     assert expected != ref_median(rows) and expected != ref_trimmed_mean(rows, 1)
     assert expected != ref_trimmed_mean(rows, 2)
-    out, m = build_rule("bulyan", {"f": 1}, "x")(BULYAN_ROWS, torch.rand(7) + 0.5)
+    out, m, kept = build_rule("bulyan", {"f": 1}, "x")(BULYAN_ROWS, torch.rand(7) + 0.5)
     assert_matches(out, expected)
-    assert m["rejected"] == 2.0
+    assert m["rejected"] == 2.0 and kept_rows(kept, m, 7) == sorted(ref_bulyan(rows, 1)[1])
 
 
 def test_bulyan_median_of_an_even_selection_is_the_middle_mean():
@@ -468,7 +475,7 @@ def test_bulyan_median_of_an_even_selection_is_the_middle_mean():
     lower = vals[2]
     by_lower = sorted(vals, key=lambda v: (abs(v - lower), v))[:4]
     assert sum(by_lower) / 4 != expected[0]
-    out, _ = build_rule("bulyan", {"f": 1}, "x")(u, torch.ones(8))
+    out, _, _ = build_rule("bulyan", {"f": 1}, "x")(u, torch.ones(8))
     assert_matches(out, expected)
 
 
@@ -487,7 +494,7 @@ def test_preconditions_at_the_boundary(name, rows_ok, rows_refused, f):
     rule = build_rule(name, {"f": f}, "aggregate.cloud_rule")
     n = rows_ok(f)
     u = torch.arange(float(n * 2)).reshape(n, 2)
-    out, _ = rule(u, torch.ones(n))
+    out, _, _ = rule(u, torch.ones(n))
     assert out.shape == (2,)
     n = rows_refused(f)
     if n == 0:
@@ -507,6 +514,6 @@ def test_multi_krum_refuses_m_above_n():
 def test_coordinatewise_rules_ignore_weights(name):
     u = torch.randn(11, 5, generator=torch.Generator().manual_seed(4))
     rule = build_rule(name, {"f": 2}, "x")
-    a, _ = rule(u, torch.ones(11))
-    b, _ = rule(u, torch.arange(1.0, 12.0))
+    a, _, _ = rule(u, torch.ones(11))
+    b, _, _ = rule(u, torch.arange(1.0, 12.0))
     assert torch.equal(a, b)

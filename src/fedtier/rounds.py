@@ -12,16 +12,16 @@
 Everything that changes during a run lives in one :class:`RunState` (the global state, the
 device-kept state, the upload stages' state, the cost ledger, the attack's state, the
 schedule's own state), so a checkpoint is that state and a resumed run continues exactly.
-Every stage returns metrics under its own name; they are summed between evaluations and
-logged with each evaluation record under "stages".
+Every stage returns metrics under its own name, each declared with how it reduces between
+evaluations (fedtier.metrics: counts sum, norms average); the reduced values are logged with
+each evaluation record under "stages".
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,10 +32,24 @@ from fedtier.aggregate.rules import Rule
 from fedtier.costs.model import CostLedger
 from fedtier.evaluate import evaluate_at_bits
 from fedtier.local.arm import ArmSetup, Metrics, is_private
+from fedtier.metrics import (
+    MetricSpec,
+    StageValues,
+    accumulate,
+    declare_stage_metrics,
+    reduce_stages,
+)
 from fedtier.privacy import NoiseKey, dp_mechanism
 from fedtier.tasks import ClientTask
 from fedtier.topology import RoundPlan, expected_clients, expected_sampled, plan_round
 from fedtier.upload import UploadContext
+
+declare_stage_metrics(
+    {
+        name: MetricSpec(name.replace("_", " ").capitalize(), reduce="sum")
+        for name in ("rejected_honest", "rejected_malicious", "seen_honest", "seen_malicious")
+    }
+)
 
 
 @dataclass
@@ -49,7 +63,8 @@ class RunState:
 
     w: torch.Tensor  # the global state [P]
     round: int = 0
-    stages: Metrics = field(default_factory=lambda: defaultdict(float))  # since the last eval
+    # each stage metric's values since the last evaluation (fedtier.metrics.accumulate)
+    stages: StageValues = field(default_factory=dict)
     device: dict[int, torch.Tensor] = field(default_factory=dict)  # device-kept state (FedBN)
     upload: dict[str, dict[str, Any]] = field(default_factory=dict)  # stateful upload stages
     costs: CostLedger = field(default_factory=CostLedger)  # the cost model's ledger
@@ -61,7 +76,7 @@ class RunState:
         return {
             "w": self.w,
             "round": self.round,
-            "stages": dict(self.stages),
+            "stages": {k: list(v) for k, v in self.stages.items()},
             "device": dict(self.device),
             "upload": self.upload,
             "costs": self.costs.to_dict(),
@@ -72,7 +87,7 @@ class RunState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunState:
         state = cls(w=d["w"], round=d["round"])
-        state.stages.update(d["stages"])
+        state.stages.update({k: list(v) for k, v in d["stages"].items()})
         state.device.update(d["device"])
         state.upload.update(d["upload"])
         state.costs = CostLedger.from_dict(d["costs"])
@@ -182,7 +197,7 @@ def run_rounds(
             record = {
                 "round": state.round,
                 "plan": plan.to_dict(),
-                "stages": dict(state.stages),
+                "stages": reduce_stages(state.stages),
                 "bits": evaluate(setup, state.w),
             }
             if setup.costs is not None:
@@ -214,10 +229,10 @@ def cloud_step(
         return w
     a = setup.cfg.aggregate
     cloud_rule = build_rule(a.cloud_rule.name, a.cloud_rule.options(), "aggregate.cloud_rule")
-    mean_update, m = cloud_rule(
+    mean_update, m, _ = cloud_rule(
         torch.stack([r.delta for r in live]), torch.tensor([cloud_weight(r) for r in live])
     )
-    _add(state.stages, "cloud", {k: v for k, v in m.items() if not k.startswith("kept/")})
+    _add(state.stages, "cloud", m)
     step = ServerStep(a.rule, server_lr(setup), setup.topology.num_clients)
     w = step.apply(w, mean_update, sampled_count(setup, plan))
     if setup.post_step is not None:
@@ -300,18 +315,21 @@ def edge_step(
         deltas, keep = sent.deltas, sent.arrived.clone()
         if setup.screen is not None:
             ctx = upload_context(setup, state, edge, clients, step)
-            m = setup.screen(setup, w_edge, deltas, ctx)
-            keep &= torch.tensor([m.get(f"kept/{i}", 1.0) > 0 for i in range(len(clients))])
-            _add(state.stages, "screen", attribute(m, clients, setup.malicious))
+            # (kept [C] bool, metrics): fedtier.defenses.qcheck.quant_consistency
+            screened, m = cast(
+                tuple[torch.Tensor, Metrics], setup.screen(setup, w_edge, deltas, ctx)
+            )
+            keep &= screened
+            _add(state.stages, "screen", attribute(m, screened, clients, setup.malicious))
         if not keep.any() and dp_rows is None:  # central DP releases noise even then
             continue
         if bool(keep.all()):  # no row dropped: aggregate without copying the block
             kept = clients
-            mean, m = rule(deltas, weights)
+            mean, m, selected = rule(deltas, weights)
         else:
             kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
-            mean, m = rule(deltas[keep], weights[keep])
-        _add(state.stages, "edge", attribute(m, kept, setup.malicious))
+            mean, m, selected = rule(deltas[keep], weights[keep])
+        _add(state.stages, "edge", attribute(m, selected, kept, setup.malicious))
         w_edge = w_edge + mean
         reached = True
     if dp_rows is not None:
@@ -329,7 +347,7 @@ def empty_edge(setup: ArmSetup, state: RunState, w: torch.Tensor, edge: int, t: 
     none = torch.zeros(0, w.numel(), dtype=w.dtype)
     update = torch.zeros_like(w)
     for k in range(setup.cfg.aggregate.edge_rounds):
-        mean, m = edge_rule(setup, t, edge, k)(none, torch.zeros(0))
+        mean, m, _ = edge_rule(setup, t, edge, k)(none, torch.zeros(0))
         _add(state.stages, "edge", m)
         update += mean
     return EdgeResult(update, float(dp_rows))
@@ -403,12 +421,17 @@ def headline(task: ClientTask, metrics: Metrics) -> float:
     return float(metrics.get(task.headline, float("nan")))
 
 
-def attribute(metrics: Metrics, clients: list[int], malicious: frozenset[int]) -> Metrics:
-    """Turn per-row ``kept/<row>`` flags into counts of rejected honest and malicious updates."""
-    out = {k: v for k, v in metrics.items() if not k.startswith("kept/")}
-    flags = [metrics.get(f"kept/{i}") for i in range(len(clients))]
-    if any(f is not None for f in flags):
-        rejected = [c for c, f in zip(clients, flags) if f is not None and f <= 0]
+def attribute(
+    metrics: Metrics, kept: torch.Tensor | None, clients: list[int], malicious: frozenset[int]
+) -> Metrics:
+    """``metrics`` plus, when a rule or screen selected rows (``kept`` [C] bool over the rows
+    of ``clients``; None: it selects none), the counts of rejected and seen honest and
+    malicious updates."""
+    out = dict(metrics)
+    if kept is not None:
+        if kept.shape != (len(clients),):
+            raise ValueError(f"kept mask {tuple(kept.shape)} for {len(clients)} rows")
+        rejected = [c for c, k in zip(clients, kept.tolist()) if not k]
         out["rejected_malicious"] = float(sum(c in malicious for c in rejected))
         out["rejected_honest"] = float(len(rejected) - out["rejected_malicious"])
         out["seen_malicious"] = float(sum(c in malicious for c in clients))
@@ -416,6 +439,5 @@ def attribute(metrics: Metrics, clients: list[int], malicious: frozenset[int]) -
     return out
 
 
-def _add(total: Metrics, tier: str, metrics: Metrics) -> None:
-    for k, v in metrics.items():
-        total[f"{tier}/{k}"] += v
+def _add(values: StageValues, tier: str, metrics: Metrics) -> None:
+    accumulate(values, tier, metrics)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fedtier.local.arm import ArmSetup
+from fedtier.metrics import reduce_stages
 from fedtier.rounds import (
     RunState,
     bind_state,
@@ -163,7 +164,7 @@ def _eval(
     stale: list[int] = state.schedule.get("stale", [])
     record: dict[str, Any] = {
         "round": round(rounds, 3),
-        "stages": dict(state.stages),
+        "stages": reduce_stages(state.stages),
         "bits": evaluate(setup, state.w if w is None else w),
         "version": version,
     }

@@ -6,8 +6,9 @@ Every factory takes the rule's options (``f``: the number of Byzantine rows it m
 precondition on the number of rows n and raises :class:`RulePrecondition` naming it
 (Krum: n > 2f + 2; Bulyan: n ≥ 4f + 3; median and trimmed mean: n > 2f).
 
-Rules that select rows report ``kept/<row>`` = 1 or 0 in their metrics; the round loop turns
-those into counts of rejected honest and malicious updates (:func:`fedtier.rounds.attribute`).
+Rules that select rows return which rows they kept as a [C] bool mask and the number they
+rejected as the metric ``rejected``; the round loop turns the mask into counts of rejected
+honest and malicious updates (:func:`fedtier.rounds.attribute`). The others return None.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from typing import Any
 
 import torch
 
-from fedtier.aggregate.rules import RULES, Rule, weighted_mean
+from fedtier.aggregate.rules import RULES, Rule, RuleOutput, weighted_mean
 from fedtier.errors import ConfigError, FedtierError, UnknownNameError
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.privacy import NoiseKey, dp_mean
 
-Metrics = dict[str, float]
+declare_stage_metrics(
+    {
+        "rejected": MetricSpec("Rows rejected", reduce="sum"),
+        "clipped": MetricSpec("Rows clipped", reduce="sum"),
+    }
+)
 
 
 class RulePrecondition(FedtierError):
@@ -36,10 +43,9 @@ def _need(ok: bool, rule: str, condition: str, n: int, f: int) -> None:
         )
 
 
-def _kept(mask: torch.Tensor) -> Metrics:
-    out = {f"kept/{i}": float(k) for i, k in enumerate(mask.tolist())}
-    out["rejected"] = float((~mask).sum())
-    return out
+def _selected(mean: torch.Tensor, mask: torch.Tensor) -> RuleOutput:
+    """The output of a rule that aggregated the rows of ``mask`` [C] bool."""
+    return mean, {"rejected": float((~mask).sum())}, mask
 
 
 def _check_f(f: int) -> None:
@@ -53,10 +59,10 @@ def median(f: int = 1) -> Rule:
     median would let a Byzantine row buy influence by claiming many samples."""
     _check_f(f)
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         n = updates.shape[0]
         _need(n > 2 * f, "median", "n > 2f", n, f)
-        return updates.median(dim=0).values if n % 2 else updates.quantile(0.5, dim=0), {}
+        return updates.median(dim=0).values if n % 2 else updates.quantile(0.5, dim=0), {}, None
 
     return rule
 
@@ -66,11 +72,11 @@ def trimmed_mean(f: int = 1) -> Rule:
     per coordinate, average the n − 2f others. Weights are ignored (unweighted, as the paper)."""
     _check_f(f)
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         n = updates.shape[0]
         _need(n > 2 * f, "trimmed-mean", "n > 2f", n, f)
         s = updates.sort(dim=0).values
-        return s[f : n - f].mean(0), {}
+        return s[f : n - f].mean(0), {}, None
 
     return rule
 
@@ -96,15 +102,15 @@ def krum(f: int = 1, m: int = 1) -> Rule:
         raise ValueError(f"m must be a positive integer, got {m!r}")
     name = "krum" if m == 1 else "multi-krum"
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         n = updates.shape[0]
         _need(n > 2 * f + 2, name, "n > 2f + 2", n, f)
         _need(m <= n, name, f"m = {m} <= n", n, f)
         chosen = _krum_scores(updates, n - f - 2).argsort(stable=True)[:m]
         mask = torch.zeros(n, dtype=torch.bool)
         mask[chosen] = True
-        mean, _ = weighted_mean(updates[mask], weights[mask])
-        return mean, _kept(mask)
+        mean, _, _ = weighted_mean(updates[mask], weights[mask])
+        return _selected(mean, mask)
 
     return rule
 
@@ -115,7 +121,7 @@ def multi_krum(f: int = 1, m: int | None = None) -> Rule:
         return krum(f, m)
     _check_f(f)
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         n = updates.shape[0]
         _need(n > 2 * f + 2, "multi-krum", "n > 2f + 2", n, f)
         return krum(f, n - f)(updates, weights)
@@ -134,7 +140,7 @@ def bulyan(f: int = 1) -> Rule:
     as in the paper."""
     _check_f(f)
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         n = updates.shape[0]
         _need(n >= 4 * f + 3, "bulyan", "n >= 4f + 3", n, f)
         remaining = list(range(n))
@@ -150,7 +156,7 @@ def bulyan(f: int = 1) -> Rule:
         mean = chosen.gather(0, closest).mean(0)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[selected] = True
-        return mean, _kept(mask)
+        return _selected(mean, mask)
 
     return rule
 
@@ -160,11 +166,11 @@ def norm_bound(max_norm: float = 1.0) -> Rule:
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm!r}")
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         norms = updates.norm(dim=1, keepdim=True)
         clipped = updates * torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
-        mean, _ = weighted_mean(clipped, weights)
-        return mean, {"clipped": float((norms > max_norm).sum())}
+        mean, _, _ = weighted_mean(clipped, weights)
+        return mean, {"clipped": float((norms > max_norm).sum())}, None
 
     return rule
 
@@ -189,7 +195,7 @@ def foolsgold(kappa: float = 1.0, threshold: float = 0.0) -> Rule:
     rounds), since rows are anonymous to a rule.
     """
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         n = updates.shape[0]
         _need(n >= 2, "foolsgold", "n >= 2", n, 0)
         cs = _cosine(updates)
@@ -209,8 +215,8 @@ def foolsgold(kappa: float = 1.0, threshold: float = 0.0) -> Rule:
         w = weights.to(updates.dtype) * lr
         if float(w.sum()) <= 0:
             w = weights.to(updates.dtype)
-        mean, _ = weighted_mean(updates, w)
-        return mean, _kept(mask)
+        mean, _, _ = weighted_mean(updates, w)
+        return _selected(mean, mask)
 
     return rule
 
@@ -220,13 +226,13 @@ def cosine_filter(xi: float = 2.0, xi_step: float = 0.5) -> Rule:
     whose cosine to the current weighted mean lies below median − ξ·std are removed, the mean
     recomputed, ξ increased by ``xi_step``, until nothing more is removed."""
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         n = updates.shape[0]
         _need(n >= 3, "cosine", "n >= 3", n, 0)
         mask = torch.ones(n, dtype=torch.bool)
         x = xi
         while int(mask.sum()) > 2:
-            mean, _ = weighted_mean(updates[mask], weights[mask])
+            mean, _, _ = weighted_mean(updates[mask], weights[mask])
             sim = torch.nn.functional.cosine_similarity(updates, mean[None], dim=1)
             s = sim[mask]
             bad = mask & (sim < s.median() - x * s.std())
@@ -234,8 +240,8 @@ def cosine_filter(xi: float = 2.0, xi_step: float = 0.5) -> Rule:
                 break
             mask &= ~bad
             x += xi_step
-        mean, _ = weighted_mean(updates[mask], weights[mask])
-        return mean, _kept(mask)
+        mean, _, _ = weighted_mean(updates[mask], weights[mask])
+        return _selected(mean, mask)
 
     return rule
 
@@ -282,7 +288,7 @@ def build_rule(
     else:
         raise UnknownNameError("aggregation rule", name, rule_names())
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         try:
             return inner(updates, weights)
         except RulePrecondition as e:

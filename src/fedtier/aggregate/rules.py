@@ -1,7 +1,11 @@
-"""Aggregation rules: pure functions ``(updates [C, P], weights [C]) -> (update [P], metrics)``.
+"""Aggregation rules: pure functions ``(updates [C, P], weights [C]) -> (update [P], metrics, kept)``.
 
-The same rule serves an edge (rows = its clients) and the cloud (rows = edges). Robust rules
-are added here as further functions with the same signature.
+The same rule serves an edge (rows = its clients) and the cloud (rows = edges). ``kept`` is
+the rows the rule let into its aggregate as a [C] bool mask when the rule selects rows
+(Krum, Bulyan, FoolsGold, the cosine filter), None when every row enters (mean, median,
+trimmed mean, norm bounding, DP mean); the round loop turns the mask into counts of rejected
+honest and malicious updates (:func:`fedtier.rounds.attribute`). Robust rules are added in
+:mod:`fedtier.aggregate.robust` as further functions with the same signature.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from collections.abc import Callable
 import torch
 
 from fedtier.errors import UnknownNameError
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 
-Rule = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+Metrics = dict[str, float]
+# (update [P], metrics, kept [C] bool or None)
+RuleOutput = tuple[torch.Tensor, Metrics, torch.Tensor | None]
+Rule = Callable[[torch.Tensor, torch.Tensor], RuleOutput]
+
+declare_stage_metrics({"rows": MetricSpec("Rows aggregated", reduce="sum")})
 
 
-def weighted_mean(
-    updates: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
+def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
     """Σ_i w_i Δ_i / Σ_i w_i over rows of ``updates`` [C, P]; ``weights`` [C] non-negative."""
     if updates.dim() != 2 or weights.shape != updates.shape[:1]:
         raise ValueError(
@@ -27,7 +35,7 @@ def weighted_mean(
     total = w.sum()
     if total <= 0:
         raise ValueError("weights must have a positive sum")
-    return (w / total) @ updates, {"rows": float(updates.shape[0])}
+    return (w / total) @ updates, {"rows": float(updates.shape[0])}, None
 
 
 RULES: dict[str, Rule] = {"mean": weighted_mean}

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import torch
 
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.seeding import torch_generator
 
 Metrics = dict[str, float]
 
+declare_stage_metrics(
+    {
+        # the global model's norm is a level, not a flow: the one before the evaluation
+        "clip_norm": MetricSpec("Global model norm before clipping", reduce="last"),
+        "clipped": MetricSpec("Rounds clipped", reduce="sum"),
+    }
+)
+
 
 def global_clip(rho0: float, rho_step: float, mask: torch.Tensor):  # type: ignore[no-untyped-def]
     """QAFed eq. (22): w_t ← w_t / max(1, ‖w_t‖₂ / ρ_t), ρ_t = ρ_0 + rho_step · t, applied to
-    the model's parameters (``mask`` [P]; BatchNorm running statistics are not weights)."""
+    the model's parameters (``mask`` [P]; BatchNorm running statistics are not weights).
+    Metrics: ``clip_norm`` ‖w_t‖₂ before clipping (the last round's between evaluations) and
+    ``clipped`` (1 when the round clipped; summed: the rounds clipped)."""
 
     def step(w: torch.Tensor, t: int) -> tuple[torch.Tensor, Metrics]:
         rho = rho0 + rho_step * t

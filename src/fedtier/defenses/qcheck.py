@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtier.aggregate.server import client_weights
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.quant import QuantSpec, grid, quantize_copy
 from fedtier.upload import UploadContext
 
@@ -47,6 +48,14 @@ if TYPE_CHECKING:
     from fedtier.local.arm import ArmSetup
 
 Metrics = dict[str, float]
+
+declare_stage_metrics(
+    {
+        "rejected": MetricSpec("Uploads rejected", reduce="sum"),
+        "median_kl": MetricSpec("Median divergence score", reduce="mean"),
+        "max_kl": MetricSpec("Largest divergence score", reduce="max"),
+    }
+)
 
 
 def divergence(
@@ -103,12 +112,14 @@ def landing_scales(setup: ArmSetup, ctx: UploadContext) -> list[float]:
 
 
 def quant_consistency(x_server: torch.Tensor, bits: list[int], spec: QuantSpec, ratio: float):  # type: ignore[no-untyped-def]
-    """The screen for :attr:`fedtier.rounds.ArmSetup.screen`: ``kept/<row>`` flags plus the
-    scores' median and maximum."""
+    """The screen for :attr:`fedtier.local.arm.ArmSetup.screen`: ``(setup, w, deltas [C, P],
+    ctx) -> (kept [C] bool, metrics)``, the uploads it lets through and as metrics the number
+    rejected and the divergence scores' median (averaged between evaluations) and maximum
+    (the largest between evaluations)."""
 
     def screen(
         setup: ArmSetup, w: torch.Tensor, deltas: torch.Tensor, ctx: UploadContext
-    ) -> Metrics:
+    ) -> tuple[torch.Tensor, Metrics]:
         weights = client_weights(setup.cfg.aggregate.rule, ctx.num_samples)
         shares = weights / weights.sum()
         keep = torch.ones(len(deltas), dtype=torch.bool)
@@ -121,14 +132,10 @@ def quant_consistency(x_server: torch.Tensor, bits: list[int], spec: QuantSpec, 
                 scores = kl
         med = float(scores.median())
         keep[int(scores.argmin())] = True
-        out = {f"kept/{i}": float(k) for i, k in enumerate(keep.tolist())}
-        out.update(
-            {
-                "rejected": float((~keep).sum()),
-                "median_kl": med,
-                "max_kl": float(scores.max()),
-            }
-        )
-        return out
+        return keep, {
+            "rejected": float((~keep).sum()),
+            "median_kl": med,
+            "max_kl": float(scores.max()),
+        }
 
     return screen

@@ -31,11 +31,14 @@ from opacus.accountants import RDPAccountant
 
 from fedtier.config import dp_mechanism as dp_mechanism  # re-exported
 from fedtier.errors import ConfigError
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.seeding import torch_generator
 from fedtier.upload.chain import STAGES, Stage, UploadContext
 
-if TYPE_CHECKING:  # a type only: the aggregation rules import this module's dp_mean
-    from fedtier.aggregate.rules import Rule
+if TYPE_CHECKING:  # types only: the aggregation rules import this module's dp_mean
+    from fedtier.aggregate.rules import Rule, RuleOutput
+
+declare_stage_metrics({"clipped": MetricSpec("Rows clipped", reduce="sum")})
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,14 @@ def dp_mean(clip: float = 1.0, noise: float = 1.0, *, key: NoiseKey | None = Non
     if key.expected_rows is not None and not key.expected_rows > 0:
         raise ValueError(f"expected_rows must be positive, got {key.expected_rows!r}")
 
-    def rule(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def rule(updates: torch.Tensor, weights: torch.Tensor) -> RuleOutput:
         rows = key.expected_rows if key.expected_rows is not None else updates.shape[0]
         if rows == 0:
             raise ValueError("dp-mean without a fixed denominator needs at least one row")
         clipped, norms = _clip_rows(updates, clip)
         g = torch_generator(key.seed, "dp-mean", key.round, key.edge, key.edge_round)
         total = clipped.sum(0) + noise * clip * torch.randn(updates.shape[1], generator=g)
-        return total / rows, {"clipped": float((norms > clip).sum())}
+        return total / rows, {"clipped": float((norms > clip).sum())}, None
 
     return rule
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from fedtier.errors import ConfigError
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,18 @@ def named_chain(*stages: tuple[str, Stage]) -> Chain:
     return Chain(tuple(stages))
 
 
+declare_stage_metrics(
+    {
+        "clipped": MetricSpec("Rows clipped", reduce="sum"),
+        "mean_norm": MetricSpec("Mean update norm before clipping", reduce="mean"),
+    }
+)
+
+
 def clip_norm(max_norm: float) -> Stage:
-    """Norm bounding: each client's update is scaled to ‖Δ_i‖₂ ≤ max_norm (survey; DP's clip)."""
+    """Norm bounding: each client's update is scaled to ‖Δ_i‖₂ ≤ max_norm (survey; DP's clip).
+    Metrics: ``clipped`` (rows clipped, summed between evaluations) and ``mean_norm`` (the
+    mean of the rows' norms before clipping, averaged over the calls between evaluations)."""
     if not max_norm > 0:
         raise ConfigError("upload.clip.max_norm", max_norm, "a positive number")
 

@@ -9,7 +9,10 @@ it is sampled in (Karimireddy et al. 2019; DGC, Lin et al. 2018): p = Δ + e; se
 e ← p − C(p).
 
 Metrics per stage: ``bytes`` (sum over the edge's clients), ``fp32_bytes`` (what fp32 would
-have cost), and for ``dynamic`` the chosen bit widths (``bits_sum`` over ``clients``).
+have cost), for error feedback ``residual_norm`` (the mean norm of the uploading clients'
+residuals) and for ``dynamic`` the chosen bit widths (``bits_sum`` over ``clients``: the mean
+bit width between two evaluations is their ratio). Counts sum between evaluations,
+``residual_norm`` averages over the calls.
 """
 
 from __future__ import annotations
@@ -21,12 +24,23 @@ import numpy as np
 import torch
 
 from fedtier.errors import ConfigError
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.seeding import torch_generator
 from fedtier.upload import codecs
 from fedtier.upload.chain import Stage, UploadContext
 
 Encoder = Callable[[torch.Tensor, torch.Generator], bytes]
 Decoder = Callable[[bytes, int], torch.Tensor]
+
+declare_stage_metrics(
+    {
+        "bytes": MetricSpec("Bytes uploaded", "B", higher_is_better=False, reduce="sum"),
+        "fp32_bytes": MetricSpec("Bytes at fp32", "B", reduce="sum"),
+        "residual_norm": MetricSpec("Mean error-feedback residual norm", reduce="mean"),
+        "bits_sum": MetricSpec("Sum of chosen bit widths", "bit", reduce="sum"),
+        "clients": MetricSpec("Clients encoded", reduce="sum"),
+    }
+)
 
 
 def codec_generator(seed: int, round_: int, client: int) -> torch.Generator:
