@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -315,10 +315,7 @@ def edge_step(
         deltas, keep = sent.deltas, sent.arrived.clone()
         if setup.screen is not None:
             ctx = upload_context(setup, state, edge, clients, step)
-            # (kept [C] bool, metrics): fedtier.defenses.qcheck.quant_consistency
-            screened, m = cast(
-                tuple[torch.Tensor, Metrics], setup.screen(setup, w_edge, deltas, ctx)
-            )
+            screened, m = setup.screen(setup, w_edge, deltas, ctx)
             keep &= screened
             _add(state.stages, "screen", attribute(m, screened, clients, setup.malicious))
         if not keep.any() and dp_rows is None:  # central DP releases noise even then

@@ -52,9 +52,14 @@ class ArmSetup:
     local_state: dict[int, torch.Tensor] = field(default_factory=dict)
     executor_name: str = "sequential"  # which executor trains the clients (fedtier.local.select)
     costs: Any = None  # fedtier.costs.CostModel: bytes, simulated time and energy (None = off)
-    # edge-side screening of uploads before the rule: (setup, w_edge, deltas, ctx) → metrics
-    # with kept/<row> flags; rejected rows are dropped (fedtier.defenses.qcheck)
-    screen: Callable[[ArmSetup, torch.Tensor, torch.Tensor, UploadContext], Metrics] | None = None
+    # edge-side screening of uploads before the rule: (setup, w_edge, deltas, ctx) →
+    # (kept [C] bool, metrics); rejected rows are dropped (fedtier.defenses.qcheck)
+    screen: (
+        Callable[
+            [ArmSetup, torch.Tensor, torch.Tensor, UploadContext], tuple[torch.Tensor, Metrics]
+        ]
+        | None
+    ) = None
     # after each server step: (w, round) → (w, metrics) (global clipping, server noise)
     post_step: Callable[[torch.Tensor, int], tuple[torch.Tensor, Metrics]] | None = None
     malicious: frozenset[int] = frozenset()  # for counting rejected honest/malicious updates
