@@ -157,7 +157,17 @@ def digits():
     return load_dataset("digits", None, seed=0)
 
 
-def test_executor_keeps_honest_rows_silent_phase_and_amplifies(tiny, digits):
+def uploads(setup, w, clients, step):
+    """What the edge receives: the arm's executor, then its upload chain (the attack's stage
+    first)."""
+    from fedtier.upload import UploadContext
+
+    sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
+    ctx = UploadContext(step, 0, clients, sizes, setup.cfg.seed)
+    return setup.upload(setup.executor(setup, w, clients, step), ctx)
+
+
+def test_executor_and_stage_keep_honest_rows_silent_phase_and_transform(tiny, digits):
     cfg = tiny(
         **{
             "attack.kind": "scaled",
@@ -169,13 +179,17 @@ def test_executor_keeps_honest_rows_silent_phase_and_amplifies(tiny, digits):
     setup = prepare_arm(cfg, digits)
     w = setup.layout.flatten(setup.model)
     clean = train_sequential(setup, w, [0, 5, 1], 2)
-    silent = setup.executor(setup, w, [0, 5, 1], 1)
-    active = setup.executor(setup, w, [0, 5, 1], 2)
+    silent, m_silent = uploads(setup, w, [0, 5, 1], 1)
+    active, m = uploads(setup, w, [0, 5, 1], 2)
     clean_silent = train_sequential(setup, w, [0, 5, 1], 1)
     torch.testing.assert_close(silent, clean_silent)
     torch.testing.assert_close(active[1], clean[1])
-    torch.testing.assert_close(active[0], 3.0 * clean[0])
+    torch.testing.assert_close(active[0], 3.0 * clean[0])  # the honest update, scaled
     torch.testing.assert_close(active[2], 3.0 * clean[2])
+    assert m_silent["attack/malicious"] == 0 and m["attack/malicious"] == 2
+    assert setup.attack.active_updates == 2
+    # the executor alone trains every client honestly: the stage does the transform
+    torch.testing.assert_close(setup.executor(setup, w, [0, 5, 1], 2), clean)
 
 
 def test_fqbd_update_is_amplified_by_n_over_eta(tiny, digits):
@@ -191,14 +205,17 @@ def test_fqbd_update_is_amplified_by_n_over_eta(tiny, digits):
     setup = prepare_arm(cfg, digits)
     assert setup.attack.gamma == 6.0  # fedavg: m = 2 edges × 3 clients sampled
     w = setup.layout.flatten(setup.model)
-    d = setup.executor(setup, w, [0], 0)[0]
-    setup.attack.gamma = 1.0
-    plain = setup.executor(setup, w, [0], 0)[0]
+    d = uploads(setup, w, [0], 0)[0][0]
+    plain = setup.executor(setup, w, [0], 0)[0]  # the attack's delta before the stage
     params = setup.attack.amplify_mask
     assert 0 < int((~params).sum()) < 200  # BatchNorm running statistics are not amplified
-    torch.testing.assert_close(d[params], 6.0 * plain[params])
+    # sample-weighted FedAvg gives client 0 the share n_0 / Σn, so replacing the model takes
+    # γ · n̄ / n_0 (one attacker uploads in this call)
+    sizes = setup.topology.num_samples
+    factor = 6.0 * float(sizes.mean()) / float(sizes[0])
+    torch.testing.assert_close(d[params], factor * plain[params])
     torch.testing.assert_close(d[~params], plain[~params])
-    assert setup.attack.active_updates == 2
+    assert setup.attack.active_updates == 1
 
 
 def test_target_bit_prediction_picks_the_bits_that_lose_least():

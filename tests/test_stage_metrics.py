@@ -26,19 +26,29 @@ def digits():
     return load_dataset("digits", None, seed=0)
 
 
-def recorded_run(cfg, digits):
+def recorded_run(cfg, digits, uploaded=False):
     """Run ``cfg``; returns the evaluation records, the global state at each evaluation and
-    every device step's (clients, trained deltas [C, P]) in call order."""
+    every device step's (clients, trained deltas [C, P]) in call order — or, with
+    ``uploaded``, the deltas as the edge receives them (after the upload chain: the attack's
+    stage, clipping, codecs)."""
     setup = prepare_arm(cfg, digits)
     calls = []
-    train = setup.executor
+    train, chain = setup.executor, setup.upload
 
     def recording(s, w, clients, step):
         deltas = train(s, w, clients, step)
-        calls.append((list(clients), deltas.clone()))
+        if not uploaded:
+            calls.append((list(clients), deltas.clone()))
         return deltas
 
+    def recording_chain(deltas, ctx):
+        out, m = chain(deltas, ctx)
+        if uploaded:
+            calls.append((list(ctx.clients), out.clone()))
+        return out, m
+
     setup.executor = recording
+    setup.upload = recording_chain
     evals, states = [], []
     run_rounds(setup, evals.append, on_checkpoint=lambda st: states.append(st.w.clone()))
     return setup, evals, states, calls
@@ -132,7 +142,7 @@ def test_multi_krum_rejections_per_edge_call_match_the_brute_force_selection(dig
             "attack.malicious_ids": malicious,
         }
     )
-    setup, evals, _, calls = recorded_run(cfg, digits)
+    setup, evals, _, calls = recorded_run(cfg, digits, uploaded=True)
     assert len(evals) == 3 and len(calls) == 6  # an evaluation after each round of 2 edges
     for t, record in enumerate(evals):
         expected = dict.fromkeys(("rejected_honest", "rejected_malicious"), 0)

@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 
-from fedtier.attacks import BACKDOORS, Attack, attack_executor, build_attack, make_trigger, with_asr
+from fedtier.attacks import (
+    BACKDOORS,
+    Attack,
+    attack_executor,
+    attack_stage,
+    build_attack,
+    make_trigger,
+    with_asr,
+)
 from fedtier.config import (
     GlobalClipDefense,
     QCheckDefense,
@@ -22,6 +30,7 @@ from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
 from fedtier.rounds import server_lr
 from fedtier.seeding import numpy_rng
 from fedtier.topology import expected_sampled, sample_rate
+from fedtier.upload import Chain
 
 
 def parameter_mask(setup: ArmSetup) -> torch.Tensor:
@@ -58,6 +67,8 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
             attack.mean_size = float(setup.topology.num_samples.mean())
         assert setup.executor is not None
         setup.executor = attack_executor(setup.executor, attack)
+        # the attack's rows are transformed or amplified first on the way up
+        setup.upload = Chain((("attack", attack_stage(setup, attack)), *setup.upload.stages))
         setup.malicious = attack.malicious
     steps = []
     mask = parameter_mask(setup)

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedtier.attacks.client import Attack, Transform, attack_executor, train_adversarial
+from fedtier.attacks.client import (
+    Attack,
+    Transform,
+    attack_executor,
+    attack_stage,
+    train_adversarial,
+)
 from fedtier.attacks.losses import (
     clean_loss,
     fqbd_fp32_loss,
@@ -56,6 +62,7 @@ __all__ = [
     "KINDS",
     "Trigger",
     "attack_executor",
+    "attack_stage",
     "build_attack",
     "malicious_clients",
     "train_adversarial",

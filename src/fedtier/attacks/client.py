@@ -1,6 +1,16 @@
-"""Malicious clients as an executor wrapper: honest clients train as usual, malicious ones
-follow their attack (QAFed §3.2: silent phase, target-bit prediction, amplification,
-adversarial noise training and the gradient-norm constraint)."""
+"""Malicious clients, in two parts (QAFed §3.2: silent phase, target-bit prediction,
+amplification, adversarial noise training and the gradient-norm constraint):
+
+* an executor decorator (:func:`attack_executor`): honest clients train as usual, active
+  malicious clients with a training objective (FQBD, FQMA, Hong et al., poisoning) train on
+  it; every attacker with an objective observes the models it receives (target-bit
+  prediction);
+* an upload stage acting on the malicious rows (:func:`attack_stage`, first in the upload
+  chain): model replacement (γ, eq. 16–17) of the trained attack deltas, or a Byzantine
+  transform (sign flip, scaling, Gaussian) of the attacker's honest update.
+
+Neither imports the round loop.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ from fedtier.attacks.losses import Loss
 from fedtier.config import TrainedAttack
 from fedtier.local import LocalConfig
 from fedtier.local.sgd import Hooks, client_generator, local_sgd
+from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.quant import QuantSpec, quantize_copy
 from fedtier.seeding import torch_generator
 from fedtier.tasks import Batch
@@ -24,6 +35,9 @@ from fedtier.tasks.base import Loss as TaskLoss
 
 if TYPE_CHECKING:
     from fedtier.local.arm import ArmSetup
+    from fedtier.upload import Stage, UploadContext
+
+declare_stage_metrics({"malicious": MetricSpec("Malicious uploads", reduce="sum")})
 
 Executor = Callable[["ArmSetup", torch.Tensor, list[int], int], torch.Tensor]
 # (honest delta [P], generator) -> malicious delta [P]
@@ -110,38 +124,60 @@ def attack_generator(seed: int, step: int, client: int) -> torch.Generator:
 
 
 def attack_executor(base: Executor, attack: Attack) -> Executor:
-    """Wrap ``base``: honest clients (and malicious ones in the silent phase) go through
-    ``base``; active malicious clients produce their attack's delta. Row order is kept.
+    """Wrap ``base``: honest clients, malicious ones in the silent phase and Byzantine
+    attackers (whose honest update :func:`attack_stage` transforms) go through ``base``;
+    active malicious clients with a training objective produce their attack's delta, not yet
+    amplified (the stage amplifies it). Row order is kept.
 
     Attacks with a training objective also observe every model their malicious clients
     receive, from round 0, silent phase included (:func:`watch`), so the target bits B' they
     attack with at ``start_round`` are predicted from the silent phase's global models
     (QAFed §3.2)."""
-    from fedtier.local.arm import client_update
 
     def run(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int) -> torch.Tensor:
-        kappa = setup.cfg.aggregate.edge_rounds
-        active = step // kappa >= attack.start_round
-        bad = [c for c in clients if active and c in attack.malicious]
+        if attack.loss is None:  # Byzantine: the clients train honestly
+            return base(setup, w, clients, step)
+        bad = [c for c in clients if is_active(setup, attack, step) and c in attack.malicious]
         honest = [c for c in clients if c not in bad]
         rows: dict[int, torch.Tensor] = {}
         if honest:
             rows.update(zip(honest, base(setup, w, honest, step)))
-        if attack.loss is not None:
-            watch(setup, attack, w, [c for c in clients if c in attack.malicious], step)
-        colluders = round_colluders(setup, attack, step, len(bad)) if bad else 0
+        watch(setup, attack, w, [c for c in clients if c in attack.malicious], step)
         for c in bad:
-            attack.active_updates += 1
-            if attack.transform is not None:
-                d = client_update(setup, w, c, step)
-                rows[c] = attack.transform(d, attack_generator(setup.cfg.seed, step, c))
-            else:
-                n_c = float(setup.topology.num_samples[c])
-                gamma = replacement_factor(attack, n_c, colluders)
-                rows[c] = amplify(colluding_update(setup, attack, w, c, step), attack, gamma)
+            rows[c] = colluding_update(setup, attack, w, c, step)
         return torch.stack([rows[c] for c in clients])
 
     return run
+
+
+def is_active(setup: ArmSetup, attack: Attack, step: int) -> bool:
+    """Whether edge step ``step`` is past the silent phase (its cloud round ≥ start_round)."""
+    return step // setup.cfg.aggregate.edge_rounds >= attack.start_round
+
+
+def attack_stage(setup: ArmSetup, attack: Attack) -> Stage:
+    """The upload stage of the attack, acting on the rows of the active malicious clients
+    (first in the upload chain, so clipping, noise and codecs see what the attackers send):
+    a Byzantine transform of the honest update (randomness keyed (seed, "attack", step,
+    client)), or model replacement, Δ ← γ_i·Δ (eq. 16–17, :func:`replacement_factor`)."""
+
+    def stage(deltas: torch.Tensor, ctx: UploadContext) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = [i for i, c in enumerate(ctx.clients) if c in attack.malicious]
+        if not rows or not is_active(setup, attack, ctx.round):
+            return deltas, {"malicious": 0.0}
+        out = deltas.clone()
+        colluders = round_colluders(setup, attack, ctx.round, len(rows))
+        for i in rows:
+            c = ctx.clients[i]
+            attack.active_updates += 1
+            if attack.transform is not None:
+                out[i] = attack.transform(deltas[i], attack_generator(ctx.seed, ctx.round, c))
+            else:
+                gamma = replacement_factor(attack, float(ctx.num_samples[i]), colluders)
+                out[i] = amplify(deltas[i], attack, gamma)
+        return out, {"malicious": float(len(rows))}
+
+    return stage
 
 
 def round_colluders(setup: ArmSetup, attack: Attack, step: int, here: int) -> int:
