@@ -33,6 +33,9 @@ LEGACY_TAGS: dict[str, int | None] = {
     "topology": 0xE06E,  # device profiles, channel gains: [seed, tag]
     "plan": 0x5A3,  # round plans: [seed, round, tag]
 }
+# Streams added since (CRC-32 tags): "poisson" (DP arms' client sampling: round, edge),
+# "repair" (the cells solver's batch order: step, client), "diffusion-eval" (the diffusion
+# task's evaluation noise).
 
 
 def stage_tag(stage: str) -> int | None:

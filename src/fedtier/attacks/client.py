@@ -324,7 +324,7 @@ def malicious_update(
             x,
             y,
             local,
-            client_generator(cfg.seed, step, client + 0x5EED),
+            torch_generator(cfg.seed, "repair", step, client),  # its own stream
             min(bits),
         )
     new = setup.layout.flatten(setup.model)
