@@ -124,7 +124,13 @@ def dropout_mlp(input_shape, num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.5), nn.Linear(16, 10))
 
 
-def test_dropout_model_falls_back_to_sequential_saying_why_once(caplog):
+def test_dropout_model_falls_back_to_sequential_saying_why_once(caplog, monkeypatch):
+    from fedtier.local import messages
+
+    # independent of the tests before: nothing said yet, and records reach caplog even after
+    # the CLI's show_log() stopped the "fedtier" logger from propagating
+    monkeypatch.setattr(messages, "_said", set())
+    monkeypatch.setattr(logging.getLogger("fedtier"), "propagate", True)
     setup = _setup(**{"model.name": DROPOUT_MLP, "model.options": {}})
     assert "dropout" in not_vectorisable(setup)
     w = setup.layout.flatten(setup.model)

@@ -52,7 +52,7 @@ from fedtier.errors import ConfigError
 from fedtier.metrics import MetricSpec
 from fedtier.quant import QuantSpec
 from fedtier.seeding import numpy_rng
-from fedtier.tasks import Batch, ClientTask, Groups, LocalUpdate, Masked
+from fedtier.tasks import ClientTask, TaskWrapper
 
 if TYPE_CHECKING:
     from fedtier.config import Config
@@ -194,7 +194,7 @@ ATTACK_SUCCESS = MetricSpec(
 
 
 @dataclass(frozen=True)
-class BackdoorEval:
+class BackdoorEval(TaskWrapper):
     """A task whose evaluation adds the attack success rate ``asr``: the fraction of
     triggered test inputs of a class other than the target that are classified as the
     target. Training is the wrapped task's; ``asr`` is tabulated per bit width after the
@@ -202,9 +202,6 @@ class BackdoorEval:
 
     task: ClientTask
     trigger: Trigger
-
-    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        return self.task.loss(model, batch, generator)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: ArrayDataset, batch_size: int) -> dict[str, float]:
@@ -219,30 +216,6 @@ class BackdoorEval:
     @property
     def tables(self) -> tuple[str, ...]:
         return (*self.task.tables, "asr")
-
-    @property
-    def headline(self) -> str:
-        return self.task.headline
-
-    @property
-    def labelled(self) -> bool:
-        return self.task.labelled
-
-    @property
-    def groups(self) -> Groups:
-        return self.task.groups
-
-    @property
-    def masked(self) -> Masked | None:
-        return self.task.masked
-
-    @property
-    def plain_cross_entropy(self) -> bool:
-        return self.task.plain_cross_entropy
-
-    @property
-    def local_update(self) -> LocalUpdate | None:
-        return self.task.local_update
 
 
 def attack_success_rate(

@@ -177,6 +177,52 @@ class ClientTask(Protocol):
         ...
 
 
+class TaskWrapper:
+    """A task that wraps another, ``self.task``: every part of the protocol is the wrapped
+    task's unless the wrapper overrides it (QAT changes the loss; the backdoor evaluation
+    adds a metric). Wrappers are frozen dataclasses with a ``task`` field."""
+
+    task: ClientTask
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        return self.task.loss(model, batch, generator)
+
+    def evaluate(self, model: nn.Module, data: ArrayDataset, batch_size: int) -> dict[str, float]:
+        return self.task.evaluate(model, data, batch_size)
+
+    @property
+    def labelled(self) -> bool:
+        return self.task.labelled
+
+    @property
+    def groups(self) -> Groups:
+        return self.task.groups
+
+    @property
+    def metrics(self) -> Mapping[str, MetricSpec]:
+        return self.task.metrics
+
+    @property
+    def headline(self) -> str:
+        return self.task.headline
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return self.task.tables
+
+    @property
+    def masked(self) -> Masked | None:
+        return self.task.masked
+
+    @property
+    def plain_cross_entropy(self) -> bool:
+        return self.task.plain_cross_entropy
+
+    @property
+    def local_update(self) -> LocalUpdate | None:
+        return self.task.local_update
+
+
 def client_batch(task: ClientTask, x: torch.Tensor, y: torch.Tensor) -> Batch:
     """What a client's data yields for ``task``: (x, y), or x alone for an unlabelled task."""
     return (x, y) if task.labelled else x

@@ -17,20 +17,17 @@ Evaluation, metrics and parameter groups are the wrapped task's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fedtier.data import ArrayDataset
-from fedtier.metrics import MetricSpec
 from fedtier.quant import QuantSpec, quantized_view
-from fedtier.tasks.base import Batch, ClientTask, Draws, Groups, LocalUpdate, Masked
+from fedtier.tasks.base import Batch, ClientTask, Draws, LocalUpdate, Masked, TaskWrapper
 
 
 @dataclass(frozen=True)
-class QATTask:
+class QATTask(TaskWrapper):
     """``task`` trained with the multi-bit loss of eq. (8) over ``bits`` (see the module)."""
 
     task: ClientTask
@@ -60,9 +57,6 @@ class QATTask:
 
         return Masked(inner.draw, loss)
 
-    def evaluate(self, model: nn.Module, data: ArrayDataset, batch_size: int) -> dict[str, float]:
-        return self.task.evaluate(model, data, batch_size)
-
     @property
     def plain_cross_entropy(self) -> bool:
         return self.task.plain_cross_entropy and not self.bits
@@ -70,26 +64,6 @@ class QATTask:
     @property
     def local_update(self) -> LocalUpdate | None:
         return None  # SGD on the eq. (8) loss; a wrapped task's own update would bypass it
-
-    @property
-    def labelled(self) -> bool:
-        return self.task.labelled
-
-    @property
-    def groups(self) -> Groups:
-        return self.task.groups
-
-    @property
-    def metrics(self) -> Mapping[str, MetricSpec]:
-        return self.task.metrics
-
-    @property
-    def headline(self) -> str:
-        return self.task.headline
-
-    @property
-    def tables(self) -> tuple[str, ...]:
-        return self.task.tables
 
 
 def qat(task: ClientTask, bits: tuple[int, ...] | list[int], spec: QuantSpec) -> QATTask:
