@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from fedtier.config import from_dict
 
@@ -30,3 +31,15 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+class TwoPart(nn.Module):
+    """A shared body and a private head: two parameter groups (8×8 digits in, 10 classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))

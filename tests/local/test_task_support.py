@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fedtier.data import load_dataset
 from fedtier.experiment import prepare_arm
@@ -18,22 +17,10 @@ from fedtier.quant import QuantSpec
 from fedtier.rounds import run_rounds
 from fedtier.state import StateLayout
 from fedtier.tasks import AutoencoderTask, ClassificationTask, DiffusionTask, Groups, qat
-from tests.conftest import tiny_config
+from tests.conftest import TwoPart, tiny_config
 
 DIGITS = load_dataset("digits")
 MLP = {"model.name": "mlp", "model.options": {"hidden": 16}, "train.batch_size": 8}
-
-
-class TwoPart(nn.Module):
-    """A shared body and a private head (two parameter groups)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU())
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def _two_group_setup(**overrides):

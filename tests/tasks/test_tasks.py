@@ -20,6 +20,7 @@ from fedtier.tasks import (
     qat,
     take,
 )
+from tests.conftest import TwoPart
 
 
 def test_alpha_bar_is_the_closed_form_of_the_linear_schedule():
@@ -135,18 +136,6 @@ def test_masked_loss_equals_the_plain_loss_on_the_unmasked_rows(name):
         g_plain = torch.Generator().manual_seed(4)
         task.loss(model, real, g_plain)
         assert torch.equal(g.get_state(), g_plain.get_state())
-
-
-class TwoPart(nn.Module):
-    """A shared body and a private head: two parameter groups."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU())
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def test_groups_filter_composes_with_fedbn():

@@ -82,14 +82,6 @@ class CostModel:
     def client_bytes(self) -> dict[int, float]:
         return self.ledger.client_bytes
 
-    @property
-    def _edge_time(self) -> dict[int, float]:
-        return self.ledger.edge_time
-
-    @property
-    def _edge_time_max(self) -> dict[int, float]:
-        return self.ledger.edge_time_max
-
     def __post_init__(self) -> None:
         prof, c = self.topology.profiles, self.cfg
         classes = [DEVICE_CLASSES[prof.kinds[k]] for k in prof.kind]
@@ -166,7 +158,9 @@ class CostModel:
             kept = finish <= self.cfg.deadline_s * (1 + 1e-9)
         out = EdgeCosts(alloc, finish, kept)
         edge_time = self.cfg.deadline_s if not kept.all() else out.time_s
-        self._edge_time[edge] += float(edge_time or 0.0)  # κ edge rounds run one after another
+        self.ledger.edge_time[edge] += float(
+            edge_time or 0.0
+        )  # κ edge rounds run one after another
         t = self.totals
         t["energy_j"] += float(alloc.energy.sum())
         if self.cfg.allocation == "optimal":
@@ -174,7 +168,7 @@ class CostModel:
             # reported beside the optimum so the saving is paired exactly
             at_max = self.allocate(clients, 8 * sizes, policy="max")
             t["energy_at_max_j"] += float(at_max.energy.sum())
-            self._edge_time_max[edge] += float(self._finish_times(at_max).max(initial=0.0))
+            self.ledger.edge_time_max[edge] += float(self._finish_times(at_max).max(initial=0.0))
         t["energy_cmp_j"] += float(alloc.e_cmp.sum())
         t["energy_com_j"] += float(alloc.e_com.sum())
         t["infeasible"] += float((~alloc.feasible).sum())
@@ -210,12 +204,12 @@ class CostModel:
         t["bytes_cloud_edge"] += 4.0 * self.param_count * edges
         if not clock:
             return
-        t["time_s"] += max(self._edge_time.values(), default=0.0)  # edges run in parallel
-        if self._edge_time_max:
-            t["time_at_max_s"] += max(self._edge_time_max.values())
+        t["time_s"] += max(self.ledger.edge_time.values(), default=0.0)  # edges run in parallel
+        if self.ledger.edge_time_max:
+            t["time_at_max_s"] += max(self.ledger.edge_time_max.values())
         t["rounds"] += 1
-        self._edge_time.clear()
-        self._edge_time_max.clear()
+        self.ledger.edge_time.clear()
+        self.ledger.edge_time_max.clear()
 
     def relay(self, now: float) -> None:
         """Asynchronous schedules: an edge relays one update to the cloud (fp32) and the
@@ -224,8 +218,8 @@ class CostModel:
         t["bytes_edge_cloud"] += 4.0 * self.param_count
         t["bytes_cloud_edge"] += 4.0 * self.param_count
         t["time_s"] = now
-        self._edge_time.clear()
-        self._edge_time_max.clear()
+        self.ledger.edge_time.clear()
+        self.ledger.edge_time_max.clear()
 
     def snapshot(self) -> dict[str, Any]:
         """Cumulative totals so far (logged with each evaluation)."""
