@@ -298,12 +298,48 @@ RuleVariant = (
 RuleConfig = Annotated[RuleVariant, Field(discriminator="name"), _bare_name("name", RuleVariant)]
 
 
+# --- secure aggregation at the edge (fedtier.secure) -----------------------------------------
+
+
+class SecAggConfig(Component):
+    """Bonawitz et al. 2017's secure sum at each edge (SecAgg+ with ``graph: k-regular``):
+    the edge learns only the sum of its clients' weighted updates (fedtier.secure)."""
+
+    name: Literal["secagg"]
+    threshold: float = Field(0.67, gt=0)  # t: fraction (< 1) of a client's shares, or a count
+    clip_range: float = Field(64.0, gt=0)  # c: weighted coordinates clipped to [−c, c] (BN stats)
+    bits: int = Field(32, ge=8, le=32)  # uploads are words mod 2^bits
+    scale: float | None = Field(None, gt=0)  # fixed point; None = largest that cannot wrap
+    graph: Literal["complete", "k-regular"] = "complete"  # who shares masks and keys
+    k: int = Field(4, ge=2)  # neighbours per client in the k-regular graph (even)
+    dropout: float = Field(0.0, ge=0, lt=1)  # P(a client drops after sharing its keys)
+
+    @model_validator(mode="after")
+    def _check(self) -> SecAggConfig:
+        _whole_or_fraction(self.threshold, "threshold")
+        if self.k % 2:
+            raise _fail("k", self.k, "an even number >= 2 (SecAgg+'s Harary graph)")
+        return self
+
+
+SecureConfig = Annotated[
+    SecAggConfig,
+    BeforeValidator(
+        lambda v: {"name": v} if isinstance(v, str) else v,
+        json_schema_input_type=Union[SecAggConfig, Literal["secagg"]],  # noqa: UP007
+    ),
+]
+# edge rules that only need the sum of the rows: all others read each client's update
+SUM_RULES = ("mean",)
+
+
 class AggregateConfig(Section):
     rule: Literal["qafed", "fedavg"] = "fedavg"  # qafed: w + η_s ΣΔ/N; fedavg: sample-weighted
     edge_rule: RuleConfig = MeanRule(name="mean")  # rule over an edge's client updates
     cloud_rule: RuleConfig = MeanRule(name="mean")  # rule over the edges' updates
     server_lr: float | None = Field(None, gt=0)  # η_s; None = N / sampled (qafed), 1 (fedavg)
     edge_rounds: int = Field(1, gt=0)  # κ client→edge aggregations per cloud round (HierFAVG)
+    secure: SecureConfig | None = None  # secure aggregation at the edges (None: plain sum)
 
 
 # --- upload stages (fedtier.upload.STAGES) ---------------------------------------------------
@@ -629,12 +665,45 @@ class Config(Section):
                 f"'sync' with {private[0]} (differential privacy is accounted per synchronous "
                 "round of Poisson-sampled clients; the asynchronous and gossip schedules are not)",
             )
+        self._check_secure()
         seen: set[str] = set()
         for i, d in enumerate(self.defenses):
             if d.name in seen:
                 raise _fail(f"defenses[{i}].name", d.name, "each defense at most once")
             seen.add(d.name)
         return self
+
+    def _check_secure(self) -> None:
+        """Secure aggregation hands the edge only the sum of its clients' updates: rules and
+        screens that read each update cannot run on it."""
+        secure = self.aggregate.secure
+        if secure is None:
+            return
+        rule = self.aggregate.edge_rule.name
+        if rule not in SUM_RULES:
+            raise _fail(
+                "aggregate.edge_rule",
+                rule,
+                f"{' or '.join(map(repr, SUM_RULES))} with aggregate.secure: {secure.name} "
+                f"({rule} needs each client's update, and under secure aggregation the edge "
+                "only learns their sum); remove aggregate.secure to use it",
+            )
+        for i, d in enumerate(self.defenses):
+            if d.name == "qcheck":
+                raise _fail(
+                    f"defenses[{i}].name",
+                    d.name,
+                    f"no edge screen with aggregate.secure: {secure.name} (qcheck screens each "
+                    "client's upload, and under secure aggregation the edge only learns their "
+                    "sum); remove one of the two",
+                )
+        if self.schedule.name != "sync":
+            raise _fail(
+                "schedule.name",
+                self.schedule.name,
+                f"'sync' with aggregate.secure: {secure.name} (the protocol sums one "
+                "synchronous edge round's uploads; asynchronous arrivals are single updates)",
+            )
 
     def arm_configs(self) -> dict[str, Config]:
         """One resolved config per arm (the base itself when no arms are given)."""
@@ -660,6 +729,7 @@ COMPONENTS: dict[str, tuple[str, dict[str, type[BaseModel]]]] = {
     "aggregate.edge_rule": ("name", variant_names(RuleConfig)),
     "aggregate.cloud_rule": ("name", variant_names(RuleConfig)),
     "train.task": ("name", variant_names(TaskConfig)),
+    "aggregate.secure": ("name", {"secagg": SecAggConfig}),
 }
 
 

@@ -29,6 +29,7 @@ from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter, check_new_run_dir, read_run, summary_from
 from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
+from fedtier.secure.edge import add_secure
 from fedtier.security import add_rejections, install, privacy_record
 from fedtier.seeding import numpy_rng
 from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
@@ -398,6 +399,7 @@ def run_arm(
     def on_eval(record: dict[str, Any]) -> None:
         record = {"arm": arm, **record, "wall_s": round(time.perf_counter() - start, 3)}
         add_rejections(rejections, record["stages"])
+        add_secure(run.setdefault("secure", {}), record["stages"])
         privacy = privacy_record(setup, record["round"])
         if privacy is not None:
             record["privacy"] = privacy
@@ -446,6 +448,8 @@ def run_arm(
         writer.log({"arm": arm, "event": "attack", **extra["attack"]})
     if rejections:
         extra["rejections"] = rejections
+    if run.get("secure"):
+        extra["secure"] = run["secure"]
     if "privacy" in last:
         extra["privacy"] = last["privacy"]
     return {

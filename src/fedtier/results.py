@@ -351,6 +351,9 @@ def security_section(summary: dict[str, Any]) -> str:
                 f"| {r['rejected_malicious']:g} / {r['seen_malicious']:g} |"
             )
         lines.append("")
+    secure = {n: a["secure"] for n, a in arms.items() if a.get("secure")}
+    if secure:
+        lines += [secure_table(secure), ""]
     private = {n: a["privacy"] for n, a in arms.items() if a.get("privacy")}
     if private:
         lines += [
@@ -363,6 +366,32 @@ def security_section(summary: dict[str, Any]) -> str:
                 f"| {p['q']:.3g} | {p.get('edge_rounds', 1)} | {p['epsilon']:.3g} | {p['delta']:g} |"
             )
         lines.append("")
+    return "\n".join(lines)
+
+
+def secure_table(secure: dict[str, dict[str, float]]) -> str:
+    """Secure aggregation per arm: threshold, aborted edge rounds, dropouts, and per client
+    and edge round the bytes each phase sent and its compute (fedtier.secure)."""
+    lines = [
+        "secure aggregation (fedtier.secure), per client and edge round:",
+        "| arm | t | aborted | dropped | keys+shares up (B) | masked input up (B) "
+        "| unmask up (B) | down (B) | beyond fp32 (B) | client (ms) | edge (ms) "
+        "| max fixed-point error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    phases = ("advertise", "share_keys", "masked_input", "unmask")
+    for n, r in secure.items():
+        g = r.get
+        keys = g("advertise_up_bytes", 0.0) + g("share_keys_up_bytes", 0.0)
+        down = sum(g(f"{p}_down_bytes", 0.0) for p in phases)
+        client_ms = 1e3 * sum(g(f"{p}_client_s", 0.0) for p in phases)
+        edge_ms = 1e3 * sum(g(f"{p}_edge_s", 0.0) for p in phases)
+        lines.append(
+            f"| {n} | {g('threshold', 0):g} | {g('aborted', 0):g} | {g('dropped', 0):g} "
+            f"| {keys:.0f} | {g('masked_input_up_bytes', 0):.0f} | {g('unmask_up_bytes', 0):.0f} "
+            f"| {down:.0f} | {g('overhead_up_bytes', 0):.0f} | {client_ms:.2f} | {edge_ms:.2f} "
+            f"| {g('fixed_point_err', 0):.2g} |"
+        )
     return "\n".join(lines)
 
 

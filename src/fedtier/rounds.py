@@ -19,6 +19,7 @@ each evaluation record under "stages".
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +41,12 @@ from fedtier.metrics import (
     reduce_stages,
 )
 from fedtier.privacy import NoiseKey, dp_mechanism
+from fedtier.secure import secure_mean
 from fedtier.tasks import ClientTask
 from fedtier.topology import RoundPlan, expected_clients, expected_sampled, plan_round
 from fedtier.upload import UploadContext
+
+log = logging.getLogger("fedtier")
 
 declare_stage_metrics(
     {
@@ -318,6 +322,11 @@ def edge_step(
             screened, m = setup.screen(setup, w_edge, deltas, ctx)
             keep &= screened
             _add(state.stages, "screen", attribute(m, screened, clients, setup.malicious))
+        if cfg.aggregate.secure is not None:  # the edge sees only the masked uploads' sum
+            mean = secure_edge_round(setup, state, deltas, weights, keep, clients, (t, edge, k))
+            if mean is not None:
+                w_edge, reached = w_edge + mean, True
+            continue
         if not keep.any() and dp_rows is None:  # central DP releases noise even then
             continue
         if bool(keep.all()):  # no row dropped: aggregate without copying the block
@@ -332,6 +341,45 @@ def edge_step(
     if dp_rows is not None:
         return EdgeResult(w_edge - w, float(dp_rows))
     return EdgeResult(w_edge - w, float(weights.sum()) if reached else 0.0)
+
+
+def secure_edge_round(
+    setup: ArmSetup,
+    state: RunState,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    arrived: torch.Tensor,
+    clients: list[int],
+    key: tuple[int, int, int],
+) -> torch.Tensor | None:
+    """The edge rule's weighted mean [P] of the uploads that arrived, by secure aggregation
+    (:func:`fedtier.secure.secure_mean`); None when the protocol aborts (fewer than t
+    survivors: the edge round adds nothing, logged as ``edge/secagg/aborted``). Its
+    per-phase bytes go to the cost ledger."""
+    spec = setup.cfg.aggregate.secure
+    assert spec is not None
+    t, edge, k = key
+    sec = secure_mean(
+        deltas, weights, arrived, setup.upload_mask, spec, (setup.cfg.seed, t, edge, k), clients
+    )
+    _add(state.stages, f"edge/{spec.name}", sec.metrics)
+    if setup.costs is not None and sec.outcome is not None:
+        costs = sec.outcome.costs
+        setup.costs.protocol_bytes(
+            spec.name,
+            {p: float(c.up.sum()) for p, c in costs.items()},
+            {p: float(c.down.sum()) for p, c in costs.items()},
+        )
+        setup.costs.totals[f"{spec.name}_aborted"] += sec.metrics["aborted"]
+    if sec.mean is None:
+        log.warning(
+            "round %d, edge %d, edge round %d: secure aggregation aborted (%s)",
+            t + 1,
+            edge,
+            k + 1,
+            sec.outcome.aborted if sec.outcome is not None else "fewer than two clients",
+        )
+    return sec.mean
 
 
 def empty_edge(setup: ArmSetup, state: RunState, w: torch.Tensor, edge: int, t: int) -> EdgeResult:

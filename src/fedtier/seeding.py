@@ -35,7 +35,9 @@ LEGACY_TAGS: dict[str, int | None] = {
 }
 # Streams added since (CRC-32 tags): "poisson" (DP arms' client sampling: round, edge),
 # "repair" (the cells solver's batch order: step, client), "diffusion-eval" (the diffusion
-# task's evaluation noise).
+# task's evaluation noise), "secagg-dropout" (simulated dropouts under secure aggregation:
+# round, edge, edge round, client), "secagg-graph" (SecAgg+'s random graph: round, edge, edge
+# round). Secure aggregation's keys and seeds are secret and come from the OS, not from here.
 
 
 def stage_tag(stage: str) -> int | None:

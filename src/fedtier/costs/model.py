@@ -181,6 +181,17 @@ class CostModel:
             self.client_bytes[c] += float(s)
         return out
 
+    def protocol_bytes(self, name: str, up: dict[str, float], down: dict[str, float]) -> None:
+        """Count a protocol's traffic by phase (secure aggregation's key exchange, shares and
+        masked inputs: ``bytes_<name>_<phase>_up`` / ``_down``, and ``bytes_<name>_up`` /
+        ``_down`` in all). Kept apart from ``bytes_client_edge``, the codec payload that
+        the radio model prices; not on the simulated clock."""
+        t = self.totals
+        for direction, phases in (("up", up), ("down", down)):
+            for phase, b in phases.items():
+                t[f"bytes_{name}_{phase}_{direction}"] += float(b)
+                t[f"bytes_{name}_{direction}"] += float(b)
+
     def _finish_times(self, alloc: Allocation) -> np.ndarray:
         """Upload completion per device; with fewer blocks than devices (``overflow: wait``)
         a device transmits once its computation is done and a block is free."""
