@@ -307,8 +307,8 @@ class SecAggConfig(Component):
 
     name: Literal["secagg"]
     threshold: float = Field(0.67, gt=0)  # t: fraction (< 1) of a client's shares, or a count
-    clip_range: float = Field(64.0, gt=0)  # c: weighted coordinates clipped to [−c, c] (BN stats)
-    bits: int = Field(32, ge=8, le=32)  # uploads are words mod 2^bits
+    clip_range: float = Field(1024.0, gt=0)  # c: weighted coordinates clipped to [−c, c]
+    bits: int = Field(32, ge=8, le=48)  # uploads are words mod 2^bits (48: exact in float64)
     scale: float | None = Field(None, gt=0)  # fixed point; None = largest that cannot wrap
     graph: Literal["complete", "k-regular"] = "complete"  # who shares masks and keys
     k: int = Field(4, ge=2)  # neighbours per client in the k-regular graph (even)

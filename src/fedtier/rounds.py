@@ -371,6 +371,15 @@ def secure_edge_round(
             {p: float(c.down.sum()) for p, c in costs.items()},
         )
         setup.costs.totals[f"{spec.name}_aborted"] += sec.metrics["aborted"]
+    if sec.metrics.get("clipped_coords"):
+        log.warning(
+            "round %d, edge %d: secure aggregation clipped %d weighted coordinates to ±%g "
+            "(raise aggregate.secure.clip_range)",
+            t + 1,
+            edge,
+            sec.metrics["clipped_coords"],
+            spec.clip_range,
+        )
     if sec.mean is None:
         log.warning(
             "round %d, edge %d, edge round %d: secure aggregation aborted (%s)",

@@ -22,7 +22,7 @@ def plain_sum(x, rows, bits):
     return [sum(int(x[r, j]) for r in rows) % 2**bits for j in range(x.shape[1])]
 
 
-@pytest.mark.parametrize("bits", [32, 16])
+@pytest.mark.parametrize("bits", [32, 16, 48])
 @pytest.mark.parametrize("graph", ["complete", "k-regular"])
 def test_unmasked_sum_equals_the_plain_sum_exactly(bits, graph):
     n = 7
@@ -99,12 +99,15 @@ def test_prg_is_aes_ctr_and_keyed():
     ks = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(40))
     assert secagg.prg(key, 10, 32).tolist() == np.frombuffer(ks, "<u4").tolist()
     assert (secagg.prg(key, 10, 12) < 2**12).all()
+    wide = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(80))
+    assert secagg.prg(key, 10, 48).tolist() == [w % 2**48 for w in np.frombuffer(wide, "<u8")]
     assert not np.array_equal(secagg.prg(key, 10, 32), secagg.prg(bytes(32), 10, 32))
 
 
-def test_fixed_point_sum_is_exact_and_cannot_wrap():
+@pytest.mark.parametrize("bits", [32, 48])
+def test_fixed_point_sum_is_exact_and_cannot_wrap(bits):
     rng = np.random.default_rng(3)
-    n, c, bits = 9, 2.0, 32
+    n, c = 9, 2.0
     scale = secagg.max_scale(c, n, bits)
     v = rng.uniform(-3, 3, size=(n, 50))
     v[0, :5] = [c, -c, c, -c, c]  # extremes

@@ -73,16 +73,21 @@ SHARE_INFO = b"fedtier secagg share encryption"
 
 def prg(seed: bytes, length: int, bits: int) -> np.ndarray:
     """``length`` words uniform on [0, 2^bits) (uint64 [L]): the AES-256-CTR keystream of the
-    32-byte ``seed`` read as little-endian uint32, reduced mod 2^bits (2^bits divides 2^32,
-    so the reduction stays uniform)."""
+    32-byte ``seed`` read as little-endian uint32 (uint64 above 32 bits), reduced mod 2^bits
+    (2^bits divides the word's range, so the reduction stays uniform)."""
+    width = 4 if bits <= 32 else 8
     enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    words = np.frombuffer(enc.update(bytes(4 * length)), dtype="<u4").astype(np.uint64)
+    raw = enc.update(bytes(width * length))
+    words = np.frombuffer(raw, dtype=f"<u{width}").astype(np.uint64)
     return words & np.uint64(modulus(bits) - 1)
 
 
+MAX_BITS = 48  # every sum and fixed-point value stays an exact float64 integer
+
+
 def modulus(bits: int) -> int:
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits must lie in [1, 32], got {bits}")
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must lie in [1, {MAX_BITS}], got {bits}")
     return 1 << bits
 
 
@@ -95,7 +100,7 @@ def encode(values: np.ndarray, clip: float, scale: float, bits: int) -> tuple[np
     v = np.asarray(values, dtype=np.float64)
     clipped = int(np.count_nonzero(np.abs(v) > clip))
     q = np.rint(np.clip(v, -clip, clip) * scale).astype(np.int64)
-    return (q & (modulus(bits) - 1)).astype(np.uint64), clipped
+    return q.astype(np.uint64) & np.uint64(modulus(bits) - 1), clipped
 
 
 def decode(words: np.ndarray, scale: float, bits: int) -> np.ndarray:
