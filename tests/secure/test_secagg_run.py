@@ -43,8 +43,9 @@ def test_secagg_preset_matches_the_plain_run_and_reports_its_costs(tmp_path, cap
     # 48-bit words: the error is float32's (the update's dtype), far below 32-bit words'
     err48, err32 = (arms[a]["secure"]["fixed_point_err"] for a in ("secagg-48bit", "secagg"))
     assert err48 < 1e-7 and err48 < err32 / 10
-    assert arms["secagg-48bit"]["secure"]["masked_input_up_bytes"] == 1.5 * (
-        arms["secagg"]["secure"]["masked_input_up_bytes"]
+    assert (
+        arms["secagg-48bit"]["secure"]["masked_input_up_bytes"]
+        == 1.5 * (arms["secagg"]["secure"]["masked_input_up_bytes"])
     )
     assert arms["secagg"]["secure"]["threshold"] == 5  # ⌈0.67 · 6⌉ = ⌈4.02⌉
     assert arms["secagg-k4"]["secure"]["threshold"] == 3  # ⌈0.6 · 5⌉: 4 neighbours and itself
