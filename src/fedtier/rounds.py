@@ -363,14 +363,15 @@ def secure_edge_round(
         deltas, weights, arrived, setup.upload_mask, spec, (setup.cfg.seed, t, edge, k), clients
     )
     _add(state.stages, f"edge/{spec.name}", sec.metrics)
-    if setup.costs is not None and sec.outcome is not None:
-        costs = sec.outcome.costs
-        setup.costs.protocol_bytes(
-            spec.name,
-            {p: float(c.up.sum()) for p, c in costs.items()},
-            {p: float(c.down.sum()) for p, c in costs.items()},
-        )
+    if setup.costs is not None:
         setup.costs.totals[f"{spec.name}_aborted"] += sec.metrics["aborted"]
+        if sec.outcome is not None:
+            costs = sec.outcome.costs
+            setup.costs.protocol_bytes(
+                spec.name,
+                {p: float(c.up.sum()) for p, c in costs.items()},
+                {p: float(c.down.sum()) for p, c in costs.items()},
+            )
     if sec.metrics.get("clipped_coords"):
         log.warning(
             "round %d, edge %d: secure aggregation clipped %d weighted coordinates to ±%g "
