@@ -127,3 +127,33 @@ def test_add_secure_accumulates_a_run_record():
     add_secure(total, {"edge/secagg/aborted": 2.0, "edge/secagg/unmask_up_bytes": 200.0})
     add_secure(total, {"edge/rows": 3.0})
     assert total == {"evals": 2.0, "aborted": 3.0, "unmask_up_bytes": 150.0}
+
+
+def test_stragglers_past_the_deadline_drop_out_of_the_secure_sum(tiny):
+    """The cost model drops the devices that miss T_max; the secure edge recovers the sum of
+    the others (their pairwise masks removed), so the run ends where the plain run ends."""
+    from fedtier.data import load_dataset
+    from fedtier.experiment import prepare_arm
+    from fedtier.rounds import run_rounds
+
+    data = load_dataset("digits")
+    common = {
+        "model.name": "mlp",
+        "model.options": {},
+        "train.rounds": 2,
+        "costs.deadline_s": 4.0,
+        "costs.stragglers": "drop",
+        "topology.clients_per_edge": 6,
+    }
+    runs = {}
+    for arm, secure in (("plain", None), ("secure", {"name": "secagg", "threshold": 2})):
+        evals: list = []
+        setup = prepare_arm(tiny(**common, **{"aggregate.secure": secure}), data)
+        runs[arm] = (run_rounds(setup, evals.append), evals)
+    (w_plain, ev_plain), (w_secure, ev_secure) = runs["plain"], runs["secure"]
+    stages = {k: sum(e["stages"].get(k, 0.0) for e in ev_secure) for k in ev_secure[-1]["stages"]}
+    dropped = ev_secure[-1]["costs"]["dropped"]
+    assert 0 < dropped < 24 and stages["edge/secagg/dropped"] == dropped
+    assert stages["edge/secagg/aborted"] == 0
+    assert ev_plain[-1]["costs"]["dropped"] == dropped
+    torch.testing.assert_close(w_secure, w_plain, atol=1e-5, rtol=0)
