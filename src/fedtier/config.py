@@ -573,11 +573,27 @@ DefenseConfig = Annotated[
 # --- evaluation, costs, schedule ---------------------------------------------------------------
 
 
+class PrivacyAttackConfig(Section):
+    """Privacy attacks run after an arm (fedtier.privacy): gradient inversion by the edge on
+    one-image, one-step uploads of the initial model, and loss-threshold membership inference
+    on the final global model."""
+
+    images: int = Field(1, gt=0)  # target uploads inverted (the edge's first clients, 1 image each)
+    step_lr: float = Field(0.05, gt=0)  # η of the client's single local SGD step
+    steps: int = Field(300, gt=0)  # Adam steps on the dummy image
+    lr: float = Field(0.1, gt=0)  # Adam's learning rate on the dummy image
+    tv: float = Field(1e-3, ge=0)  # weight of the total-variation prior
+    mia_samples: int = Field(
+        500, gt=0
+    )  # members and non-members scored, each (at most the test set)
+
+
 class EvalConfig(Section):
     every: int = Field(5, gt=0)  # evaluate every this many rounds (and always after the last)
     asr: bool = False  # also measure the backdoor's attack success rate (on for backdoor attacks)
     batch_size: int = Field(1000, gt=0)
     checkpoint_every: int = Field(1, ge=0)  # checkpoint.pt at every k-th evaluation (0: per arm)
+    privacy: PrivacyAttackConfig | None = None  # privacy attacks after each arm (None: none)
 
 
 class CostConfig(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -30,7 +31,7 @@ from fedtier.results import RunWriter, check_new_run_dir, read_run, summary_from
 from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.secure.edge import add_secure
-from fedtier.security import add_rejections, install, privacy_record
+from fedtier.security import add_rejections, install, privacy_attacks, privacy_record
 from fedtier.seeding import numpy_rng
 from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
 from fedtier.tasks import (
@@ -425,6 +426,8 @@ def run_arm(
             save({"state": state.to_dict(), "run": run, "torch_rng": torch.get_rng_state()})
 
     bar.set_postfix({"arm": arm})
+    # the model the clients receive in the first round, for the gradient-inversion attack
+    initial_model = copy.deepcopy(setup.model) if cfg.eval.privacy is not None else None
     try:
         w = run_schedule(
             setup,
@@ -452,6 +455,9 @@ def run_arm(
         extra["secure"] = run["secure"]
     if "privacy" in last:
         extra["privacy"] = last["privacy"]
+    if initial_model is not None:
+        extra["privacy_attacks"] = privacy_attacks(setup, initial_model, setup.model)
+        writer.log({"arm": arm, "event": "privacy_attacks", **extra["privacy_attacks"]})
     return {
         **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},

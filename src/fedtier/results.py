@@ -366,6 +366,33 @@ def security_section(summary: dict[str, Any]) -> str:
                 f"| {p['q']:.3g} | {p.get('edge_rounds', 1)} | {p['epsilon']:.3g} | {p['delta']:g} |"
             )
         lines.append("")
+    attacked = {n: a for n, a in arms.items() if a.get("privacy_attacks")}
+    if attacked:
+        lines += [privacy_attack_table(attacked), ""]
+    return "\n".join(lines)
+
+
+def privacy_attack_table(arms: dict[str, dict[str, Any]]) -> str:
+    """Privacy attacks per arm (fedtier.privacy): gradient inversion by the edge on
+    one-image, one-step uploads (PSNR/SSIM of the reconstruction, on [0, 1]), loss-threshold
+    membership-inference AUC on the final model, fp32 accuracy, and ε (against the edge for
+    local DP, against the cloud's releases for central DP)."""
+    lines = [
+        "privacy attacks (fedtier.privacy): gradient inversion by the edge (B = 1, E = 1, "
+        "initial model), membership inference on the final model:",
+        "| arm | edge sees | label inferred | inversion PSNR (dB) | SSIM | MIA AUC | accuracy (%) | ε |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, a in arms.items():
+        inv, mia = a["privacy_attacks"]["inversion"], a["privacy_attacks"]["mia"]
+        p = a.get("privacy")
+        eps = "∞" if p is None else f"{p.get('epsilon_vs_edge', p['epsilon']):.3g}"
+        acc = a.get("cda", {})
+        fp = acc.get("32", acc.get(32, next(iter(acc.values()), None)))
+        lines.append(
+            f"| {n} | {inv['observes']} | {inv['label_correct']:.0%} | {inv['psnr']:.1f} "
+            f"| {inv['ssim']:.3f} | {mia['auc']:.3f} | {'–' if fp is None else f'{100 * fp:.1f}'} | {eps} |"
+        )
     return "\n".join(lines)
 
 

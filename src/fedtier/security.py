@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedtier.attacks import (
     BACKDOORS,
@@ -27,10 +28,14 @@ from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
 from fedtier.local.arm import ArmSetup
 from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
+from fedtier.privacy.inversion import infer_label, invert, psnr, sgd_update, ssim
+from fedtier.privacy.membership import loss_scores, membership_auc
 from fedtier.rounds import server_lr
 from fedtier.seeding import numpy_rng
-from fedtier.topology import expected_sampled, sample_rate
+from fedtier.tasks.base import device_of
+from fedtier.topology import expected_clients, expected_sampled, sample_rate
 from fedtier.upload import Chain
+from fedtier.upload.chain import UploadContext
 
 
 def parameter_mask(setup: ArmSetup) -> torch.Tensor:
@@ -132,3 +137,111 @@ def add_rejections(total: dict[str, dict[str, float]], stages: dict[str, float])
         tier, _, name = key.partition("/")
         if name in REJECTION_KEYS:
             total.setdefault(tier, {k: 0.0 for k in REJECTION_KEYS})[name] += v
+
+
+def _upload(
+    setup: ArmSetup, model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, clients: list[int]
+) -> torch.Tensor:
+    """[C, P_params] what the edge receives from ``clients``, each uploading one SGD step on
+    its one image (xs [C, ...], ys [C]) of ``model``, after the arm's upload chain."""
+    pc = setup.cfg.eval.privacy
+    assert pc is not None
+    params = [n for n, _ in model.named_parameters()]
+    rows = []
+    for i in range(len(clients)):
+        step = setup.layout.views(torch.zeros(setup.layout.size))
+        flat = sgd_update(model, xs[i : i + 1], ys[i : i + 1], params, pc.step_lr)
+        off = 0
+        for n, p in model.named_parameters():
+            step[n].copy_(flat[off : off + p.numel()].view_as(p))
+            off += p.numel()
+        rows.append(torch.cat([step[n].reshape(-1) for n in setup.layout.names]))
+    ctx = UploadContext(
+        round=0,
+        edge=0,
+        clients=clients,
+        num_samples=torch.ones(len(clients)),
+        seed=setup.cfg.seed,
+        radio=setup.costs,
+    )
+    out, _ = setup.upload(torch.stack(rows), ctx)
+    views = setup.layout.views(out)
+    return torch.cat([views[n].reshape(len(clients), -1) for n in params], dim=1)
+
+
+def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> dict[str, Any]:
+    """The arm's privacy attacks (cfg.eval.privacy; fedtier.privacy).
+
+    Gradient inversion (Geiping et al. 2020) by edge 0 on ``initial`` (the model the clients
+    receive in the first round): each target client uploads one SGD step on one image (B = 1,
+    E = 1), passed through the arm's upload chain (codecs, local DP). Without secure
+    aggregation the edge inverts that upload; with it the edge only learns the sum of the n
+    uploads of an edge round (n = the clients it samples per round) and inverts the sum, and
+    the PSNR is the best over the n images in it. The label is read off the observed update
+    (iDLG). Membership inference (Yeom et al. 2018) scores ``final`` on members (the clients'
+    training samples) against non-members (the test set)."""
+    cfg = setup.cfg
+    pc = cfg.eval.privacy
+    assert pc is not None
+    model = initial.cpu().eval()
+    edge_clients = [int(c) for c in setup.topology.edge_clients[0]]
+    n = max(2, expected_clients(setup.topology, cfg.topology, 0)) if cfg.aggregate.secure else 1
+    members_x, members_y = zip(*(setup.client_data(c) for c in range(setup.topology.num_clients)))
+    mx, my = torch.cat(members_x), torch.cat(members_y)
+    lo, hi = float(mx.min()), float(mx.max())  # the dummy's box: the data's range
+    params = [n_ for n_, _ in model.named_parameters()]
+    last = params[-2]  # the last Linear's weight (…, its bias)
+    size = {n_: p.numel() for n_, p in model.named_parameters()}
+    start = sum(size[p] for p in params[: params.index(last)])
+    last_weight = slice(start, start + size[last])
+    classes = setup.test.num_classes
+    psnrs, ssims, correct = [], [], 0
+    for i in range(pc.images):
+        clients = [edge_clients[(i * n + j) % len(edge_clients)] for j in range(n)]
+        xs, ys = zip(*(setup.client_data(c) for c in clients))
+        x = torch.stack([v[0] for v in xs]).cpu()
+        y = torch.stack([v[0] for v in ys]).cpu()
+        observed = _upload(setup, model, x, y, clients).sum(0)
+        label = infer_label(observed, last_weight, classes)
+        correct += int(label in y.tolist())
+        xh = invert(
+            model,
+            observed,
+            torch.tensor([label]),
+            tuple(x.shape[1:]),
+            params,
+            bounds=(lo, hi),
+            steps=pc.steps,
+            lr=pc.lr,
+            tv=pc.tv,
+            seed=cfg.seed,
+            key=(i,),
+        )
+        xh01, x01 = (xh[0] - lo) / (hi - lo), (x - lo) / (hi - lo)
+        best = max(range(n), key=lambda j: psnr(xh01, x01[j]))
+        psnrs.append(psnr(xh01, x01[best]))
+        ssims.append(ssim(xh01, x01[best]))
+    m = min(pc.mia_samples, len(setup.test), len(mx))
+    rng = numpy_rng(cfg.seed, "mia")
+    mi = torch.from_numpy(rng.choice(len(mx), size=m, replace=False))
+    ti = torch.from_numpy(rng.choice(len(setup.test), size=m, replace=False))
+    dev = device_of(final)
+    auc = membership_auc(
+        loss_scores(final, mx[mi].to(dev), my[mi].to(dev)),
+        loss_scores(final, setup.test.x[ti].to(dev), setup.test.y[ti].to(dev)),
+    )
+    return {
+        "inversion": {
+            "observes": "each upload" if n == 1 else f"sum of {n} uploads",
+            "uploads_summed": n,
+            "images": pc.images,
+            "psnr": sum(psnrs) / len(psnrs),
+            "psnr_max": max(psnrs),
+            "ssim": sum(ssims) / len(ssims),
+            "label_correct": correct / pc.images,
+            "steps": pc.steps,
+            "batch": 1,
+            "local_steps": 1,
+        },
+        "mia": {"auc": auc, "members": m, "non_members": m, "score": "-loss"},
+    }
