@@ -583,6 +583,7 @@ class PrivacyAttackConfig(Section):
     steps: int = Field(300, gt=0)  # Adam steps on the dummy image
     lr: float = Field(0.1, gt=0)  # Adam's learning rate on the dummy image
     tv: float = Field(1e-3, ge=0)  # weight of the total-variation prior
+    labels: Literal["known", "inferred"] = "known"  # inferred: iDLG, single uploads only
     mia_samples: int = Field(
         500, gt=0
     )  # members and non-members scored, each (at most the test set)

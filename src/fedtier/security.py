@@ -28,7 +28,7 @@ from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
 from fedtier.local.arm import ArmSetup
 from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
-from fedtier.privacy.inversion import infer_label, invert, psnr, sgd_update, ssim
+from fedtier.privacy.inversion import infer_label, invert, match_images, psnr, sgd_update, ssim
 from fedtier.privacy.membership import loss_scores, membership_auc
 from fedtier.rounds import server_lr
 from fedtier.seeding import numpy_rng
@@ -176,9 +176,12 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
     receive in the first round): each target client uploads one SGD step on one image (B = 1,
     E = 1), passed through the arm's upload chain (codecs, local DP). Without secure
     aggregation the edge inverts that upload; with it the edge only learns the sum of the n
-    uploads of an edge round (n = the clients it samples per round) and inverts the sum, and
-    the PSNR is the best over the n images in it. The label is read off the observed update
-    (iDLG). Membership inference (Yeom et al. 2018) scores ``final`` on members (the clients'
+    uploads of an edge round (n = the clients it samples per round) and inverts the sum as
+    one batch of n images (the sum of one-step updates points along the batch's mean
+    gradient), each reconstruction matched to a true image by the assignment of highest total
+    PSNR. The labels are known to the attacker (the strongest attacker; ``labels: inferred``
+    reads a single upload's label off the update, iDLG); ``label_correct`` says whether iDLG
+    would have found it (for a sum: one of its labels). Membership inference (Yeom et al. 2018) scores ``final`` on members (the clients'
     training samples) against non-members (the test set)."""
     cfg = setup.cfg
     pc = cfg.eval.privacy
@@ -204,10 +207,11 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
         observed = _upload(setup, model, x, y, clients).sum(0)
         label = infer_label(observed, last_weight, classes)
         correct += int(label in y.tolist())
+        labels = torch.tensor([label]) if pc.labels == "inferred" and n == 1 else y
         xh = invert(
             model,
             observed,
-            torch.tensor([label]),
+            labels,
             tuple(x.shape[1:]),
             params,
             bounds=(lo, hi),
@@ -217,10 +221,10 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
             seed=cfg.seed,
             key=(i,),
         )
-        xh01, x01 = (xh[0] - lo) / (hi - lo), (x - lo) / (hi - lo)
-        best = max(range(n), key=lambda j: psnr(xh01, x01[j]))
-        psnrs.append(psnr(xh01, x01[best]))
-        ssims.append(ssim(xh01, x01[best]))
+        xh01, x01 = (xh - lo) / (hi - lo), (x - lo) / (hi - lo)
+        for j, k in match_images(xh01, x01):
+            psnrs.append(psnr(xh01[j], x01[k]))
+            ssims.append(ssim(xh01[j], x01[k]))
     m = min(pc.mia_samples, len(setup.test), len(mx))
     rng = numpy_rng(cfg.seed, "mia")
     mi = torch.from_numpy(rng.choice(len(mx), size=m, replace=False))
@@ -235,8 +239,11 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
             "observes": "each upload" if n == 1 else f"sum of {n} uploads",
             "uploads_summed": n,
             "images": pc.images,
+            "labels": "known" if n > 1 else pc.labels,
             "psnr": sum(psnrs) / len(psnrs),
             "psnr_max": max(psnrs),
+            "psnr_min": min(psnrs),
+            "matched": len(psnrs),
             "ssim": sum(ssims) / len(ssims),
             "label_correct": correct / pc.images,
             "steps": pc.steps,

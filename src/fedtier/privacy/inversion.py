@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.func import functional_call, grad
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -46,6 +47,15 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
     )
     assert isinstance(out, torch.Tensor)
     return float(out)
+
+
+def match_images(recon: torch.Tensor, truth: torch.Tensor) -> list[tuple[int, int]]:
+    """Pairs (reconstruction j, true image k) of the one-to-one assignment that maximises the
+    total PSNR (the batch's order is not recoverable; scipy's Hungarian algorithm). Both are
+    [N, C, H, W] on [0, 1]."""
+    cost = [[-min(psnr(r, t), 1e3) for t in truth] for r in recon]  # exact: inf → 1000 dB
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(j), int(k)) for j, k in zip(rows, cols)]
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
