@@ -47,3 +47,33 @@ def test_a_bad_attack_option_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "eval.privacy.steps" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_table_gives_epsilon_against_the_edge_and_the_model():
+    from fedtier.results import privacy_attack_table
+
+    attacks = {
+        "inversion": {
+            "observes": "each upload",
+            "label_correct": 1.0,
+            "psnr": 30.04,
+            "psnr_max": 41.0,
+            "ssim": 0.9,
+        },
+        "mia": {"auc": 0.61},
+    }
+    arms = {
+        "ldp": {
+            "privacy_attacks": attacks,
+            "cda": {"32": 0.5},
+            "privacy": {"epsilon": 1.5, "epsilon_vs_edge": 7.5},
+        },
+        "cdp": {"privacy_attacks": attacks, "cda": {"32": 0.8}, "privacy": {"epsilon": 7.5}},
+        "plain": {"privacy_attacks": attacks, "cda": {"32": 0.9}},
+    }
+    rows = privacy_attack_table(arms).splitlines()[3:]
+    assert (
+        rows[0] == "| ldp | each upload | 100% | 30.0 | 41.0 | 0.900 | 0.610 | 50.0 | 7.5 | 1.5 |"
+    )
+    assert rows[1].endswith("| 80.0 | ∞ | 7.5 |")  # the edge adds central DP's noise itself
+    assert rows[2].endswith("| 90.0 | ∞ | ∞ |")
