@@ -193,11 +193,13 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
     mx, my = torch.cat(members_x), torch.cat(members_y)
     lo, hi = float(mx.min()), float(mx.max())  # the dummy's box: the data's range
     params = [n_ for n_, _ in model.named_parameters()]
-    last = params[-2]  # the last Linear's weight (…, its bias)
-    size = {n_: p.numel() for n_, p in model.named_parameters()}
+    classes = setup.test.num_classes
+    shapes = {n_: p.shape for n_, p in model.named_parameters()}
+    # the output layer's weight [classes, features]: the last matrix with a row per class
+    last = next(p for p in reversed(params) if len(shapes[p]) == 2 and shapes[p][0] == classes)
+    size = {n_: shapes[n_].numel() for n_ in params}
     start = sum(size[p] for p in params[: params.index(last)])
     last_weight = slice(start, start + size[last])
-    classes = setup.test.num_classes
     psnrs, ssims, correct = [], [], 0
     for i in range(pc.images):
         clients = [edge_clients[(i * n + j) % len(edge_clients)] for j in range(n)]
