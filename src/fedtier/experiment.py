@@ -27,7 +27,13 @@ from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
-from fedtier.results import RunWriter, check_new_run_dir, read_run, summary_from
+from fedtier.results import (
+    RunWriter,
+    check_new_run_dir,
+    plot_reconstructions,
+    read_run,
+    summary_from,
+)
 from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.secure.edge import add_secure
@@ -456,7 +462,10 @@ def run_arm(
     if "privacy" in last:
         extra["privacy"] = last["privacy"]
     if initial_model is not None:
-        extra["privacy_attacks"] = privacy_attacks(setup, initial_model, setup.model)
+        extra["privacy_attacks"], (truth, recon) = privacy_attacks(
+            setup, initial_model, setup.model
+        )
+        plot_reconstructions(writer.out, arm, truth.numpy(), recon.numpy())
         writer.log({"arm": arm, "event": "privacy_attacks", **extra["privacy_attacks"]})
     return {
         **extra,

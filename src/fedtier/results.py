@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,34 @@ def privacy_attack_table(arms: dict[str, dict[str, Any]]) -> str:
             f"| {vs_model} |"
         )
     return "\n".join(lines)
+
+
+def plot_reconstructions(out: Path, arm: str, truth: Any, recon: Any, most: int = 8) -> Path:
+    """``privacy/<arm>.png`` (the arm's name made safe as in ``models/``): the first ``most`` true images (top row) above the gradient
+    inversion's reconstructions of them (bottom row); arrays [N, C, H, W] on [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(most, len(truth))
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 2.8), squeeze=False)
+    for j in range(n):
+        for row, imgs in enumerate((truth, recon)):
+            img = imgs[j].transpose(1, 2, 0)
+            ax = axes[row][j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][0].set_ylabel("true")
+    axes[1][0].set_ylabel("inverted")
+    fig.suptitle(f"{arm}: gradient inversion by the edge", fontsize=9)
+    fig.tight_layout()
+    path = out / "privacy" / (re.sub(r"[^A-Za-z0-9._-]", "_", arm) + ".png")  # as models/
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def secure_table(secure: dict[str, dict[str, float]]) -> str:

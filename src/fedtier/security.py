@@ -169,7 +169,9 @@ def _upload(
     return torch.cat([views[n].reshape(len(clients), -1) for n in params], dim=1)
 
 
-def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> dict[str, Any]:
+def privacy_attacks(
+    setup: ArmSetup, initial: nn.Module, final: nn.Module
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """The arm's privacy attacks (cfg.eval.privacy; fedtier.privacy).
 
     Gradient inversion (Geiping et al. 2020) by edge 0 on ``initial`` (the model the clients
@@ -182,7 +184,9 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
     PSNR. The labels are known to the attacker (the strongest attacker; ``labels: inferred``
     reads a single upload's label off the update, iDLG); ``label_correct`` says whether iDLG
     would have found it (for a sum: one of its labels). Membership inference (Yeom et al. 2018) scores ``final`` on members (the clients'
-    training samples) against non-members (the test set)."""
+    training samples) against non-members (the test set).
+
+    Returns the record and the matched (true, reconstructed) images [M, C, H, W] on [0, 1]."""
     cfg = setup.cfg
     pc = cfg.eval.privacy
     assert pc is not None
@@ -201,6 +205,7 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
     start = sum(size[p] for p in params[: params.index(last)])
     last_weight = slice(start, start + size[last])
     psnrs, ssims, correct = [], [], 0
+    shown: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in range(pc.images):
         clients = [edge_clients[(i * n + j) % len(edge_clients)] for j in range(n)]
         xs, ys = zip(*(setup.client_data(c) for c in clients))
@@ -227,6 +232,7 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
         for j, k in match_images(xh01, x01):
             psnrs.append(psnr(xh01[j], x01[k]))
             ssims.append(ssim(xh01[j], x01[k]))
+            shown.append((x01[k], xh01[j]))
     m = min(pc.mia_samples, len(setup.test), len(mx))
     rng = numpy_rng(cfg.seed, "mia")
     mi = torch.from_numpy(rng.choice(len(mx), size=m, replace=False))
@@ -236,7 +242,8 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
         loss_scores(final, mx[mi].to(dev), my[mi].to(dev)),
         loss_scores(final, setup.test.x[ti].to(dev), setup.test.y[ti].to(dev)),
     )
-    return {
+    truth, recon = (torch.stack(t) for t in zip(*shown))
+    record = {
         "inversion": {
             "observes": "each upload" if n == 1 else f"sum of {n} uploads",
             "uploads_summed": n,
@@ -254,3 +261,4 @@ def privacy_attacks(setup: ArmSetup, initial: nn.Module, final: nn.Module) -> di
         },
         "mia": {"auc": auc, "members": m, "non_members": m, "score": "-loss"},
     }
+    return record, (truth, recon)

@@ -39,6 +39,7 @@ def test_privacy_preset_reports_attacks_against_utility_and_epsilon(tmp_path, ca
     assert inv["local-dp"]["psnr"] < 12
     assert arms["local-dp"]["privacy"]["epsilon_vs_edge"] <= 8
     assert inv["secagg"]["uploads_summed"] == 3 and inv["secagg"]["matched"] == 3
+    assert sorted(p.name for p in (out / "privacy").iterdir()) == sorted(f"{a}.png" for a in arms)
     for a in arms.values():
         mia = a["privacy_attacks"]["mia"]
         assert 0 <= mia["auc"] <= 1 and mia["members"] == mia["non_members"] == 100
