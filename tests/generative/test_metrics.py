@@ -15,6 +15,7 @@ from fedtier.generative import (
     FidScorer,
     class_coverage,
     fid,
+    quality,
     region_coverage,
     sample_grid,
     source_shares,
@@ -141,3 +142,35 @@ def test_sample_grid_png_pixels(tmp_path):
     assert (big[2:8, 2:8] == 255)[:3, 3:].all()  # top-right quarter of image 0, enlarged
     with pytest.raises(FedtierError, match=r"\[N, 1, H, W\]"):
         sample_grid(images[:, 0], tmp_path / "bad.png")
+
+
+def test_quality_flattens_every_score(digits_judge):
+    judge = controlled_judge(3)
+    fake = images_with_probs(
+        [[0.95, 0.03, 0.02], [0.6, 0.3, 0.1], [0.1, 0.85, 0.05], [0.04, 0.04, 0.92]]
+    )
+    out = quality(fake, judge, torch.tensor([0, 1, 2, 2]), region_classes=[[0], [1, 2]])
+    assert out == pytest.approx(
+        {
+            "kl_data_generated": 0.25 * math.log(2),
+            "mean_confidence": (0.95 + 0.6 + 0.85 + 0.92) / 4,
+            "confident_share": 0.5,
+            "class_share/0": 0.5,
+            "class_share/1": 0.25,
+            "class_share/2": 0.25,
+            "region_coverage/0": 1.0,  # class 0: 1 of 4 samples confident >= 0.25 / 3
+            "region_coverage/1": 0.5,  # class 2 yes, class 1 (only 0.85) no
+            "region_coverage/mean": 0.75,
+        },
+        abs=1e-5,
+    )
+    x, real_judge = digits_judge
+    scorer = FidScorer(x[:100], real_judge)
+    source = controlled_judge(2)
+    both = quality(
+        images_with_probs([[0.3, 0.7]] * 3 + [[0.8, 0.2]]), source, [0, 1], source_judge=source
+    )
+    assert both["source_share/0"] == 0.25 and both["source_share/1"] == 0.75
+    assert "fid" not in both
+    with_fid = quality(x[100:200], real_judge, [0, 1], fid_against=scorer)
+    assert with_fid["fid"] == pytest.approx(fid(x[:100], x[100:200], real_judge), rel=1e-9)

@@ -5,12 +5,20 @@ Images are ``[N, 1, H, W]`` in [-1, 1] throughout; :func:`to_pm1` maps a standar
 fedtier data set there.
 """
 
-from fedtier.generative.judge import Judge, cache_dir, to_pm1, train_judge
+from fedtier.generative.judge import (
+    Judge,
+    cache_dir,
+    dataset_judge,
+    resize_images,
+    to_pm1,
+    train_judge,
+)
 from fedtier.generative.metrics import (
     FID_NOTE,
     FidScorer,
     class_coverage,
     fid,
+    quality,
     region_coverage,
     sample_grid,
     source_shares,
@@ -22,8 +30,11 @@ __all__ = [
     "Judge",
     "cache_dir",
     "class_coverage",
+    "dataset_judge",
     "fid",
+    "quality",
     "region_coverage",
+    "resize_images",
     "sample_grid",
     "source_shares",
     "to_pm1",
