@@ -13,8 +13,10 @@ from fedtier.errors import FedtierError
 from fedtier.generative import (
     FID_NOTE,
     FidScorer,
+    Judge,
     class_coverage,
     fid,
+    fid_per_source,
     quality,
     region_coverage,
     sample_grid,
@@ -174,3 +176,22 @@ def test_quality_flattens_every_score(digits_judge):
     assert "fid" not in both
     with_fid = quality(x[100:200], real_judge, [0, 1], fid_against=scorer)
     assert with_fid["fid"] == pytest.approx(fid(x[:100], x[100:200], real_judge), rel=1e-9)
+
+
+def test_fid_per_source_scores_each_sources_share_against_its_own_real_set(digits_judge):
+    x, judge = digits_judge
+    # a 1-pixel "source judge" on 8×8 images: source = whether pixel (0, 0) is bright
+    linear = torch.nn.Linear(64, 2, bias=False).requires_grad_(False)
+    linear.weight.zero_()
+    linear.weight[1, 0] = 100.0  # logit of source 1 = 100 × pixel (0, 0); of source 0: 0
+    source = Judge(torch.nn.Sequential(torch.nn.Flatten(), linear), 2, (1, 8, 8), "t", False, 0.0)
+    dark, bright = x[:150].clone(), x[150:300].clone()
+    dark[:, :, 0, 0], bright[:, :, 0, 0] = -1.0, 1.0
+    fake = torch.cat([bright[:60], dark[:90]])
+    scorers = [FidScorer(dark[100:], judge), FidScorer(bright[100:], judge)]
+    got = fid_per_source(fake, scorers, source)
+    assert got[0] == pytest.approx(fid(dark[100:], dark[:90], judge), rel=1e-9)
+    assert got[1] == pytest.approx(fid(bright[100:], bright[:60], judge), rel=1e-9)
+    assert fid_per_source(dark[:5], scorers, source)[1] is None
+    with pytest.raises(FedtierError, match="2 sources"):
+        fid_per_source(fake, scorers[:1], source)

@@ -178,6 +178,23 @@ def source_shares(fake: torch.Tensor, source_judge: Judge) -> list[float]:
     ).tolist()
 
 
+def fid_per_source(
+    fake: torch.Tensor, scorers: list[FidScorer], source_judge: Judge
+) -> list[float | None]:
+    """FID per source: the generated samples that ``source_judge`` assigns (argmax) to source s
+    against ``scorers[s]`` (a :class:`FidScorer` on source s's real images); None for a source
+    given fewer than 2 samples (FID undefined: a generator that never makes that style)."""
+    if len(scorers) != source_judge.num_classes:
+        raise FedtierError(
+            f"fid_per_source: {len(scorers)} scorers for {source_judge.num_classes} sources"
+        )
+    assigned = _probs(fake, source_judge).argmax(dim=1)
+    return [
+        scorer.score(fake[assigned == s]) if int((assigned == s).sum()) >= 2 else None
+        for s, scorer in enumerate(scorers)
+    ]
+
+
 def sample_grid(
     images: torch.Tensor,
     path: str | Path,
