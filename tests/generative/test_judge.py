@@ -125,3 +125,13 @@ def test_source_judge_of_the_multisource_set():
         dataset_judge(mnist, by="source")
     with pytest.raises(FedtierError, match="'class' or 'source'"):
         dataset_judge(mnist, by="label")
+
+
+def test_unwritable_cache_warns_and_still_returns_the_judge(digits, tmp_path, monkeypatch):
+    x, y, _, _ = digits
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FEDTIER_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="not cached"):
+        judge = train_judge(x[:64], y[:64], seed=0, num_classes=10, epochs=1)
+    assert not judge.cached and judge.probs(x[:3]).shape == (3, 10)

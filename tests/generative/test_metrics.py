@@ -76,16 +76,21 @@ def test_class_coverage_hand_computed():
     fake = images_with_probs(
         [[0.95, 0.03, 0.02], [0.6, 0.3, 0.1], [0.1, 0.85, 0.05], [0.04, 0.04, 0.92]]
     )
-    out = class_coverage(fake, judge, torch.tensor([0, 1, 2, 2]))
+    out = class_coverage(fake, judge, torch.tensor([0, 1, 2, 2, 2]))
     assert out["class_shares"] == pytest.approx([0.5, 0.25, 0.25])
-    assert out["data_shares"] == pytest.approx([0.25, 0.25, 0.5])
-    # KL(p_data || q) = .25 ln(.25/.5) + .25 ln(1) + .5 ln(.5/.25) = .25 ln 2
-    assert out["kl_data_generated"] == pytest.approx(0.25 * math.log(2), abs=1e-5)
+    assert out["data_shares"] == pytest.approx([0.2, 0.2, 0.6])
+    # KL(p_data || q) = .2 ln(.2/.5) + .2 ln(.2/.25) + .6 ln(.6/.25)  (the reverse: 0.295)
+    kl = 0.2 * math.log(0.4) + 0.2 * math.log(0.8) + 0.6 * math.log(2.4)
+    assert out["kl_data_generated"] == pytest.approx(kl, abs=1e-5)
     assert out["mean_confidence"] == pytest.approx((0.95 + 0.6 + 0.85 + 0.92) / 4, abs=1e-6)
     assert out["confident_share"] == pytest.approx(0.5)
     assert out["confident_class_shares"] == pytest.approx([0.25, 0.0, 0.25])
     lenient = class_coverage(fake, judge, torch.tensor([0, 1, 2, 2]), confident=0.8)
     assert lenient["confident_share"] == pytest.approx(0.75)
+    even = class_coverage(
+        images_with_probs([[0.5, 0.5]] * 2), controlled_judge(2), [0, 1], confident=0.5
+    )
+    assert even["confident_share"] == 1.0  # max softmax exactly 0.5: at the threshold counts
 
 
 def test_class_coverage_missing_class_uses_epsilon():

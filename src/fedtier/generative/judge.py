@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,10 @@ def train_judge(
     seconds = time.perf_counter() - start
     judge = Judge(net, num_classes, shape, key, cached=False, train_seconds=seconds)
     if use_cache:
-        _save(path, judge)
+        try:
+            _save(path, judge)
+        except OSError as e:  # a read-only or full cache costs a retrain next time, no more
+            warnings.warn(f"judge not cached at {path}: {e}", stacklevel=2)
     return judge
 
 
