@@ -16,6 +16,7 @@ from fedtier.data.partition import (
     feature_related,
     label_related,
     label_related_transforms,
+    region_classes,
     shards,
     source_related,
 )
@@ -162,6 +163,13 @@ def test_bad_parameters_name_the_config_field(kwargs: dict, field: str) -> None:
         )
     assert err.value.field == field
     assert field in str(err.value)
+
+
+def test_region_classes_are_the_feature_split_groups() -> None:
+    assert region_classes(LABELS, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    parts = feature_related(LABELS, [1, 1, 1], np.random.default_rng(0))
+    for part, group in zip(parts, region_classes(LABELS, 3)):
+        assert sorted(set(LABELS[part].tolist())) == group
 
 
 def test_source_related_gives_region_k_only_source_k() -> None:

@@ -163,9 +163,17 @@ def feature_related(
             len(counts),
             f"at most {len(classes)} (one class group per edge) for data.partition 'feature'",
         )
-    groups = np.array_split(classes, len(counts))
-    regions = [(np.flatnonzero(np.isin(labels, g)), f"classes {g.tolist()}") for g in groups]
+    groups = region_classes(labels, len(counts))
+    regions = [(np.flatnonzero(np.isin(labels, g)), f"classes {g}") for g in groups]
     return _iid_within_regions(regions, counts, rng)
+
+
+def region_classes(labels: np.ndarray, num_regions: int) -> list[list[int]]:
+    """The class group of each region in the feature-related scenario: the sorted classes
+    present in ``labels`` cut into ``num_regions`` contiguous groups (``np.array_split``; for
+    ten classes and three regions: 0-3, 4-6, 7-9). Scores such as
+    ``fedtier.generative.region_coverage`` take this list."""
+    return [g.tolist() for g in np.array_split(np.unique(labels), num_regions)]
 
 
 def label_related(
