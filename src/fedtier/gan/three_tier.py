@@ -460,6 +460,11 @@ def cloud_update(setup: ThreeTierSetup, state: GanState, ages: np.ndarray | None
     return w
 
 
+def reported_losses(state: GanState) -> list[float | None]:
+    """The regions' last L̄_k (None: not reported yet), as logged."""
+    return [None if v < 0 else x for x, v in zip(state.losses, state.versions)]
+
+
 def _record(state: GanState, now: float, region: int | None, ages: np.ndarray) -> None:
     state.history.append(
         {
@@ -467,7 +472,7 @@ def _record(state: GanState, now: float, region: int | None, ages: np.ndarray) -
             "time_s": round(float(now), 6),
             "region": region,
             "weights": list(state.weights),
-            "losses": list(state.losses),
+            "losses": reported_losses(state),
             "ages": [int(a) for a in ages],
         }
     )
@@ -641,7 +646,7 @@ def run_three_tier(
                 "time_s": float(setup.costs.totals["time_s"]),
                 "wall_s": time.perf_counter() - t0,
                 "weights": list(state.weights),
-                "losses": list(state.losses),
+                "losses": reported_losses(state),
                 "stages": reduce_stages(state.stages),
                 "costs": setup.costs.snapshot(),
                 "bytes": tier_bytes(setup.costs.totals),
