@@ -9,7 +9,11 @@ device in region order — so one call trains many devices:
 * ``sequential``: the same functions, one device after another (the reference executor).
 
 Both take a contiguous block of rows (a region, or all regions at once) as a slice, so the
-updates write straight into the stacked state. The discriminator must be a pure function of
+updates write straight into the stacked state. Speed on CPU (benchmarks/bench_gan.py): the
+DCGAN discriminator's work is convolution arithmetic (≈ 3.3 GMAC per device and iteration at
+batch 64), which stacking cannot reduce; vmap turns the stacked convolutions into grouped ones,
+which oneDNN runs slower than nine plain ones, so ``sequential`` is the configured default and
+``vectorised`` is kept for accelerators and tested to agree. The discriminator must be a pure function of
 its parameters and its own batch (no buffers, no BatchNorm): ``fedtier.models``'
 ``dcgan-discriminator`` is.
 """
