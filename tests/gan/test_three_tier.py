@@ -251,3 +251,19 @@ def test_bad_regions() -> None:
         run_three_tier(config(), regions((2, 2, 3)))
     with pytest.raises(FedtierError, match=r"\[-1, 1\]"):
         run_three_tier(config(), [[x * 3 for x in r] for r in regions()])
+
+
+def test_feedback_past_the_deadline_is_dropped() -> None:
+    top = {"costs": {"deadline_s": 1e-6, "stragglers": "drop"}}
+    cfg = config(top=top)
+    result = run_three_tier(cfg, regions())
+    setup = prepare_three_tier(cfg, regions())
+    # no device makes a microsecond: no G_k takes a step (only BatchNorm's running statistics
+    # move, in the train-mode forward passes), every iteration lasts T_max
+    assert result.generator_updates == 0
+    final = setup.layout.views(result.state.g)
+    for name, value in setup.layout.views(setup.layout.flatten(setup.generators[0])).items():
+        if "running" not in name:
+            torch.testing.assert_close(final[name], value)
+    assert result.time_s == pytest.approx(2 * 2 * 1e-6)
+    assert result.costs["dropped"] == 2 * 2 * 6

@@ -172,6 +172,7 @@ class GanState:
     steps: list[int]  # [K] local iterations done per region (keys the random streams)
     phases: list[int]  # [K] local phases done per region
     phase_loss: list[list[float]]  # [K] the current phase's per-iteration L̄ values
+    phase_updates: list[int]  # [K] generator steps of the current phase (feedback arrived)
     version: int = 0  # cloud updates applied (global steps)
     generator_updates: int = 0  # G_k Adam steps whose phase reached the cloud
     pending: list[dict[str, Any]] = field(default_factory=list)  # async: computed phases
@@ -303,6 +304,7 @@ def init_state(setup: ThreeTierSetup) -> GanState:
         steps=[0] * k,
         phases=[0] * k,
         phase_loss=[[] for _ in range(k)],
+        phase_updates=[0] * k,
     )
 
 
@@ -385,6 +387,7 @@ def local_iteration(setup: ThreeTierSetup, state: GanState, regions: list[int]) 
             opt.zero_grad(set_to_none=True)
             fake_g.backward(sent[kept].mean(0).view_as(fake_g))
             opt.step()
+            state.phase_updates[k] += 1
         accumulate(
             state.stages,
             "device",
@@ -428,11 +431,12 @@ def upload_generator(setup: ThreeTierSetup, state: GanState, k: int) -> tuple[to
     return state.start[k] + decoded[0], ctx.payload_bytes.get(k, 4 * delta.numel())
 
 
-def phase_loss(state: GanState, k: int) -> float:
-    """L̄_k of the phase just finished (mean over its iterations of the devices' mean)."""
-    values = state.phase_loss[k]
-    state.phase_loss[k] = []
-    return float(np.mean(values))
+def end_phase(state: GanState, k: int) -> tuple[float, int]:
+    """L̄_k of the phase just finished (mean over its iterations of the devices' mean) and
+    its generator updates (iterations in which some feedback arrived)."""
+    values, updates = state.phase_loss[k], state.phase_updates[k]
+    state.phase_loss[k], state.phase_updates[k] = [], 0
+    return float(np.mean(values)), updates
 
 
 # ------------------------------------------------------------------------------ global phase
@@ -491,11 +495,11 @@ def run_sync(setup: ThreeTierSetup, state: GanState, tick: Callable[[], bool]) -
         up = 0
         for k in k_all:
             state.reported[k], sent = upload_generator(setup, state, k)
-            state.losses[k] = phase_loss(state, k)
+            state.losses[k], updates = end_phase(state, k)
+            state.generator_updates += updates
             up += sent
         state.version += 1
         state.versions = [state.version] * setup.regions
-        state.generator_updates += cfg.gan.i_lo * setup.regions
         cloud_update(setup, state, None)
         down = 4 * state.g.numel() * setup.regions if cfg.gan.aggregate == "parameters" else 0
         setup.costs.cloud_round(setup.regions, up_bytes=up, down_bytes=down)
@@ -518,12 +522,14 @@ def launch(setup: ThreeTierSetup, state: GanState, k: int, now: float) -> None:
     finally:
         setup.costs.ledger = real
     g_k, sent = upload_generator(setup, state, k)
+    loss, updates = end_phase(state, k)
     state.pending.append(
         {
             "time": now + float(scratch.edge_time.get(k, 0.0)),
             "region": k,
             "g": g_k,
-            "loss": phase_loss(state, k),
+            "loss": loss,
+            "updates": updates,
             "bytes": sent,
             "totals": dict(scratch.totals),
             "client_bytes": dict(scratch.client_bytes),
@@ -551,7 +557,7 @@ def run_async(setup: ThreeTierSetup, state: GanState, tick: Callable[[], bool]) 
         state.reported[k], state.losses[k] = event["g"], event["loss"]
         state.version += 1
         state.versions[k] = state.version
-        state.generator_updates += cfg.gan.i_lo
+        state.generator_updates += event["updates"]
         ages = np.array([state.version - v if v >= 0 else 0 for v in state.versions])
         cloud_update(setup, state, ages)
         down = 4 * state.g.numel() if cfg.gan.aggregate == "parameters" else 0
