@@ -267,3 +267,12 @@ def test_feedback_past_the_deadline_is_dropped() -> None:
             torch.testing.assert_close(final[name], value)
     assert result.time_s == pytest.approx(2 * 2 * 1e-6)
     assert result.costs["dropped"] == 2 * 2 * 6
+
+
+def test_sync_stops_after_the_step_that_reaches_the_budget_evaluating_once() -> None:
+    budget = 1.5 * max(_phase_seconds(config()))
+    cfg = config(i_gl=5, top={"schedule": {"time_budget_s": budget}})
+    rounds: list[int] = []
+    result = run_three_tier(cfg, regions(), on_eval=lambda rec, sample: rounds.append(rec["round"]))
+    assert result.global_steps == 2 and rounds == [1, 2]
+    assert result.time_s >= budget

@@ -644,7 +644,12 @@ def run_three_tier(
     def sampler(n: int, seed: int) -> torch.Tensor:
         return sample(setup, state, n, seed)
 
+    evaluated = [-1]
+
     def evaluate() -> None:
+        if evaluated[0] == state.version:  # the budget ended the run at an evaluation
+            return
+        evaluated[0] = state.version
         if on_eval is not None:
             record = {
                 "round": state.version,
