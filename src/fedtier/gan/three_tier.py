@@ -36,7 +36,10 @@ The run stops after I_gl global steps (async: I_gl · K reports) or at
 ``schedule.time_budget_s`` of simulated time (sync: after the step that reaches it; async:
 reports after the budget are not applied). The Adam states of G_k stay on the edge across
 global steps (documented choice); the discriminators and their Adam states stay on the
-devices for the whole run.
+devices for the whole run. Downlinks (samples, the global G) are fp32; the codecs act on the
+uplinks. Samples for evaluation come from G in eval mode (BatchNorm's running statistics,
+averaged with the rest of the state). Everything runs on the CPU (``train.device`` is not
+used by this arm).
 """
 
 from __future__ import annotations
