@@ -3,6 +3,8 @@
     PYTHONPATH=src python benchmarks/bench.py                      # both presets, 10 rounds
     PYTHONPATH=src python benchmarks/bench.py --rounds 20 --qat --population
     PYTHONPATH=src python benchmarks/bench.py --presets bench-small-mnist --no-flower
+    PYTHONPATH=src python benchmarks/bench.py --presets bench-fedavg-mnist --rounds 20 \
+        --precision bf16 fp32 --no-flower --no-loop     # mixed precision, where the CPU has it
 
 Every column runs in its own fresh process, one after another, so peak memory (the
 process's maximum resident set) and thread settings do not leak between columns. The
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from fedtier.config import Config, load_config
 from fedtier.data import ArrayDataset, load_dataset
 from fedtier.experiment import prepare_arm, split_clients
+from fedtier.local.precision import BF16_CPU_FLAGS, bf16_units, cpu_flags
 from fedtier.local.select import close_executor
 from fedtier.models import build_model
 from fedtier.rounds import run_rounds
@@ -351,10 +354,21 @@ def describe_machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    flags = sorted(cpu_flags().intersection({"avx2", "avx512f", *BF16_CPU_FLAGS}))
     return (
-        f"{cpu}, {mp.cpu_count()} cores visible, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads by default), Python {platform.python_version()}"
+        f"{cpu} (flags: {', '.join(flags) or 'none listed'}), {mp.cpu_count()} cores visible, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads by default), "
+        f"Python {platform.python_version()}"
     )
+
+
+def precisions_here(wanted: list[str]) -> list[str]:
+    """``wanted`` without bf16 when this CPU has no bf16 units (said once, with why)."""
+    ok, why = bf16_units("cpu")
+    if "bf16" in wanted and not ok:
+        print(f"bf16 columns skipped: {why}")
+        return [p for p in wanted if p != "bf16"]
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,6 +380,13 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=["auto"],
         help="fedtier columns: train.executor values (auto, sequential, vectorised, dense, processes)",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="fedtier columns: train.precision values (the first is the reference)",
     )
     p.add_argument("--no-flower", action="store_true", help="skip the Flower column")
     p.add_argument("--no-loop", action="store_true", help="skip the hand-written loop column")
@@ -379,14 +400,20 @@ def main(argv: list[str] | None = None) -> None:
     flower = not args.no_flower and flower_available()
     if not args.no_flower and not flower:
         print('Flower column skipped: flwr[simulation] is not installed (pip install ".[bench]")')
+    precisions = precisions_here(args.precision)
     for preset in args.presets:
         cfg = bench_config(preset, args.rounds)
         columns: dict[str, Result] = {}
         for ex in args.executors:
-            r = in_fresh_process(
-                run_fedtier, bench_config(preset, args.rounds, [f"train.executor={ex}"])
-            )
-            columns[f"fedtier ({ex}: {r.get('executor', '?')})"] = r
+            for prec in precisions:
+                r = in_fresh_process(
+                    run_fedtier,
+                    bench_config(
+                        preset, args.rounds, [f"train.executor={ex}", f"train.precision={prec}"]
+                    ),
+                )
+                label = f", {prec}" if len(args.precision) > 1 else ""
+                columns[f"fedtier ({ex}: {r.get('executor', '?')}{label})"] = r
         if not args.no_loop:
             columns["hand-written loop"] = in_fresh_process(run_hand_loop, cfg)
         if flower:
@@ -397,11 +424,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg = bench_config("bench-fedavg-mnist", args.rounds, extra)
         columns = {}
         for ex in args.executors:
-            r = in_fresh_process(
-                run_fedtier,
-                bench_config("bench-fedavg-mnist", args.rounds, [*extra, f"train.executor={ex}"]),
-            )
-            columns[f"fedtier QAT ({ex}: {r.get('executor', '?')})"] = r
+            for prec in precisions:
+                more = [*extra, f"train.executor={ex}", f"train.precision={prec}"]
+                r = in_fresh_process(
+                    run_fedtier, bench_config("bench-fedavg-mnist", args.rounds, more)
+                )
+                label = f", {prec}" if len(args.precision) > 1 else ""
+                columns[f"fedtier QAT ({ex}: {r.get('executor', '?')}{label})"] = r
         columns["hand-written QAT loop"] = in_fresh_process(run_hand_loop, cfg)
         compare(
             f"QAT B={{8, 4}}, bench-fedavg-mnist, {args.rounds} rounds",

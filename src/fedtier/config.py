@@ -214,6 +214,9 @@ class TrainConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # client training's forward/backward: fp32, bf16 autocast (master weights, aggregation,
+    # quantizers and evaluation stay fp32), or auto = bf16 where the CPU/GPU has bf16 units
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     task: TaskConfig = ClassificationTaskConfig(name="classification")
     executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice

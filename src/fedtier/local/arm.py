@@ -17,6 +17,7 @@ from torch import nn
 from fedtier.config import Config, dp_mechanism
 from fedtier.data import ArrayDataset
 from fedtier.local.jobs import ClientJob, JobContext, run_job
+from fedtier.local.precision import resolve_precision
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
 from fedtier.tasks import Batch, ClientTask, LocalConfig
@@ -120,9 +121,16 @@ def job_context(setup: ArmSetup, channels_last: bool = False) -> JobContext:
 
 
 def local_config(cfg: Config) -> LocalConfig:
-    """The local-training settings of ``cfg.train``."""
+    """The local-training settings of ``cfg.train`` (``auto`` precision resolved for the
+    device the run trains on)."""
     t = cfg.train
-    return LocalConfig(t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+    device = (
+        "cuda"
+        if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    precision = resolve_precision(t.precision, device)
+    return LocalConfig(t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay, precision)
 
 
 def client_start(setup: ArmSetup, w: torch.Tensor, client: int) -> torch.Tensor:
