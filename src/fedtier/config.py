@@ -218,7 +218,7 @@ class TrainConfig(Section):
     # quantizers and evaluation stay fp32), or auto = bf16 where the CPU/GPU has bf16 units
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     task: TaskConfig = ClassificationTaskConfig(name="classification")
-    executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
+    executor: Literal["auto", "sequential", "vectorised", "dense", "processes", "ray"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice
     )
     # how the processes executor starts its workers: fork (shares the parent's memory
@@ -604,6 +604,26 @@ class CostConfig(Section):
         return self
 
 
+class RayConfig(Section):
+    """The Ray executor (``train.executor: ray``, fedtier.local.distributed; the ``ray`` extra)."""
+
+    # an existing cluster ("auto", "10.0.0.1:6379", "ray://head:10001"); None: start a local
+    # Ray in this process (once, reused by every arm) with num_cpus CPUs
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0)  # CPUs of the local Ray; None: this machine's cores
+    max_retries: int = Field(3, ge=0)  # reruns of a client job whose worker process died
+
+    @model_validator(mode="after")
+    def _check(self) -> RayConfig:
+        if self.address is not None and self.num_cpus is not None:
+            raise _fail(
+                "num_cpus",
+                self.num_cpus,
+                "null when ray.address is set (a cluster brings its own CPUs)",
+            )
+        return self
+
+
 class ScheduleConfig(Section):
     """Training schedule on the simulated clock (fedtier.schedules)."""
 
@@ -669,6 +689,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     costs: CostConfig = CostConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    ray: RayConfig = RayConfig()  # where train.executor 'ray' runs the client jobs
     upload: list[StageConfig] = Field(default_factory=list)  # client→edge stages, in order
     attack: AttackConfig = NoAttack(kind="none")
     trigger: TriggerConfig = TriggerConfig()  # the backdoor trigger (attacks and eval.asr)

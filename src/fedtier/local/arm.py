@@ -20,7 +20,7 @@ from fedtier.local.jobs import ClientJob, JobContext, run_job
 from fedtier.local.precision import resolve_precision
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
-from fedtier.tasks import Batch, ClientTask, LocalConfig
+from fedtier.tasks import Batch, ClientTask, LocalConfig, client_batch
 from fedtier.topology import RoundPlan, Topology, plan_round
 from fedtier.upload.chain import Chain
 
@@ -112,6 +112,20 @@ def client_job(
     it starts from :func:`client_start`; ``data`` None refers to the client's samples by id."""
     start = client_start(setup, w, client)
     return ClientJob(client, step, setup.cfg.seed, start, local_config(setup.cfg), data)
+
+
+def client_jobs(
+    setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int, by_id: bool
+) -> list[ClientJob]:
+    """The jobs of ``clients`` from w [P], in ``clients`` order, for workers away from this
+    process: ``by_id`` when the workers hold the arm's client data (jobs refer to their
+    samples by client id), else each job carries its client's samples."""
+    return [
+        client_job(
+            setup, w, c, step, None if by_id else client_batch(setup.task, *setup.client_data(c))
+        )
+        for c in clients
+    ]
 
 
 def job_context(setup: ArmSetup, channels_last: bool = False) -> JobContext:
