@@ -1,10 +1,12 @@
 """Run a fedtier experiment under Flower's simulation engine, one Flower node per client.
 
     python examples/flower/simulate.py bench-fedavg-mnist --set train.rounds=10 eval.every=10
+    python examples/flower/simulate.py bench-fedavg-mnist --set train.rounds=10 --compare
 
 prints fedtier's evaluation records (accuracy per bit width) as the Flower run makes them.
-Beside it, ``fedtier run`` on the same config gives the same clients, the same local
-training and the same aggregation, hence the same accuracy.
+``fedtier run`` on the same config trains the same clients with the same local training and
+aggregates them the same way, hence reaches the same accuracy; ``--compare`` runs it too
+(in this process, after the Flower run) and prints both final accuracies.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from typing import Any
 
 from fedtier.config import Config, load_config
@@ -41,9 +44,40 @@ def main() -> None:
     p.add_argument("config", help="a preset name or a YAML file")
     p.add_argument("--set", nargs="*", default=[], help="dotted overrides, e.g. train.rounds=10")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the simulation's Ray")
+    p.add_argument("--compare", action="store_true", help="also run fedtier itself")
     args = p.parse_args()
-    for record in simulate(load_config(args.config, args.set), args.cpus):
+    cfg = load_config(args.config, args.set)
+    start = time.perf_counter()
+    flower = simulate(cfg, args.cpus)
+    flower_s = time.perf_counter() - start
+    for record in flower:
         print(json.dumps({"round": record["round"], "bits": record["bits"]}))
+    if args.compare:
+        start = time.perf_counter()
+        own = fedtier_run(cfg)
+        own_s = time.perf_counter() - start
+        a, b = (r[-1]["bits"]["32"]["accuracy"] for r in (flower, own))
+        print(
+            f"final fp32 accuracy after {cfg.train.rounds} rounds: Flower simulation {100 * a:.2f}% "
+            f"({flower_s:.0f} s), fedtier run {100 * b:.2f}% ({own_s:.0f} s); "
+            f"difference {100 * (a - b):+.2f} points"
+        )
+
+
+def fedtier_run(cfg: Config) -> list[dict[str, Any]]:
+    """The evaluation records of fedtier's own run of ``cfg`` (its executor as configured)."""
+    from fedtier.data import load_dataset
+    from fedtier.experiment import prepare_arm
+    from fedtier.local.select import close_executor
+    from fedtier.rounds import run_rounds
+
+    records: list[dict[str, Any]] = []
+    setup = prepare_arm(cfg, load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed))
+    try:
+        run_rounds(setup, records.append)
+    finally:
+        close_executor(setup)
+    return records
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from fedtier.data import load_dataset
 from fedtier.errors import ConfigError, FedtierError
 from fedtier.experiment import prepare_arm
 from fedtier.interop.flower import TierStrategy, config_from_run, flat_config
-from fedtier.rounds import run_rounds
 from tests.conftest import tiny_config
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "flower" / "simulate.py"
@@ -42,10 +41,7 @@ def quiet_flower():
 
 def fedtier_run(cfg):
     """``fedtier run``'s evaluation records for ``cfg`` (the sequential executor)."""
-    records = []
-    setup = prepare_arm(flat_config(cfg), load_dataset(cfg.data.dataset, seed=cfg.seed))
-    run_rounds(setup, records.append)
-    return records
+    return example.fedtier_run(flat_config(cfg))
 
 
 def assert_same_run(flower, fedtier):

@@ -28,11 +28,13 @@ import logging
 import os
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import fedtier
 from fedtier.data import ClientData
 from fedtier.errors import FedtierError
 from fedtier.local.arm import ArmSetup, client_delta, client_jobs, job_context
@@ -57,14 +59,19 @@ def import_ray() -> Any:
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     """Ray, connected: reuses a Ray this process is already connected to, else starts a
-    local one with ``num_cpus`` CPUs (None: the cores this process may use) or connects to
-    the cluster at ``address``. Returns the ``ray`` module."""
+    local one with ``num_cpus`` CPUs (None: the cores this process may use), or connects to
+    the cluster at ``address`` and sends it this process's fedtier package (Ray's
+    ``runtime_env`` ``py_modules``), so every node runs the same code. Returns ``ray``."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    options: dict[str, Any] = {"logging_level": logging.WARNING}
     if address is None:
-        options["num_cpus"] = num_cpus or available_workers()
+        options.update(num_cpus=num_cpus or available_workers(), include_dashboard=False)
+    else:
+        # the cluster's workers run this process's fedtier, sent with the job: the nodes
+        # need Ray, torch and fedtier's dependencies, not the same fedtier installed
+        options["runtime_env"] = {"py_modules": [str(Path(fedtier.__file__).parent)]}
     with warnings.catch_warnings():  # Ray's notice about future GPU-visibility defaults
         warnings.simplefilter("ignore", FutureWarning)
         try:
