@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import ray
 import torch
 
 from fedtier.cli import main
@@ -20,8 +21,6 @@ from fedtier.local.select import close_executor
 from fedtier.rounds import run_rounds
 from tests.conftest import tiny_config
 from tests.local.dying_task import DiesOnce
-
-ray = pytest.importorskip("ray")
 
 DIGITS = load_dataset("digits")
 FEDBN_CNN = {"train.batch_size": 8, "model.batchnorm": "local", "train.epochs": 2}

@@ -168,9 +168,15 @@ class RayExecutor:
         self._holder: list[Any] | None = None  # [the context's reference in the store]
         self._key = ""
         self._data: object = None  # the client data in the stored context (None: none)
+        self._session = ""  # the Ray session the context was put in
 
     def _start(self, setup: ArmSetup) -> None:
         ray = connect(self.address, self.num_cpus)
+        context = ray.get_runtime_context()
+        session = f"{context.gcs_address}/{context.get_job_id()}"
+        if session != self._session:  # Ray was shut down and started again since the last put
+            self._holder = None
+        self._session = session
         if self._holder is None:
             channels_last = self.channels_last
             if channels_last is None:
@@ -233,7 +239,16 @@ class RayExecutor:
             )
             for i in largest_first
         }
-        results = ray.get([refs[i] for i in range(len(jobs))])
+        try:
+            results = ray.get([refs[i] for i in range(len(jobs))])
+        except ray.exceptions.RayTaskError as e:
+            if "failed to import on the worker" not in str(e):
+                raise  # the training itself failed: not a setup problem
+            raise FedtierError(
+                "train.executor 'ray': the Ray workers cannot import fedtier's job code "
+                f"({str(e).strip().splitlines()[-1]}); every node needs Ray, torch and "
+                "fedtier's dependencies in the same versions as this process"
+            ) from None
         return torch.stack(
             [
                 client_delta(setup, j.client, j.start, torch.from_numpy(_writable(r.state)))
