@@ -124,18 +124,24 @@ def config_from_run(context: Context) -> Config:
     return load_config(str(run["fedtier-config"]), overrides)
 
 
-_arms: dict[str, ArmSetup] = {}  # per process: the arm of the config it was built from
+def build_arm(cfg: Config) -> ArmSetup:
+    """The arm of ``cfg`` for Flower (:func:`flat_config`: one arm, the sequential executor)."""
+    cfg = flat_config(cfg)
+    return prepare_arm(cfg, load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed))
+
+
+_arms: dict[str, ArmSetup] = {}  # per node process: the arm of the config it was built from
 
 
 def arm_of(cfg: Config) -> ArmSetup:
-    """The arm of ``cfg`` (flat, sequential executor), built once per process."""
+    """A node's arm of ``cfg``, built once per process (a node's jobs load their start
+    state into its model, so nothing carries over from one message to the next)."""
     key = repr(to_dict(cfg))
     if key not in _arms:
-        cfg = flat_config(cfg)
         for setup in _arms.values():
             close_executor(setup)
         _arms.clear()
-        _arms[key] = prepare_arm(cfg, load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed))
+        _arms[key] = build_arm(cfg)
     return _arms[key]
 
 
@@ -403,7 +409,7 @@ def server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         experiment = cfg if cfg is not None else config_from_run(context)
-        setup = arm_of(experiment)
+        setup = build_arm(experiment)  # fresh: its model starts from the initial state
         strategy = TierStrategy(setup)
         rounds, every = setup.cfg.train.rounds, setup.cfg.eval.every
 
