@@ -71,7 +71,7 @@ def test_krum_runs_as_a_flower_strategy():
             "train.rounds": 1,
         }
     )
-    flower = example.simulate(cfg, num_cpus=2)
+    flower = example.simulate(cfg, num_cpus=1)
     assert flower[-1]["stages"]["edge/rejected"] == 8
     assert_same_run(flower, fedtier_run(cfg))
 

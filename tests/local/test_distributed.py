@@ -131,3 +131,9 @@ def test_ray_settings_are_checked_by_the_config():
         tiny_config(**{"ray": {"address": "10.0.0.1:6379", "num_cpus": 4}})
     with pytest.raises(ConfigError, match="train.executor"):
         tiny_config(**{"train.executor": "rays"})
+
+
+def test_an_address_where_nothing_listens_fails_at_once_naming_the_field():
+    with pytest.raises(FedtierError, match=r"ray.address '127.0.0.1:1': nothing answers"):
+        distributed._check_reachable("127.0.0.1:1", timeout_s=2.0)
+    distributed._check_reachable("auto")  # Ray's own discovery: not checked here

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import socket
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +66,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     ray = import_ray()
     if ray.is_initialized():
         return ray
+    if address is not None:
+        _check_reachable(address)
     options: dict[str, Any] = {"logging_level": logging.WARNING}
     if address is None:
         options.update(num_cpus=num_cpus or available_workers(), include_dashboard=False)
@@ -84,6 +87,23 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
                 "for a local Ray"
             ) from None
     return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, naming ``ray.address``, when nothing listens at its host and port (Ray
+    itself retries an unreachable address for minutes). "auto" is Ray's to resolve."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise FedtierError(
+            f"ray.address '{address}': nothing answers at {host}:{port} ({e}); start the "
+            "cluster's head with `ray start --head` and use the address it prints, or leave "
+            "ray.address null for a local Ray"
+        ) from None
 
 
 def shutdown() -> None:
@@ -148,8 +168,9 @@ class RayExecutor:
 
     ``address`` / ``num_cpus``: where Ray runs (:func:`connect`); ``max_retries``: reruns of
     a job whose worker died; ``channels_last`` as in the process executor (default: for
-    models without BatchNorm). Constructing it checks that Ray is installed; Ray itself
-    starts on the first call. ``close()`` releases the run's objects in the store (Ray
+    models without BatchNorm). Constructing it connects to Ray (:func:`connect`: once per
+    process), so a missing extra or a wrong address fails before a run starts. ``close()``
+    releases the run's objects in the store (Ray
     keeps running for the next run of the process).
     """
 
@@ -160,8 +181,8 @@ class RayExecutor:
         max_retries: int = 3,
         channels_last: bool | None = None,
     ) -> None:
-        import_ray()
         self.address, self.num_cpus = address, num_cpus
+        connect(address, num_cpus)  # now, so a wrong address fails before the run starts
         self.max_retries = max_retries
         self.channels_last = channels_last
         self._task: Any = None
