@@ -170,8 +170,7 @@ class RayExecutor:
     a job whose worker died; ``channels_last`` as in the process executor (default: for
     models without BatchNorm). Constructing it connects to Ray (:func:`connect`: once per
     process), so a missing extra or a wrong address fails before a run starts. ``close()``
-    releases the run's objects in the store (Ray
-    keeps running for the next run of the process).
+    releases the run's objects in the store (Ray keeps running for the process's next run).
     """
 
     def __init__(
@@ -193,8 +192,8 @@ class RayExecutor:
 
     def _start(self, setup: ArmSetup) -> None:
         ray = connect(self.address, self.num_cpus)
-        context = ray.get_runtime_context()
-        session = f"{context.gcs_address}/{context.get_job_id()}"
+        runtime = ray.get_runtime_context()
+        session = f"{runtime.gcs_address}/{runtime.get_job_id()}"
         if session != self._session:  # Ray was shut down and started again since the last put
             self._holder = None
         self._session = session
