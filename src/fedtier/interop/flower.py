@@ -118,7 +118,8 @@ def config_from_run(context: Context) -> Config:
     if "fedtier-config" not in run:
         raise FedtierError(
             "the Flower run config has no 'fedtier-config' (a preset name or a YAML path); "
-            'set it in pyproject.toml [tool.flwr.app.config] or with --run-config "fedtier-config=..."'
+            "set it in pyproject.toml [tool.flwr.app.config] or with "
+            '--run-config "fedtier-config=..."'
         )
     overrides = [s.strip() for s in str(run.get("fedtier-set", "")).split(";") if s.strip()]
     return load_config(str(run["fedtier-config"]), overrides)
@@ -256,9 +257,11 @@ class TierStrategy(Strategy):
     """fedtier's edge and cloud tiers as a Flower ``Strategy`` over the arm ``setup`` (see
     the module docstring). Like ``fedtier run``, it checks the rules' preconditions on the
     topology's row counts when it is made (a :class:`fedtier.errors.ConfigError` naming the
-    rule), and again on the rows of every aggregation. ``state`` is the run's state (default: the arm's initial one);
-    after every round ``state.w`` is the global state [P] and ``state.stages`` holds the
-    stage metrics since the last :meth:`take_stages`."""
+    rule), and again on the rows of every aggregation. ``state`` is the run's state
+    (default: the arm's initial one); after every round ``state.w`` is the global state [P]
+    and ``state.stages`` holds the stage metrics since the last :meth:`take_stages`. The
+    upload chain's metrics arrive per client (each device runs the chain on its own row), so
+    a metric averaged over an edge's rows is averaged over clients here."""
 
     def __init__(self, setup: ArmSetup, state: RunState | None = None) -> None:
         flat_config(setup.cfg)  # refuses what Flower's flat rounds cannot run
