@@ -6,13 +6,21 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from fedtier.config import load_config
 from fedtier.data import load_dataset
 from fedtier.errors import ConfigError, FedtierError
 from fedtier.experiment import prepare_arm
-from fedtier.interop.flower import TierStrategy, config_from_run, flat_config
+from fedtier.interop.flower import (
+    STATE_KEY,
+    TierStrategy,
+    config_from_run,
+    device_update,
+    flat_config,
+)
+from fedtier.local.arm import train_sequential
 from tests.conftest import tiny_config
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "flower" / "simulate.py"
@@ -113,3 +121,20 @@ def test_the_run_config_names_the_experiment():
     assert cfg.name == "bench-fedavg-mnist" and cfg.train.rounds == 3 and cfg.seed == 4
     with pytest.raises(FedtierError, match="fedtier-config"):
         config_from_run(context({}))
+
+
+def test_a_node_keeps_its_fedbn_state_in_its_flower_context():
+    """FedBN: a device's BatchNorm state survives from one message to the next only through
+    the node's Context.state (the node's process is cleared in between), and the device's
+    deltas equal fedtier's sequential executor's, which keeps that state in the arm."""
+    cfg = flat_config(tiny_config(**{"model.batchnorm": "local", "aggregate.edge_rounds": 1}))
+    node, reference = prepare_arm(cfg, DIGITS), prepare_arm(cfg, DIGITS)
+    w = reference.layout.flatten(reference.model)
+    kept = RecordDict()
+    for step in (0, 1):
+        delta, metrics = device_update(node, w, 5, 0, step, kept)
+        node.local_state.clear()  # another node's message may come next to this process
+        assert torch.equal(delta, train_sequential(reference, w, [5], step)[0])
+    assert STATE_KEY in kept and metrics["num-examples"] == reference.topology.num_samples[5]
+    forgetful, _ = device_update(node, w, 5, 0, 1, RecordDict())
+    assert not torch.equal(forgetful, delta)
