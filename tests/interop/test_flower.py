@@ -106,6 +106,8 @@ def test_flat_rounds_refuse_what_flower_cannot_run():
         flat_config(tiny_config(**{"aggregate.edge_rounds": 2}))
     with pytest.raises(ConfigError, match="arms"):
         flat_config(tiny_config(**{"aggregate.edge_rounds": 1, "arms": {"a": {}, "b": {}}}))
+    with pytest.raises(ConfigError, match="aggregate.secure"):
+        flat_config(tiny_config(**{"aggregate.edge_rounds": 1, "aggregate.secure": "secagg"}))
     assert flat_config(tiny_config(**{"aggregate.edge_rounds": 1})).train.executor == "sequential"
 
 

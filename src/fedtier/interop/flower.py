@@ -92,7 +92,7 @@ STATE_KEY = "fedtier"  # the node's Context.state entry: what the device keeps b
 
 def flat_config(cfg: Config, executor: str = "sequential") -> Config:
     """``cfg`` checked for Flower's flat rounds (one arm, one edge round per cloud round,
-    the synchronous schedule), with ``train.executor`` set to ``executor`` (a node trains one
+    the synchronous schedule, no simulated secure aggregation), with ``train.executor`` set to ``executor`` (a node trains one
     client: no worker pool)."""
     arms = cfg.arm_configs()
     if len(arms) != 1:
@@ -106,6 +106,14 @@ def flat_config(cfg: Config, executor: str = "sequential") -> Config:
         )
     if cfg.schedule.name != "sync":
         raise ConfigError("schedule.name", cfg.schedule.name, "'sync' under Flower")
+    if cfg.aggregate.secure is not None:
+        raise ConfigError(
+            "aggregate.secure",
+            cfg.aggregate.secure.name,
+            "null under Flower (fedtier simulates the clients' masking inside its edge step, "
+            "which runs on the Flower server: it would hide nothing; use Flower's own "
+            "SecAgg+ mods)",
+        )
     d = to_dict(cfg)
     d["train"]["executor"] = executor
     return from_dict(d)
