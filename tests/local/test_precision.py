@@ -29,6 +29,8 @@ def test_auto_is_bf16_only_with_bf16_units_and_says_why_once(monkeypatch, caplog
     assert precision.resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     monkeypatch.setattr(messages, "_said", set())
+    # records reach caplog even after the CLI's show_log() stopped "fedtier" propagating
+    monkeypatch.setattr(logging.getLogger("fedtier"), "propagate", True)
     with caplog.at_level(logging.WARNING, logger="fedtier"):
         assert precision.resolve_precision("auto", "cpu") == "fp32"
         assert precision.resolve_precision("auto", "cpu") == "fp32"
