@@ -273,9 +273,13 @@ def test_a_failed_edge_leaves_the_cloud_the_other(digits):
 
 def test_all_edges_failed_keeps_the_model_and_is_recorded(tmp_path, digits):
     cfg = faulty(**{"faults.edge_failure": 2})
-    evals, _ = run_dir(cfg, tmp_path)
+    evals, summary = run_dir(cfg, tmp_path)
     assert total(evals, "cloud/faults/failed_edges") == 2 * ROUNDS
     assert total(evals, "cloud/faults/no_update_rounds") == ROUNDS
+    assert summary["arms"]["main"]["faults"] == {
+        "cloud/faults/failed_edges": 2.0 * ROUNDS,
+        "cloud/faults/no_update_rounds": 1.0 * ROUNDS,
+    }
     assert [e for e in events(evals) if e.get("no_update")] == [
         {"round": t, "no_update": True} for t in range(ROUNDS)
     ]

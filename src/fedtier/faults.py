@@ -45,6 +45,14 @@ declare_stage_metrics(
 )
 
 
+def add_faults(total: dict[str, float], stages: dict[str, float]) -> None:
+    """Add an evaluation record's fault counts (``edge/faults/…``, ``cloud/faults/…``) to a
+    run's totals (the arm's ``faults`` in summary.json)."""
+    for key, v in stages.items():
+        if "/faults/" in key:
+            total[key] = total.get(key, 0.0) + v
+
+
 def pick(rate: float, ids: list[int], seed: int, stage: str, t: int, group: int) -> list[bool]:
     """Which of ``ids`` a fault of ``rate`` hits in round ``t``: each independently with
     probability ``rate`` (< 1; the stream ``stage`` at (t, id), so an id's draw does not depend
