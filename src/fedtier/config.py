@@ -694,6 +694,44 @@ class GanConfig(Section):
     executor: Literal["sequential", "vectorised"] = "sequential"
 
 
+class FaultsConfig(Section):
+    """Injected faults (fedtier.faults), each drawn from its own seeded stream and counted in
+    the metrics (``edge/faults/…``, ``cloud/faults/…``); none stops a run. The edge's validation
+    screen (finite, of the model's length, L2 norm ≤ ``max_norm``) runs on every upload of
+    every synchronous run, injected or not."""
+
+    # sampled clients that drop out before uploading: each with this probability (< 1), or
+    # this many of each edge's sampled clients per cloud round (>= 1)
+    dropout: float = Field(0.0, ge=0)
+    nan: float = Field(0.0, ge=0, le=1)  # share of uploads that arrive with a NaN entry
+    inf: float = Field(0.0, ge=0, le=1)  # share of uploads that arrive with an ±Inf entry
+    wrong_shape: float = Field(0.0, ge=0, le=1)  # share of uploads one entry short
+    huge_norm: float = Field(0.0, ge=0, le=1)  # share of uploads rescaled to ‖Δ‖₂ = absurd_norm
+    absurd_norm: float = Field(1e12, gt=0)  # the L2 norm of a huge-norm upload
+    # edges that fail for a cloud round (train no one, send nothing): each with this
+    # probability (< 1), or this many of the sampled edges per round (>= 1)
+    edge_failure: float = Field(0.0, ge=0)
+    max_norm: float = Field(1e6, gt=0)  # the screen rejects uploads with a larger L2 norm
+
+    @model_validator(mode="after")
+    def _check(self) -> FaultsConfig:
+        _whole_or_fraction(self.dropout, "dropout")
+        _whole_or_fraction(self.edge_failure, "edge_failure")
+        shares = self.nan + self.inf + self.wrong_shape + self.huge_norm
+        if shares > 1:
+            raise _fail(
+                "nan", self.nan, f"shares nan + inf + wrong_shape + huge_norm <= 1 (got {shares})"
+            )
+        return self
+
+    def injects(self) -> bool:
+        """True when any fault is injected (the screen's threshold alone injects nothing)."""
+        return any(v > 0 for k, v in self.model_dump().items() if k not in INERT_FAULT_FIELDS)
+
+
+INERT_FAULT_FIELDS = frozenset({"absurd_norm", "max_norm"})  # settings, not faults
+
+
 class Config(Section):
     name: str = "run"
     seed: int = Field(0, ge=0)
@@ -712,6 +750,7 @@ class Config(Section):
     trigger: TriggerConfig = TriggerConfig()  # the backdoor trigger (attacks and eval.asr)
     defenses: list[DefenseConfig] = Field(default_factory=list)  # screens and post-steps, in order
     gan: GanConfig = GanConfig()  # the three-tier GAN (fedtier.gan; used by GAN arms only)
+    faults: FaultsConfig = FaultsConfig()  # injected faults and the edge's validation screen
     arms: dict[str, dict[str, Any]] = Field(default_factory=dict)  # arm → dotted overrides
 
     @model_validator(mode="after")
@@ -749,6 +788,13 @@ class Config(Section):
                 "round of Poisson-sampled clients; the asynchronous and gossip schedules are not)",
             )
         self._check_secure()
+        if self.faults.injects() and self.schedule.name != "sync":
+            raise _fail(
+                "schedule.name",
+                self.schedule.name,
+                "'sync' with injected faults (faults are injected and screened in the "
+                "synchronous edge and cloud steps)",
+            )
         seen: set[str] = set()
         for i, d in enumerate(self.defenses):
             if d.name in seen:

@@ -21,6 +21,7 @@ from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
 from fedtier.errors import FedtierError
+from fedtier.faults import add_faults
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
@@ -402,11 +403,13 @@ def run_arm(
         torch.set_rng_state(progress["torch_rng"])
     start = time.perf_counter() - run["wall_s"]
     last, rejections = run["last"], run["rejections"]
+    faults = run.setdefault("faults", {})  # absent in checkpoints before fedtier.faults
 
     def on_eval(record: dict[str, Any]) -> None:
         record = {"arm": arm, **record, "wall_s": round(time.perf_counter() - start, 3)}
         add_rejections(rejections, record["stages"])
         add_secure(run.setdefault("secure", {}), record["stages"])
+        add_faults(faults, record["stages"])
         privacy = privacy_record(setup, record["round"])
         if privacy is not None:
             record["privacy"] = privacy
@@ -459,6 +462,8 @@ def run_arm(
         extra["rejections"] = rejections
     if run.get("secure"):
         extra["secure"] = run["secure"]
+    if any(faults.values()):
+        extra["faults"] = {k: v for k, v in faults.items() if v}
     if "privacy" in last:
         extra["privacy"] = last["privacy"]
     if initial_model is not None:
