@@ -200,7 +200,23 @@ class DiffusionTestTaskConfig(Component):
     name: Literal["diffusion-test"]  # DDPM ε-prediction on unlabelled data (tasks.diffusion)
 
 
-TaskVariant = ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig
+class GanTaskConfig(Component):
+    """An unconditional GAN (seed 001, SPEC §7), trained by one of three methods with the
+    models, optimiser and iteration counts of the ``gan`` section: every method takes gan.i_gl
+    global rounds of gan.i_lo generator updates, with batches of gan.batch_size (train.rounds,
+    train.batch_size and train.lr are not used by GAN arms)."""
+
+    name: Literal["gan"]
+    # three-tier: device D_kj, edge G_k, cloud G (fedtier.gan); fedavg: every device trains G
+    # and D, both averaged through edge and cloud (FedGAN); central: one GAN on all the data
+    method: Literal["three-tier", "fedavg", "central"] = "three-tier"
+    fid_samples: int = Field(1000, ge=2)  # generated samples per FID evaluation (eval.every)
+    final_samples: int = Field(10000, ge=2)  # samples of the final coverage metrics
+
+
+TaskVariant = (
+    ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig | GanTaskConfig
+)
 TaskConfig = Annotated[TaskVariant, Field(discriminator="name"), _bare_name("name", TaskVariant)]
 
 
@@ -667,6 +683,8 @@ class Config(Section):
                 f"'sync' with {private[0]} (differential privacy is accounted per synchronous "
                 "round of Poisson-sampled clients; the asynchronous and gossip schedules are not)",
             )
+        if isinstance(self.train.task, GanTaskConfig):
+            _check_gan(self)
         seen: set[str] = set()
         for i, d in enumerate(self.defenses):
             if d.name in seen:
@@ -690,6 +708,68 @@ class Config(Section):
                 set_dotted(d, str(key), value, field_prefix=prefix)
             out[arm] = from_dict(d, prefix=prefix)
         return out
+
+
+# attacks that act on a trained update only (no labels, no trigger): they apply to any task
+UPDATE_ATTACKS = ("none", "sign-flip", "scaled", "gaussian")
+
+
+def _check_gan(cfg: Config) -> None:
+    """What cannot apply to a GAN task (train.task: gan) is refused with both names: attacks
+    that train on labels or stamp a trigger, backdoor evaluation, QAT's multi-bit loss,
+    qcheck's classification screen; and for the three-tier method, which trains at the edge
+    and weights regions by their scores, any edge or cloud rule other than the mean, any
+    attack, and the classification schedules (its own sync/async is gan.update)."""
+    task = cfg.train.task
+    assert isinstance(task, GanTaskConfig)
+    gan = f"train.task 'gan' (method '{task.method}')"
+    if cfg.attack.kind not in UPDATE_ATTACKS:
+        raise _fail(
+            "attack.kind",
+            cfg.attack.kind,
+            f"one of {list(UPDATE_ATTACKS)} with {gan}: attack '{cfg.attack.kind}' trains on "
+            "labels or stamps a trigger, which an unconditional GAN has no use for",
+        )
+    if cfg.eval.asr:
+        raise _fail("eval.asr", True, f"false with {gan} (a GAN has no backdoor to measure)")
+    if cfg.quant.qat:
+        raise _fail(
+            "quant.qat", True, f"false with {gan} (QAFed's multi-bit loss is a classifier's)"
+        )
+    for i, d in enumerate(cfg.defenses):
+        if d.name == "qcheck":
+            raise _fail(
+                f"defenses[{i}].name",
+                d.name,
+                f"global-clip or server-noise with {gan} (qcheck screens classifiers' "
+                "updates on a labelled clean set)",
+            )
+    if task.method != "three-tier":
+        return
+    for tier in ("edge_rule", "cloud_rule"):
+        rule = getattr(cfg.aggregate, tier).name
+        if rule != "mean":
+            raise _fail(
+                f"aggregate.{tier}",
+                rule,
+                f"'mean' with {gan}: "
+                + (
+                    "its edges train the community generator from the devices' feedback "
+                    "instead of aggregating device models"
+                    if tier == "edge_rule"
+                    else "its cloud weights regions by softmax over their scores"
+                ),
+            )
+    if cfg.attack.kind != "none":
+        raise _fail("attack.kind", cfg.attack.kind, f"'none' with {gan}")
+    if cfg.defenses:
+        raise _fail("defenses", [d.name for d in cfg.defenses], f"[] with {gan}")
+    if cfg.schedule.name != "sync":
+        raise _fail(
+            "schedule.name",
+            cfg.schedule.name,
+            f"'sync' with {gan}; its asynchronous global phase is gan.update: async",
+        )
 
 
 # the components that arms and --set may switch by their name: path → (discriminator, variants)
