@@ -196,12 +196,20 @@ class CostModel:
             free[b] = finish[j]
         return finish
 
-    def cloud_round(self, edges: int, clock: bool = True) -> None:
-        """Close a cloud round: edge↔cloud traffic (fp32) and, with ``clock``, the round's
-        simulated time."""
+    def cloud_round(
+        self,
+        edges: int,
+        clock: bool = True,
+        up_bytes: float | None = None,
+        down_bytes: float | None = None,
+    ) -> None:
+        """Close a cloud round: edge↔cloud traffic (fp32 of the global model per edge, unless
+        ``up_bytes`` / ``down_bytes`` give the round's totals, e.g. encoded generator uploads)
+        and, with ``clock``, the round's simulated time."""
         t = self.totals
-        t["bytes_edge_cloud"] += 4.0 * self.param_count * edges
-        t["bytes_cloud_edge"] += 4.0 * self.param_count * edges
+        fp32 = 4.0 * self.param_count * edges
+        t["bytes_edge_cloud"] += fp32 if up_bytes is None else float(up_bytes)
+        t["bytes_cloud_edge"] += fp32 if down_bytes is None else float(down_bytes)
         if not clock:
             return
         t["time_s"] += max(self.ledger.edge_time.values(), default=0.0)  # edges run in parallel
@@ -211,12 +219,15 @@ class CostModel:
         self.ledger.edge_time.clear()
         self.ledger.edge_time_max.clear()
 
-    def relay(self, now: float) -> None:
-        """Asynchronous schedules: an edge relays one update to the cloud (fp32) and the
-        cloud's new model back; the clock is the event time ``now``."""
+    def relay(
+        self, now: float, up_bytes: float | None = None, down_bytes: float | None = None
+    ) -> None:
+        """Asynchronous schedules: an edge relays one update to the cloud (fp32, or
+        ``up_bytes``) and the cloud's new model back (fp32, or ``down_bytes``); the clock is
+        the event time ``now``."""
         t = self.totals
-        t["bytes_edge_cloud"] += 4.0 * self.param_count
-        t["bytes_cloud_edge"] += 4.0 * self.param_count
+        t["bytes_edge_cloud"] += 4.0 * self.param_count if up_bytes is None else float(up_bytes)
+        t["bytes_cloud_edge"] += 4.0 * self.param_count if down_bytes is None else float(down_bytes)
         t["time_s"] = now
         self.ledger.edge_time.clear()
         self.ledger.edge_time_max.clear()
