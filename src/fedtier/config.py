@@ -715,11 +715,10 @@ UPDATE_ATTACKS = ("none", "sign-flip", "scaled", "gaussian")
 
 
 def _check_gan(cfg: Config) -> None:
-    """What cannot apply to a GAN task (train.task: gan) is refused with both names: attacks
+    """What cannot apply to any GAN arm (train.task: gan) is refused with both names: attacks
     that train on labels or stamp a trigger, backdoor evaluation, QAT's multi-bit loss,
-    qcheck's classification screen; and for the three-tier method, which trains at the edge
-    and weights regions by their scores, any edge or cloud rule other than the mean, any
-    attack, and the classification schedules (its own sync/async is gan.update)."""
+    qcheck's classification screen. The three-tier method's own refusals (rules, codecs,
+    schedules) are fedtier.gan.check_three_tier's, run when the arm is prepared."""
     task = cfg.train.task
     assert isinstance(task, GanTaskConfig)
     gan = f"train.task 'gan' (method '{task.method}')"
@@ -744,32 +743,6 @@ def _check_gan(cfg: Config) -> None:
                 f"global-clip or server-noise with {gan} (qcheck screens classifiers' "
                 "updates on a labelled clean set)",
             )
-    if task.method != "three-tier":
-        return
-    for tier in ("edge_rule", "cloud_rule"):
-        rule = getattr(cfg.aggregate, tier).name
-        if rule != "mean":
-            raise _fail(
-                f"aggregate.{tier}",
-                rule,
-                f"'mean' with {gan}: "
-                + (
-                    "its edges train the community generator from the devices' feedback "
-                    "instead of aggregating device models"
-                    if tier == "edge_rule"
-                    else "its cloud weights regions by softmax over their scores"
-                ),
-            )
-    if cfg.attack.kind != "none":
-        raise _fail("attack.kind", cfg.attack.kind, f"'none' with {gan}")
-    if cfg.defenses:
-        raise _fail("defenses", [d.name for d in cfg.defenses], f"[] with {gan}")
-    if cfg.schedule.name != "sync":
-        raise _fail(
-            "schedule.name",
-            cfg.schedule.name,
-            f"'sync' with {gan}; its asynchronous global phase is gan.update: async",
-        )
 
 
 # the components that arms and --set may switch by their name: path → (discriminator, variants)

@@ -14,6 +14,7 @@ Images are mapped to [-1, 1] (the generator's tanh range) before anything trains
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -27,6 +28,8 @@ from fedtier.config import Config, GanTaskConfig
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, ClientData
 from fedtier.data.partition import apply_domain
+from fedtier.gan import check_three_tier, run_three_tier
+from fedtier.gan.three_tier import Sampler, ThreeTierResult
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.metrics import MetricSpec
@@ -34,10 +37,10 @@ from fedtier.models import build_model
 from fedtier.quant import QuantSpec
 from fedtier.results import RunWriter
 from fedtier.schedules import run_schedule
-from fedtier.seeding import torch_generator
+from fedtier.seeding import derive_seed, torch_generator
 from fedtier.state import StateLayout
 from fedtier.tasks.gan import GAN_GROUPS, GanPair, GanTask, latent_size, sample, train_central
-from fedtier.topology import Topology
+from fedtier.topology import Topology, plan_round
 from fedtier.upload import build_chain
 
 if TYPE_CHECKING:  # fedtier.generative (torchmetrics) loads when a GAN arm is scored
@@ -98,7 +101,7 @@ def gan_task(cfg: Config) -> GanTask:
         betas=(g.beta1, g.beta2),
         minimax=g.generator_loss == "minimax",
         eval_samples=gan_task_config(cfg).fid_samples,
-        eval_seed=cfg.seed,
+        eval_seed=eval_seed(cfg.seed),
     )
 
 
@@ -140,10 +143,20 @@ def prepare_gan_arm(
         spec=QuantSpec(cfg.quant.quantizer, cfg.quant.params),
         target_bits=[32],
         upload=build_chain(cfg.upload),
-        costs=CostModel(cfg.costs, topology, cfg.train.epochs, layout.size),
+        costs=CostModel(cfg.costs, gan_compute(cfg, topology), 1, layout.size),
     )
+    if gan_task_config(cfg).method == "three-tier":
+        check_three_tier(cfg)  # before the run directory is made (preflight)
     setup.executor_name = select_executor(setup)
     return setup
+
+
+def gan_compute(cfg: Config, topology: Topology) -> Topology:
+    """The topology the cost model prices a FedAvg-GAN round with: each device computes
+    gan.i_lo iterations of 3B sample passes (B real and B generated for D's step, B
+    generated for G's), as a three-tier device does per local phase (fedtier.gan)."""
+    passes = 3 * cfg.gan.batch_size * cfg.gan.i_lo
+    return dataclasses.replace(topology, num_samples=np.full(topology.num_clients, passes))
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -286,10 +299,14 @@ def run_gan_arm(
     last: dict[str, Any] = {}
 
     def on_eval(record: dict[str, Any]) -> None:
+        rounds = round_equivalents(cfg, record["round"])
         record = {
             "arm": arm,
             **record,
-            "generator_updates": record["round"] * cfg.gan.i_lo,
+            "generator_updates": rounds * cfg.gan.i_lo,
+            "generator_updates_all": record.get(
+                "generator_updates_all", rounds * cfg.gan.i_lo * parallel_generators(setup)
+            ),
             "wall_s": round(time.perf_counter() - start, 3),
         }
         writer.log(record)
@@ -307,6 +324,7 @@ def run_gan_arm(
     )
     pair = setup.model
     assert isinstance(pair, GanPair)
+    three: ThreeTierResult | None = None
     try:
         if task_cfg.method == "fedavg":
             w = run_schedule(setup, on_eval, on_round=on_round)
@@ -314,14 +332,23 @@ def run_gan_arm(
         elif task_cfg.method == "central":
             run_central(setup, union.x, on_eval, on_round)
         else:
-            raise NotImplementedError("three-tier")
+            three = run_three_tier(
+                cfg, device_regions(setup), on_eval=three_tier_eval(setup, on_eval, on_round)
+            )
+            if three.generator is not None:  # parameter aggregation: one global G
+                pair.generator.load_state_dict(three.generator.state_dict())
     finally:
         close_executor(setup)
     wall = time.perf_counter() - start
-    save_model(
-        writer.out, arm, dict(pair.state_dict()), setup.test.input_shape, setup.test.num_classes
-    )
-    samples = final_samples(pair, task_cfg.final_samples, cfg.seed)
+    if three is None or three.generator is not None:
+        state = dict(pair.state_dict())
+        if three is not None:  # the three-tier GAN's discriminators stay on the devices
+            state = {k: v for k, v in state.items() if k.startswith("generator.")}
+        save_model(writer.out, arm, state, setup.test.input_shape, setup.test.num_classes)
+    if three is not None:
+        samples = three.sample(task_cfg.final_samples, final_seed(cfg.seed))
+    else:
+        samples = final_samples(pair, task_cfg.final_samples, cfg.seed)
     entry: dict[str, Any] = {
         "method": task_cfg.method,
         "metrics": last.get("bits", {}),
@@ -336,7 +363,90 @@ def run_gan_arm(
     }
     if "costs" in last:
         entry["costs"] = last["costs"]
+    if three is not None:
+        entry["weights"] = [h["weights"] for h in three.history]
+        entry["losses"] = [h["losses"] for h in three.history]
+        entry["time_s"] = three.time_s
+        entry["global_steps"] = three.global_steps
     return entry
+
+
+def device_regions(setup: ArmSetup) -> list[list[torch.Tensor]]:
+    """Region k → device j → its images [n, C, H, W] in [-1, 1] (the three-tier GAN's data,
+    devices numbered region by region as the arm's topology has them)."""
+    return [
+        [setup.client_data(c)[0] for c in clients.tolist()]
+        for clients in setup.topology.edge_clients
+    ]
+
+
+def three_tier_eval(
+    setup: ArmSetup,
+    on_eval: Callable[[dict[str, Any]], None],
+    on_round: Callable[[int], None],
+) -> Callable[[dict[str, Any], Sampler], None]:
+    """The three-tier run's evaluation callback: the scorer's metrics of fid_samples samples
+    of the global generator (z from the run's evaluation stream, as the other arms' are) in
+    a record shaped like the round loop's, plus the region weights and losses; the progress
+    bar advances to the record's round."""
+    cfg = setup.cfg
+    task = setup.task
+    assert isinstance(task, GanTask) and task.scorer is not None
+    scorer = task.scorer
+    done = [0]
+
+    def on_three(record: dict[str, Any], sampler: Sampler) -> None:
+        samples = sampler(task.eval_samples, eval_seed(cfg.seed))
+        on_eval(
+            {
+                "round": record["round"],
+                "bits": {"32": scorer(samples)},
+                "generator_updates_all": record["generator_updates"],
+                "costs": record["costs"],
+                "bytes": record["bytes"],
+                "weights": record["weights"],
+                "losses": record["losses"],
+            }
+        )
+        rounds = round_equivalents(cfg, record["round"])
+        while done[0] < rounds:
+            on_round(done[0])
+            done[0] += 1
+
+    return on_three
+
+
+def round_equivalents(cfg: Config, cloud_updates: int) -> float:
+    """Global rounds that ``cloud_updates`` amount to: one per update, but K reports make a
+    round under the three-tier GAN's asynchronous global phase."""
+    if gan_task_config(cfg).method == "three-tier" and cfg.gan.update == "async":
+        return cloud_updates / cfg.topology.edges
+    return float(cloud_updates)
+
+
+def parallel_generators(setup: ArmSetup) -> int:
+    """Generator copies that take each update in parallel: every device's under FedAvg, one
+    central, one per region for the three-tier GAN."""
+    method = gan_task_config(setup.cfg).method
+    if method == "fedavg":
+        return len(plan_clients(setup))
+    return 1 if method == "central" else setup.topology.num_edges
+
+
+def plan_clients(setup: ArmSetup) -> list[int]:
+    """The clients FedAvg trains in a round (round 0's plan; every round samples as many)."""
+    cfg = setup.cfg
+    return plan_round(setup.topology, cfg.topology, cfg.seed, 0).clients
+
+
+def eval_seed(seed: int) -> int:
+    """The seed of the evaluation samples' z (one stream for every arm and evaluation)."""
+    return derive_seed(seed, "gan-eval")
+
+
+def final_seed(seed: int) -> int:
+    """The seed of the final samples' z (one stream for every arm)."""
+    return derive_seed(seed, "gan-final")
 
 
 def task_record(task: GanTask) -> dict[str, Any]:
@@ -378,6 +488,6 @@ def run_central(
 
 def final_samples(pair: GanPair, n: int, seed: int) -> torch.Tensor:
     """The n samples [n, C, H, W] every arm's final metrics are computed on (G in eval mode,
-    z from the stream ``(seed, "gan-final")``, the same for every arm)."""
+    z from the stream ``(final_seed(seed), "gan-sample")``, the same for every arm)."""
     pair.eval()
-    return sample(pair, n, torch_generator(seed, "gan-final"))
+    return sample(pair, n, torch_generator(final_seed(seed), "gan-sample"))

@@ -170,10 +170,10 @@ class GanTask:
     the batch size the executor passes), with the minimax generator loss if ``minimax``.
 
     Evaluation (:meth:`evaluate`): the discriminator's loss and accuracy on ``data`` (real)
-    against as many generated samples, the generator's loss, and — with a ``scorer`` — the
-    scorer's metrics of ``eval_samples`` generated samples (FID against the data, class
-    coverage…). The noise of every evaluation comes from one fixed stream
-    (``torch_generator(eval_seed, "gan-eval")``), so all evaluations and arms see the same z.
+    against as many generated samples (z from ``(eval_seed, "gan-eval-d")``), the generator's
+    loss, and — with a ``scorer`` — the scorer's metrics of ``eval_samples`` generated samples
+    (FID against the data, class coverage…) with z from ``(eval_seed, "gan-sample")``: the
+    same z at every evaluation and in every arm (fedtier.gan's sampler draws it so too).
     """
 
     local_steps: int = 10
@@ -237,9 +237,7 @@ class GanTask:
         pair = _pair(model)
         pair.eval()
         device = device_of(pair)
-        rng = torch_generator(self.eval_seed, "gan-eval")
-        n = max(len(data), self.eval_samples if self.scorer is not None else 0)
-        fake = sample(pair, n, rng, batch_size)
+        fake = sample(pair, len(data), torch_generator(self.eval_seed, "gan-eval-d"), batch_size)
         d_real, d_fake, total_d, total_g = 0, 0, 0.0, 0.0
         for i in range(0, len(data), batch_size):
             real = data.x[i : i + batch_size].to(device)
@@ -261,17 +259,18 @@ class GanTask:
             "d_accuracy": (d_real + d_fake) / (2 * m),
         }
         if self.scorer is not None:
-            out.update(self.scorer(fake[: self.eval_samples]))
+            rng = torch_generator(self.eval_seed, "gan-sample")
+            out.update(self.scorer(sample(pair, self.eval_samples, rng, batch_size)))
         return out
 
 
 @torch.no_grad()
 def sample(pair: GanPair, n: int, rng: torch.Generator, batch_size: int = 1000) -> torch.Tensor:
-    """n samples [n, C, H, W] of the generator (in its current mode), z drawn from ``rng``
-    batch after batch; returned on the CPU."""
-    out = []
-    for i in range(0, n, batch_size):
-        out.append(pair.generator(pair.noise(min(batch_size, n - i), rng)).cpu())
+    """n samples [n, C, H, W] of the generator (in its current mode) from z = N(0, I)
+    [n, z_dim] drawn from ``rng`` at once (as fedtier.gan's sampler draws it, so both give
+    the same z for the same stream), run through G in chunks; returned on the CPU."""
+    z = torch.randn(n, pair.z_dim, generator=rng)
+    out = [pair.generator(c.to(device_of(pair))).cpu() for c in z.split(batch_size)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
