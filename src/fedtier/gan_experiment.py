@@ -355,6 +355,7 @@ def run_gan_arm(
         "task": task_record(setup.task),
         "rounds": cfg.train.rounds,
         "generator_updates": last.get("generator_updates", 0),
+        "generator_updates_all": last.get("generator_updates_all", 0),
         "wall_s": round(wall, 3),
         "target_bits": [32],
         "rule": cfg.aggregate.rule,

@@ -565,7 +565,7 @@ def gan_section(summary: dict[str, Any]) -> str:
         "",
         f"{first['samples']} samples per arm (the same z for every arm). {first['fid_note']}",
         "",
-        "| arm | method | generator updates | FID | KL (nats) | mean confidence "
+        "| arm | method | generator updates (all copies) | FID | KL (nats) | mean confidence "
         "| region coverage | wall time (s) | FID ≤ 1.5× central | KL ≤ central + 0.1 "
         "| confidence ≥ central − 0.1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -584,7 +584,8 @@ def gan_section(summary: dict[str, Any]) -> str:
                 ),
             ]
         out.append(
-            f"| {n} | {a.get('method', '–')} | {a.get('generator_updates', '–')} "
+            f"| {n} | {a.get('method', '–')} | {_count(a.get('generator_updates'))} "
+            f"({_count(a.get('generator_updates_all'))}) "
             f"| {g['fid']:.1f} | {g['kl']:.3f} | {g['confidence']:.3f} | {cov} "
             f"| {a.get('wall_s', 0):.1f} | " + " | ".join(checks) + " |"
         )
@@ -664,6 +665,10 @@ def gan_section(summary: dict[str, Any]) -> str:
             last_w = " / ".join(f"{v:.3f}" for v in w[-1])
             out.append(f"| {n} | {first_w} | {last_w} | {min(flat):.3f}–{max(flat):.3f} |")
     return "\n".join(out)
+
+
+def _count(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
 
 
 def _yes(ok: bool, detail: str) -> str:
