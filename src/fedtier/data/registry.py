@@ -9,6 +9,7 @@ from fedtier.data.cifar import load_cifar10, load_cifar100
 from fedtier.data.embedded import load_digits, load_mnist5k
 from fedtier.data.gtsrb import load_gtsrb
 from fedtier.data.idx import load_fashion_mnist, load_mnist
+from fedtier.data.multisource import load_multisource_mnist
 from fedtier.data.svhn import load_svhn
 from fedtier.errors import UnknownNameError
 
@@ -18,6 +19,7 @@ Loader = Callable[[str | None], tuple[ArrayDataset, ArrayDataset]]
 _LOADERS: dict[str, Loader] = {
     "mnist5k": lambda root: load_mnist5k(),
     "digits": lambda root: load_digits(),
+    "multisource-mnist": lambda root: load_multisource_mnist(),
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
@@ -37,7 +39,8 @@ def load_dataset(
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """Load data set ``name`` as ``(train, test)``.
 
-    ``mnist5k`` and ``digits`` ship with installed packages; the others are read from their
+    ``mnist5k``, ``digits`` and ``multisource-mnist`` (built from those two) ship with
+    installed packages; the others are read from their
     standard files under ``root`` (``data.root``), and a :class:`~fedtier.errors.DataError`
     says which files are expected and where to get them. Every split is fixed, so all runs
     share one test set whatever ``seed`` is; ``seed`` is part of the signature so that callers
