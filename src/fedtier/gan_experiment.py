@@ -214,7 +214,7 @@ def build_scoring(setup: ArmSetup, union: ArrayDataset, sources: np.ndarray) -> 
     scorer = JudgeScorer(judge, FidScorer(union.x, judge), union.y)
     regions = sorted(set(sources.tolist()))
     region_classes = [sorted(set(union.y[sources == r].tolist())) for r in regions]
-    if cfg.data.partition != "label" or len(regions) < 2:
+    if cfg.data.partition not in ("label", "source") or len(regions) < 2:
         return Scoring(scorer, region_classes)
     source_labels = torch.from_numpy(sources).long()
     source_judge = train_judge(union.x, source_labels, seed=cfg.seed, num_classes=len(regions))
@@ -353,7 +353,7 @@ def run_gan_arm(
         "method": task_cfg.method,
         "metrics": last.get("bits", {}),
         "task": task_record(setup.task),
-        "rounds": cfg.train.rounds,
+        "rounds": round_equivalents(cfg, last.get("round", 0)),  # done (a time budget may stop it)
         "generator_updates": last.get("generator_updates", 0),
         "generator_updates_all": last.get("generator_updates_all", 0),
         "wall_s": round(wall, 3),
