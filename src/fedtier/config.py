@@ -214,6 +214,9 @@ class GanTaskConfig(Component):
     method: Literal["three-tier", "fedavg", "central"] = "three-tier"
     fid_samples: int = Field(1000, ge=2)  # generated samples per FID evaluation (eval.every)
     final_samples: int = Field(10000, ge=2)  # samples of the final coverage metrics
+    judge_epochs: int = Field(
+        5, gt=0
+    )  # training epochs of the in-house judges (fedtier.generative)
 
 
 TaskVariant = (

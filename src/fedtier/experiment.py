@@ -20,7 +20,13 @@ from fedtier.config import Config, to_dict
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
 from fedtier.errors import FedtierError
-from fedtier.gan_experiment import gan_arm_config, is_gan, prepare_gan_arm, run_gan_arm
+from fedtier.gan_experiment import (
+    check_gan_arm,
+    gan_arm_config,
+    is_gan,
+    prepare_gan_arm,
+    run_gan_arm,
+)
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
@@ -248,6 +254,7 @@ def run_experiment(
     """
     arms = {name: gan_arm_config(acfg) for name, acfg in cfg.arm_configs().items()}
     for acfg in arms.values():
+        check_gan_arm(acfg)
         check_rule_config(acfg)  # robust rules' preconditions on the row counts, before training
     checkpoint = load_checkpoint(out) if resume else None
     if checkpoint is not None and checkpoint["config"] != to_dict(cfg):

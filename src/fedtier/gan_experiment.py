@@ -80,6 +80,14 @@ def to_unit_range(x: torch.Tensor, reference: ArrayDataset) -> torch.Tensor:
     return ((x - lo) / (hi - lo) * 2 - 1).clamp_(-1, 1)
 
 
+def check_gan_arm(cfg: Config) -> None:
+    """Refuse, before any data is loaded, what cannot apply to a GAN arm's method: the
+    three-tier GAN's rules, codecs, attacks and schedules (fedtier.gan.check_three_tier);
+    what no GAN arm can take is refused when the config is read (fedtier.config)."""
+    if is_gan(cfg) and gan_task_config(cfg).method == "three-tier":
+        check_three_tier(cfg)
+
+
 def build_pair(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> GanPair:
     """G and D of the ``gan`` section (G's factory gets z_dim), seeded by cfg.seed."""
     g = cfg.gan
@@ -145,8 +153,7 @@ def prepare_gan_arm(
         upload=build_chain(cfg.upload),
         costs=CostModel(cfg.costs, gan_compute(cfg, topology), 1, layout.size),
     )
-    if gan_task_config(cfg).method == "three-tier":
-        check_three_tier(cfg)  # before the run directory is made (preflight)
+
     setup.executor_name = select_executor(setup)
     return setup
 
@@ -210,14 +217,19 @@ def build_scoring(setup: ArmSetup, union: ArrayDataset, sources: np.ndarray) -> 
     from fedtier.generative import FidScorer, train_judge
 
     cfg = setup.cfg
-    judge = train_judge(union.x, union.y, seed=cfg.seed, num_classes=union.num_classes)
+    epochs = gan_task_config(cfg).judge_epochs
+    judge = train_judge(
+        union.x, union.y, seed=cfg.seed, num_classes=union.num_classes, epochs=epochs
+    )
     scorer = JudgeScorer(judge, FidScorer(union.x, judge), union.y)
     regions = sorted(set(sources.tolist()))
     region_classes = [sorted(set(union.y[sources == r].tolist())) for r in regions]
     if cfg.data.partition not in ("label", "source") or len(regions) < 2:
         return Scoring(scorer, region_classes)
     source_labels = torch.from_numpy(sources).long()
-    source_judge = train_judge(union.x, source_labels, seed=cfg.seed, num_classes=len(regions))
+    source_judge = train_judge(
+        union.x, source_labels, seed=cfg.seed, num_classes=len(regions), epochs=epochs
+    )
     per_source = [FidScorer(union.x[sources == r], judge) for r in regions]
     return Scoring(scorer, region_classes, source_judge, per_source)
 
