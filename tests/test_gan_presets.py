@@ -81,7 +81,7 @@ def test_feature_preset_runs_every_arm_with_equal_generator_updates(tmp_path, ca
     assert "FID ≤ 1.5× central" in printed
 
 
-def test_label_preset_reports_sources_and_reruns_identically(tmp_path):
+def test_label_preset_reports_sources(tmp_path):
     summary = _run("fedgan-label-mnist", tmp_path / "a")
     arms = summary["arms"]
     assert list(arms) == ["three-tier", "three-tier-async", "fedavg-gan", "central"]
@@ -92,10 +92,16 @@ def test_label_preset_reports_sources_and_reruns_identically(tmp_path):
         assert g["region_classes"] == [list(range(10))] * 3  # every source holds every digit
     report = (tmp_path / "a" / "report.md").read_text()
     assert "each ≥ 10%" in report
-    again = _run("fedgan-label-mnist", tmp_path / "b")
-    for name in arms:
-        for key in ("gan", "metrics", "costs", "generator_updates"):
-            assert again["arms"][name].get(key) == arms[name].get(key), (name, key)
+
+
+def test_a_gan_run_reruns_identically(tmp_path):
+    arms = "arms={three-tier: {train.task.method: three-tier}, f: {train.task.method: fedavg}}"
+    extra = ("data.dataset=digits", arms)
+    first = _run("fedgan-feature-mnist", tmp_path / "a", extra)
+    again = _run("fedgan-feature-mnist", tmp_path / "b", extra)
+    for name, arm in first["arms"].items():
+        for key in ("gan", "metrics", "costs", "generator_updates", "weights"):
+            assert again["arms"][name].get(key) == arm.get(key), (name, key)
 
 
 def _refused(argv: list[str], capsys) -> str:

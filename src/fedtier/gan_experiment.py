@@ -214,14 +214,14 @@ class Scoring:
 def build_scoring(setup: ArmSetup, union: ArrayDataset, sources: np.ndarray) -> Scoring:
     """Train (or load from fedtier.generative's cache) the judges on the clients' data
     ``union`` (x in [-1, 1]) with ``sources`` [N] the region each sample comes from."""
-    from fedtier.generative import FidScorer, train_judge
+    from fedtier.generative import train_judge
 
     cfg = setup.cfg
     epochs = gan_task_config(cfg).judge_epochs
     judge = train_judge(
         union.x, union.y, seed=cfg.seed, num_classes=union.num_classes, epochs=epochs
     )
-    scorer = JudgeScorer(judge, FidScorer(union.x, judge), union.y)
+    scorer = JudgeScorer(judge, real_fid(judge, union.x, (judge.key,)), union.y)
     regions = sorted(set(sources.tolist()))
     region_classes = [sorted(set(union.y[sources == r].tolist())) for r in regions]
     if cfg.data.partition not in ("label", "source") or len(regions) < 2:
@@ -230,8 +230,27 @@ def build_scoring(setup: ArmSetup, union: ArrayDataset, sources: np.ndarray) -> 
     source_judge = train_judge(
         union.x, source_labels, seed=cfg.seed, num_classes=len(regions), epochs=epochs
     )
-    per_source = [FidScorer(union.x[sources == r], judge) for r in regions]
+    per_source = [
+        real_fid(judge, union.x[sources == r], (judge.key, source_judge.key, r)) for r in regions
+    ]
     return Scoring(scorer, region_classes, source_judge, per_source)
+
+
+# (judge key, subset) → FidScorer: a pure memo (its real features are a function of the judge
+# and the images its key hashes), so every arm of a run reuses them instead of recomputing
+_REAL_FID: dict[tuple[Any, ...], FidScorer] = {}
+
+
+def real_fid(judge: Judge, real: torch.Tensor, key: tuple[Any, ...]) -> FidScorer:
+    """A :class:`fedtier.generative.FidScorer` of ``real`` [N, C, H, W] on ``judge``'s
+    features, computed once per ``key`` (the judges' cache keys hash the images)."""
+    from fedtier.generative import FidScorer
+
+    if key not in _REAL_FID:
+        if len(_REAL_FID) >= 16:
+            _REAL_FID.clear()
+        _REAL_FID[key] = FidScorer(real, judge)
+    return _REAL_FID[key]
 
 
 def union_of_clients(setup: ArmSetup) -> tuple[ArrayDataset, np.ndarray]:
