@@ -202,7 +202,26 @@ class DiffusionTestTaskConfig(Component):
     name: Literal["diffusion-test"]  # DDPM ε-prediction on unlabelled data (tasks.diffusion)
 
 
-TaskVariant = ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig
+class GanTaskConfig(Component):
+    """An unconditional GAN (seed 001, SPEC §7), trained by one of three methods with the
+    models, optimiser and iteration counts of the ``gan`` section: every method takes gan.i_gl
+    global rounds of gan.i_lo generator updates, with batches of gan.batch_size (train.rounds,
+    train.batch_size and train.lr are not used by GAN arms)."""
+
+    name: Literal["gan"]
+    # three-tier: device D_kj, edge G_k, cloud G (fedtier.gan); fedavg: every device trains G
+    # and D, both averaged through edge and cloud (FedGAN); central: one GAN on all the data
+    method: Literal["three-tier", "fedavg", "central"] = "three-tier"
+    fid_samples: int = Field(1000, ge=2)  # generated samples per FID evaluation (eval.every)
+    final_samples: int = Field(10000, ge=2)  # samples of the final coverage metrics
+    judge_epochs: int = Field(
+        5, gt=0
+    )  # training epochs of the in-house judges (fedtier.generative)
+
+
+TaskVariant = (
+    ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig | GanTaskConfig
+)
 TaskConfig = Annotated[TaskVariant, Field(discriminator="name"), _bare_name("name", TaskVariant)]
 
 
@@ -795,6 +814,8 @@ class Config(Section):
                 "'sync' with injected faults (faults are injected and screened in the "
                 "synchronous edge and cloud steps)",
             )
+        if isinstance(self.train.task, GanTaskConfig):
+            _check_gan(self)
         seen: set[str] = set()
         for i, d in enumerate(self.defenses):
             if d.name in seen:
@@ -850,6 +871,41 @@ class Config(Section):
                 set_dotted(d, str(key), value, field_prefix=prefix)
             out[arm] = from_dict(d, prefix=prefix)
         return out
+
+
+# attacks that act on a trained update only (no labels, no trigger): they apply to any task
+UPDATE_ATTACKS = ("none", "sign-flip", "scaled", "gaussian")
+
+
+def _check_gan(cfg: Config) -> None:
+    """What cannot apply to any GAN arm (train.task: gan) is refused with both names: attacks
+    that train on labels or stamp a trigger, backdoor evaluation, QAT's multi-bit loss,
+    qcheck's classification screen. The three-tier method's own refusals (rules, codecs,
+    schedules) are fedtier.gan.check_three_tier's, run when the arm is prepared."""
+    task = cfg.train.task
+    assert isinstance(task, GanTaskConfig)
+    gan = f"train.task 'gan' (method '{task.method}')"
+    if cfg.attack.kind not in UPDATE_ATTACKS:
+        raise _fail(
+            "attack.kind",
+            cfg.attack.kind,
+            f"one of {list(UPDATE_ATTACKS)} with {gan}: attack '{cfg.attack.kind}' trains on "
+            "labels or stamps a trigger, which an unconditional GAN has no use for",
+        )
+    if cfg.eval.asr:
+        raise _fail("eval.asr", True, f"false with {gan} (a GAN has no backdoor to measure)")
+    if cfg.quant.qat:
+        raise _fail(
+            "quant.qat", True, f"false with {gan} (QAFed's multi-bit loss is a classifier's)"
+        )
+    for i, d in enumerate(cfg.defenses):
+        if d.name == "qcheck":
+            raise _fail(
+                f"defenses[{i}].name",
+                d.name,
+                f"global-clip or server-noise with {gan} (qcheck screens classifiers' "
+                "updates on a labelled clean set)",
+            )
 
 
 # the components that arms and --set may switch by their name: path → (discriminator, variants)

@@ -22,6 +22,13 @@ from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
 from fedtier.errors import FedtierError
 from fedtier.faults import add_faults
+from fedtier.gan_experiment import (
+    check_gan_arm,
+    gan_arm_config,
+    is_gan,
+    prepare_gan_arm,
+    run_gan_arm,
+)
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
@@ -128,12 +135,14 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
     parts, edge_of_client = split_clients(cfg, train)
     sizes = np.array([len(p) for p in parts])
     topology: Topology = build_topology(cfg.topology, sizes, cfg.seed, edge_of_client)
+    device = resolve_device(cfg.train.device)
+    if is_gan(cfg):
+        return prepare_gan_arm(cfg, train, test, topology, parts, edge_of_client, device)
     election: dict[str, Any] | None = None
     if cfg.quant.bits is not None:
         target_bits = sorted(cfg.quant.bits, reverse=True)
     else:
         target_bits, election = elect_bits(topology, cfg.quant.elect_top)
-    device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     model = build_model(
         cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options
@@ -252,8 +261,9 @@ def run_experiment(
     kept, the arm in progress continues from its last checkpointed evaluation) and gives the
     summary and final models an uninterrupted run gives.
     """
-    arms = cfg.arm_configs()
+    arms = {name: gan_arm_config(acfg) for name, acfg in cfg.arm_configs().items()}
     for acfg in arms.values():
+        check_gan_arm(acfg)
         check_rule_config(acfg)  # robust rules' preconditions on the row counts, before training
     checkpoint = load_checkpoint(out) if resume else None
     if checkpoint is not None and checkpoint["config"] != to_dict(cfg):
@@ -377,6 +387,8 @@ def run_arm(
         bar.update(1)
 
     setup = prepare_arm(cfg, data)
+    if is_gan(cfg):
+        return run_gan_arm(arm, setup, writer, on_round)
     # integer buffers (BatchNorm's num_batches_tracked) are not federated: the final model
     # keeps their initial values, so it does not depend on which executor trained it
     initial = {

@@ -242,6 +242,9 @@ def console_report(summary: dict[str, Any]) -> str:
     note = incomplete_note(summary)
     if note:
         lines += [note.replace("**", ""), ""]
+    if is_gan_summary(summary):
+        lines += [f"{summary.get('name', 'run')} (GAN)", "", gan_section(summary)]
+        return "\n".join(lines)
     lines += [
         f"{summary.get('name', 'run')} (B = {summary.get('target_bits')})",
         "",
@@ -466,6 +469,16 @@ def render_report(out: Path) -> Path:
     note = incomplete_note(summary)
     if note:
         lines += [note, ""]
+    if is_gan_summary(summary):
+        lines += [gan_section(summary), ""]
+        plot = plot_fid(records, out / "fid.png")
+        if plot is not None:
+            lines += ["## FID against generator updates", "", f"![fid]({plot.name})", ""]
+        grids = [(n, a["gan"]["grid"]) for n, a in summary["arms"].items() if "gan" in a]
+        lines += ["## Samples (the first 100 of the final samples)", ""]
+        lines += [f"**{n}**\n\n![{n}]({g})\n" for n, g in grids]
+        (out / "report.md").write_text("\n".join(lines))
+        return out / "report.md"
     if summary.get("target_bits") is not None:
         lines += [f"Target bit set B: {summary['target_bits']}", ""]
     lines += [summary_tables(summary), ""]
@@ -605,6 +618,174 @@ def plot_costs(
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ GAN runs
+
+
+def is_gan_summary(summary: dict[str, Any]) -> bool:
+    """True when the run's arms are GAN arms (their entries carry final ``gan`` metrics)."""
+    arms = summary.get("arms", {})
+    return bool(arms) and all("gan" in a for a in arms.values())
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.3f}"
+
+
+def gan_section(summary: dict[str, Any]) -> str:
+    """The GAN comparisons (seed 001 / issue 11) from the arms' summary entries: quality at
+    equal generator updates with the done-means checks against the ``central`` arm, class
+    shares, sources (label-related), bytes per tier and per global round, and the
+    three-tier region weights."""
+    arms = {n: a for n, a in summary.get("arms", {}).items() if "gan" in a}
+    if not arms:
+        return "(no GAN arms)"
+    central = next((a["gan"] for a in arms.values() if a.get("method") == "central"), None)
+    first = next(iter(arms.values()))["gan"]
+    out = [
+        "## Quality at equal generator updates",
+        "",
+        f"{first['samples']} samples per arm (the same z for every arm). {first['fid_note']}",
+        "",
+        "| arm | method | generator updates (all copies) | FID | KL (nats) | mean confidence "
+        "| region coverage | wall time (s) | FID ≤ 1.5× central | KL ≤ central + 0.1 "
+        "| confidence ≥ central − 0.1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, a in arms.items():
+        g = a["gan"]
+        cov = " / ".join(f"{f:.2f}" for f in g["region_coverage"])
+        checks = ["–", "–", "–"]
+        if central is not None and a.get("method") != "central":
+            checks = [
+                _yes(g["fid"] <= 1.5 * central["fid"], f"{g['fid'] / central['fid']:.2f}×"),
+                _yes(g["kl"] <= central["kl"] + 0.1, f"{g['kl'] - central['kl']:+.3f}"),
+                _yes(
+                    g["confidence"] >= central["confidence"] - 0.1,
+                    f"{g['confidence'] - central['confidence']:+.3f}",
+                ),
+            ]
+        out.append(
+            f"| {n} | {a.get('method', '–')} | {_count(a.get('generator_updates'))} "
+            f"({_count(a.get('generator_updates_all'))}) "
+            f"| {g['fid']:.1f} | {g['kl']:.3f} | {g['confidence']:.3f} | {cov} "
+            f"| {a.get('wall_s', 0):.1f} | " + " | ".join(checks) + " |"
+        )
+    classes = len(first["class_shares"])
+    out += [
+        "",
+        "## Share of samples per class (the judge's argmax)",
+        "",
+        "| arm | " + " | ".join(str(c) for c in range(classes)) + " |",
+        "|---|" + "---|" * classes,
+        "| data | " + " | ".join(f"{v:.3f}" for v in first["data_shares"]) + " |",
+    ]
+    out += [
+        f"| {n} | " + " | ".join(f"{v:.3f}" for v in a["gan"]["class_shares"]) + " |"
+        for n, a in arms.items()
+    ]
+    sourced = {n: a for n, a in arms.items() if "source_shares" in a["gan"]}
+    if sourced:
+        k = len(next(iter(sourced.values()))["gan"]["source_shares"])
+        out += [
+            "",
+            "## Sources (label-related): share of samples per source and FID per source",
+            "",
+            "| arm | "
+            + " | ".join(f"share {s}" for s in range(k))
+            + " | each ≥ 10% | "
+            + " | ".join(f"FID {s}" for s in range(k))
+            + " |",
+            "|---|" + "---|" * (2 * k + 1),
+        ]
+        for n, a in sourced.items():
+            g = a["gan"]
+            shares = g["source_shares"]
+            out.append(
+                f"| {n} | "
+                + " | ".join(f"{v:.3f}" for v in shares)
+                + f" | {_yes(min(shares) >= 0.1, f'min {min(shares):.3f}')} | "
+                + " | ".join(_fmt(v, ".1f") for v in g["source_fid"])
+                + " |"
+            )
+    costed = {n: a for n, a in arms.items() if "costs" in a}
+    if costed:
+        out += [
+            "",
+            "## Bytes per tier (MB, whole run) and per global round",
+            "",
+            "| arm | device → edge | edge → device | edge → cloud | cloud → edge "
+            "| per global round | rounds | simulated time (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        per_round = {}
+        for n, a in costed.items():
+            c = a["costs"]
+            tiers = [c.get(k, 0.0) for k in ("bytes_client_edge", "bytes_edge_client")]
+            tiers += [c.get(k, 0.0) for k in ("bytes_edge_cloud", "bytes_cloud_edge")]
+            rounds = a.get("rounds") or 1
+            per_round[n] = sum(tiers) / rounds
+            out.append(
+                f"| {n} | "
+                + " | ".join(_mb(v) for v in tiers)
+                + f" | {_mb(per_round[n])} | {rounds} | {c.get('time_s', 0.0):.1f} |"
+            )
+        fedavg = next((n for n in costed if costed[n].get("method") == "fedavg"), None)
+        for n in costed:
+            if fedavg is not None and n != fedavg and per_round[fedavg] > 0:
+                out.append(
+                    f"\n{n} sends {per_round[n] / per_round[fedavg]:.3f}× the bytes per global "
+                    f"round of {fedavg}."
+                )
+    weighted = {n: a["weights"] for n, a in arms.items() if a.get("weights")}
+    if weighted:
+        out += ["", "## Three-tier region weights (softmax of the scores)", ""]
+        out += ["| arm | first round | last round | range over the run |", "|---|---|---|---|"]
+        for n, w in weighted.items():
+            flat = [v for row in w for v in row]
+            first_w = " / ".join(f"{v:.3f}" for v in w[0])
+            last_w = " / ".join(f"{v:.3f}" for v in w[-1])
+            out.append(f"| {n} | {first_w} | {last_w} | {min(flat):.3f}–{max(flat):.3f} |")
+    return "\n".join(out)
+
+
+def _count(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def _yes(ok: bool, detail: str) -> str:
+    return f"{'yes' if ok else '**no**'} ({detail})"
+
+
+def plot_fid(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """FID (in-house judge) against generator updates, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if "bits" in r and "generator_updates" in r]
+    arms = list(dict.fromkeys(r["arm"] for r in evals))
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        rs = [r for r in evals if r["arm"] == arm]
+        ys = [r["bits"]["32"].get("fid", float("nan")) for r in rs]
+        ax.plot([r["generator_updates"] for r in rs], ys, marker="o", ms=3, label=arm)
+    ax.set_xlabel("generator updates")
+    ax.set_ylabel("FID (in-house judge, not Inception)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
