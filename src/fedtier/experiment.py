@@ -15,8 +15,8 @@ from torch import nn
 from tqdm import tqdm
 
 from fedtier.aggregate.robust import check_rule_config
-from fedtier.checkpoint import load_checkpoint, save_checkpoint, save_model
-from fedtier.config import Config, to_dict
+from fedtier.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_model
+from fedtier.config import Config, DiffusionTaskConfig, to_dict
 from fedtier.costs import CostModel
 from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
 from fedtier.errors import FedtierError
@@ -85,6 +85,15 @@ def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTa
         task = AutoencoderTask()
     elif cfg.train.task.name == "diffusion-test":
         task = DiffusionTask(eval_seed=cfg.seed)
+    elif isinstance(cfg.train.task, DiffusionTaskConfig):
+        d = cfg.train.task
+        task = DiffusionTask(
+            steps=d.timesteps,
+            beta_start=d.beta_start,
+            beta_end=d.beta_end,
+            eval_seed=cfg.seed,
+            sample_steps=d.sample_steps,
+        )
     else:
         task = ClassificationTask(num_classes)
     qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
@@ -114,8 +123,25 @@ def check_task_fits(cfg: Config, task: ClientTask, model: nn.Module, train: Arra
         model.train(mode)
 
 
+def select_classes(
+    data: ArrayDataset, classes: list[int] | None, field: str = "data.classes"
+) -> ArrayDataset:
+    """The samples of ``data`` whose label is in ``classes`` (all of them for None); labels
+    keep their values (digits 5–9 stay 5–9 of 10 classes)."""
+    if classes is None:
+        return data
+    bad = [c for c in classes if c >= data.num_classes]
+    if bad:
+        raise FedtierError(
+            f"{field}: class {bad[0]} does not exist in data set '{data.name}' "
+            f"(classes 0..{data.num_classes - 1})"
+        )
+    keep = torch.isin(data.y, torch.tensor(classes, dtype=data.y.dtype))
+    return data.subset(torch.nonzero(keep).flatten())
+
+
 def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
-    train, test = data
+    train, test = (select_classes(d, cfg.data.classes) for d in data)
     parts, edge_of_client = split_clients(cfg, train)
     sizes = np.array([len(p) for p in parts])
     topology: Topology = build_topology(cfg.topology, sizes, cfg.seed, edge_of_client)
@@ -126,9 +152,10 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         target_bits, election = elect_bits(topology, cfg.quant.elect_top)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options
-    ).to(device)
+    model = build_model(cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options)
+    if cfg.model.init_from is not None:
+        load_weights(model, Path(cfg.model.init_from), "model.init_from")
+    model = model.to(device)
     task = make_task(cfg, train.num_classes, target_bits)
     task.groups.check(model)
     check_task_fits(cfg, task, model, train)
