@@ -18,11 +18,12 @@ from fedtier.aggregate.robust import check_rule_config
 from fedtier.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_model
 from fedtier.config import Config, DiffusionTaskConfig, to_dict
 from fedtier.costs import CostModel
-from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
+from fedtier.data import ArrayDataset, ClientData, load_dataset, partition, select_classes
 from fedtier.errors import FedtierError
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
+from fedtier.pretrain import Pretrained, ensure_pretrained, pretrained_path
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
@@ -123,23 +124,6 @@ def check_task_fits(cfg: Config, task: ClientTask, model: nn.Module, train: Arra
         model.train(mode)
 
 
-def select_classes(
-    data: ArrayDataset, classes: list[int] | None, field: str = "data.classes"
-) -> ArrayDataset:
-    """The samples of ``data`` whose label is in ``classes`` (all of them for None); labels
-    keep their values (digits 5–9 stay 5–9 of 10 classes)."""
-    if classes is None:
-        return data
-    bad = [c for c in classes if c >= data.num_classes]
-    if bad:
-        raise FedtierError(
-            f"{field}: class {bad[0]} does not exist in data set '{data.name}' "
-            f"(classes 0..{data.num_classes - 1})"
-        )
-    keep = torch.isin(data.y, torch.tensor(classes, dtype=data.y.dtype))
-    return data.subset(torch.nonzero(keep).flatten())
-
-
 def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
     train, test = (select_classes(d, cfg.data.classes) for d in data)
     parts, edge_of_client = split_clients(cfg, train)
@@ -155,6 +139,14 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
     model = build_model(cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options)
     if cfg.model.init_from is not None:
         load_weights(model, Path(cfg.model.init_from), "model.init_from")
+    elif cfg.pretrain is not None:
+        path = pretrained_path(cfg)
+        if not path.is_file():
+            raise FedtierError(
+                f"the pretrained model of this config is not in the cache ({path}); "
+                f"build it with: fedtier pretrain CONFIG"
+            )
+        load_weights(model, path, "pretrain")
     model = model.to(device)
     task = make_task(cfg, train.num_classes, target_bits)
     task.groups.check(model)
@@ -232,6 +224,37 @@ def load_arm_data(
     return cache
 
 
+def pretrain_arms(
+    arms: dict[str, Config],
+    data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]],
+    progress: bool = True,
+) -> dict[str, Pretrained]:
+    """Build (or find in the cache) the pretrained model of every arm with a ``pretrain``
+    section and no ``model.init_from``; each distinct model is trained once, and its
+    training time is logged once."""
+    out: dict[str, Pretrained] = {}
+    done: dict[str, Pretrained] = {}
+    for arm, acfg in arms.items():
+        if acfg.pretrain is None or acfg.model.init_from is not None:
+            continue
+        train = data[(acfg.data.dataset, acfg.data.root)][0]
+        task = make_task(acfg, train.num_classes, [32])
+        key = str(pretrained_path(acfg))
+        if key not in done:
+            done[key] = ensure_pretrained(acfg, train, task, progress)
+            p = done[key]
+            how = "found in the cache" if p.cached else "trained now"
+            logging.getLogger("fedtier").info(
+                "pretrained model %s (%s; training took %.0f s): %s",
+                p.key,
+                how,
+                p.seconds,
+                p.path,
+            )
+        out[arm] = done[key]
+    return out
+
+
 def preflight(
     arms: dict[str, Config], data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]]
 ) -> None:
@@ -282,6 +305,7 @@ def run_experiment(
     if not resume:
         check_new_run_dir(out, overwrite)
     data = load_arm_data(arms)
+    pretrain_arms(arms, data, progress)
     if not resume:
         preflight(arms, data)
     if resume:
