@@ -38,7 +38,7 @@ from fedtier.tasks.diffusion import DiffusionTask, collaborative_sample, ddim_sc
 _SCORED: dict[str, dict[str, Any]] = {}  # the model before fine-tuning, scored once per process
 
 
-def wants_generation(cfg: Config, setup: ArmSetup) -> bool:
+def wants_generation(cfg: Config) -> bool:
     """True for an arm whose task is ``diffusion`` with ``samples`` > 0."""
     t = cfg.train.task
     return isinstance(t, DiffusionTaskConfig) and t.samples > 0

@@ -511,7 +511,7 @@ def run_arm(
     finally:
         close_executor(setup)
     extra: dict[str, Any] = {}
-    if wants_generation(cfg, setup):
+    if wants_generation(cfg):
         w_final = evaluated_state(setup, w)
         extra["generation"] = generation_report(setup, w_before, w_final, data, writer.out, arm)
         writer.log({"arm": arm, "event": "generation", **extra["generation"]})
