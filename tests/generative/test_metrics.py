@@ -13,8 +13,11 @@ from fedtier.errors import FedtierError
 from fedtier.generative import (
     FID_NOTE,
     FidScorer,
+    Judge,
     class_coverage,
     fid,
+    fid_per_source,
+    quality,
     region_coverage,
     sample_grid,
     source_shares,
@@ -73,16 +76,21 @@ def test_class_coverage_hand_computed():
     fake = images_with_probs(
         [[0.95, 0.03, 0.02], [0.6, 0.3, 0.1], [0.1, 0.85, 0.05], [0.04, 0.04, 0.92]]
     )
-    out = class_coverage(fake, judge, torch.tensor([0, 1, 2, 2]))
+    out = class_coverage(fake, judge, torch.tensor([0, 1, 2, 2, 2]))
     assert out["class_shares"] == pytest.approx([0.5, 0.25, 0.25])
-    assert out["data_shares"] == pytest.approx([0.25, 0.25, 0.5])
-    # KL(p_data || q) = .25 ln(.25/.5) + .25 ln(1) + .5 ln(.5/.25) = .25 ln 2
-    assert out["kl_data_generated"] == pytest.approx(0.25 * math.log(2), abs=1e-5)
+    assert out["data_shares"] == pytest.approx([0.2, 0.2, 0.6])
+    # KL(p_data || q) = .2 ln(.2/.5) + .2 ln(.2/.25) + .6 ln(.6/.25)  (the reverse: 0.295)
+    kl = 0.2 * math.log(0.4) + 0.2 * math.log(0.8) + 0.6 * math.log(2.4)
+    assert out["kl_data_generated"] == pytest.approx(kl, abs=1e-5)
     assert out["mean_confidence"] == pytest.approx((0.95 + 0.6 + 0.85 + 0.92) / 4, abs=1e-6)
     assert out["confident_share"] == pytest.approx(0.5)
     assert out["confident_class_shares"] == pytest.approx([0.25, 0.0, 0.25])
     lenient = class_coverage(fake, judge, torch.tensor([0, 1, 2, 2]), confident=0.8)
     assert lenient["confident_share"] == pytest.approx(0.75)
+    even = class_coverage(
+        images_with_probs([[0.5, 0.5]] * 2), controlled_judge(2), [0, 1], confident=0.5
+    )
+    assert even["confident_share"] == 1.0  # max softmax exactly 0.5: at the threshold counts
 
 
 def test_class_coverage_missing_class_uses_epsilon():
@@ -141,3 +149,54 @@ def test_sample_grid_png_pixels(tmp_path):
     assert (big[2:8, 2:8] == 255)[:3, 3:].all()  # top-right quarter of image 0, enlarged
     with pytest.raises(FedtierError, match=r"\[N, 1, H, W\]"):
         sample_grid(images[:, 0], tmp_path / "bad.png")
+
+
+def test_quality_flattens_every_score(digits_judge):
+    judge = controlled_judge(3)
+    fake = images_with_probs(
+        [[0.95, 0.03, 0.02], [0.6, 0.3, 0.1], [0.1, 0.85, 0.05], [0.04, 0.04, 0.92]]
+    )
+    out = quality(fake, judge, torch.tensor([0, 1, 2, 2]), region_classes=[[0], [1, 2]])
+    assert out == pytest.approx(
+        {
+            "kl_data_generated": 0.25 * math.log(2),
+            "mean_confidence": (0.95 + 0.6 + 0.85 + 0.92) / 4,
+            "confident_share": 0.5,
+            "class_share/0": 0.5,
+            "class_share/1": 0.25,
+            "class_share/2": 0.25,
+            "region_coverage/0": 1.0,  # class 0: 1 of 4 samples confident >= 0.25 / 3
+            "region_coverage/1": 0.5,  # class 2 yes, class 1 (only 0.85) no
+            "region_coverage/mean": 0.75,
+        },
+        abs=1e-5,
+    )
+    x, real_judge = digits_judge
+    scorer = FidScorer(x[:100], real_judge)
+    source = controlled_judge(2)
+    both = quality(
+        images_with_probs([[0.3, 0.7]] * 3 + [[0.8, 0.2]]), source, [0, 1], source_judge=source
+    )
+    assert both["source_share/0"] == 0.25 and both["source_share/1"] == 0.75
+    assert "fid" not in both
+    with_fid = quality(x[100:200], real_judge, [0, 1], fid_against=scorer)
+    assert with_fid["fid"] == pytest.approx(fid(x[:100], x[100:200], real_judge), rel=1e-9)
+
+
+def test_fid_per_source_scores_each_sources_share_against_its_own_real_set(digits_judge):
+    x, judge = digits_judge
+    # a 1-pixel "source judge" on 8×8 images: source = whether pixel (0, 0) is bright
+    linear = torch.nn.Linear(64, 2, bias=False).requires_grad_(False)
+    linear.weight.zero_()
+    linear.weight[1, 0] = 100.0  # logit of source 1 = 100 × pixel (0, 0); of source 0: 0
+    source = Judge(torch.nn.Sequential(torch.nn.Flatten(), linear), 2, (1, 8, 8), "t", False, 0.0)
+    dark, bright = x[:150].clone(), x[150:300].clone()
+    dark[:, :, 0, 0], bright[:, :, 0, 0] = -1.0, 1.0
+    fake = torch.cat([bright[:60], dark[:90]])
+    scorers = [FidScorer(dark[100:], judge), FidScorer(bright[100:], judge)]
+    got = fid_per_source(fake, scorers, source)
+    assert got[0] == pytest.approx(fid(dark[100:], dark[:90], judge), rel=1e-9)
+    assert got[1] == pytest.approx(fid(bright[100:], bright[:60], judge), rel=1e-9)
+    assert fid_per_source(dark[:5], scorers, source)[1] is None
+    with pytest.raises(FedtierError, match="2 sources"):
+        fid_per_source(fake, scorers[:1], source)

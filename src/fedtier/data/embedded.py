@@ -10,6 +10,7 @@ from fedtier.data.base import ArrayDataset, from_uint8, stratified_split
 
 # Every run shares one test set: the split seed is a constant, not the experiment seed.
 SPLIT_SEED = 20240611
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # MNIST's pixel mean/std (pixels in [0, 1])
 
 
 def load_mnist5k() -> tuple[ArrayDataset, ArrayDataset]:
@@ -19,7 +20,7 @@ def load_mnist5k() -> tuple[ArrayDataset, ArrayDataset]:
     """
     pixels, labels = _mnist5k_table()
     train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
-    mean, std = (0.1307,), (0.3081,)
+    mean, std = (MNIST_MEAN,), (MNIST_STD,)
     return (
         from_uint8(pixels[train_idx], labels[train_idx], 10, "mnist5k", mean, std),
         from_uint8(pixels[test_idx], labels[test_idx], 10, "mnist5k", mean, std),
@@ -57,6 +58,17 @@ def load_digits() -> tuple[ArrayDataset, ArrayDataset]:
 
     Pixels (0..16) are scaled to [0, 1], then standardised with the training split's mean/std.
     """
+    x, y, train_idx, test_idx = digits_pixels()
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    return ArrayDataset(x[train_idx], y[train_idx], 10, "digits"), ArrayDataset(
+        x[test_idx], y[test_idx], 10, "digits"
+    )
+
+
+def digits_pixels() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits before normalisation: pixels ``[1797, 1, 8, 8]`` in [0, 1]
+    (0..16 / 16), labels ``[1797]``, and the fixed stratified 80/20 ``(train, test)`` indices."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
@@ -65,8 +77,4 @@ def load_digits() -> tuple[ArrayDataset, ArrayDataset]:
     train_idx, test_idx = (
         torch.from_numpy(i) for i in stratified_split(bunch.target, 0.2, SPLIT_SEED)
     )
-    mean, std = x[train_idx].mean(), x[train_idx].std()
-    x = (x - mean) / std
-    return ArrayDataset(x[train_idx], y[train_idx], 10, "digits"), ArrayDataset(
-        x[test_idx], y[test_idx], 10, "digits"
-    )
+    return x, y, train_idx, test_idx

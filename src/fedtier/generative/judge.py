@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from fedtier.models import build_model
 from fedtier.seeding import derive_seed, torch_generator
 
 JUDGE_MODEL = "cnn"  # fedtier.models' FedAvg CNN: its hidden layer gives the features
-JUDGE_VERSION = 1  # part of the cache key: bump when training or architecture change
+JUDGE_VERSION = 2  # part of the cache key: bump when training or architecture change
 RANGE_TOLERANCE = 1e-3  # images may exceed [-1, 1] by this much (float rounding)
 EVAL_BATCH = 1000  # images per forward pass when scoring
 
@@ -84,7 +85,8 @@ class Judge:
         _check_images(x, self.input_shape, "judge input")
         self.net.eval()
         with torch.no_grad():
-            outs = [net(chunk.float()) for chunk in x.split(EVAL_BATCH)]
+            device = next(self.net.parameters()).device
+            outs = [net(chunk.to(device, torch.float32)).cpu() for chunk in x.split(EVAL_BATCH)]
         return torch.cat(outs) if outs else torch.zeros(0, self._width(net))
 
     def _width(self, net: nn.Module) -> int:
@@ -103,17 +105,18 @@ def train_judge(
     *,
     seed: int,
     num_classes: int,
-    epochs: int = 10,
+    epochs: int = 8,
     batch_size: int = 64,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     use_cache: bool = True,
     progress: bool = False,
 ) -> Judge:
     """Train (or load from the cache) a judge on ``images`` ``[N, 1, H, W]`` in [-1, 1] and
     integer ``labels`` ``[N]`` in ``0 .. num_classes - 1`` (digit classes, or source ids).
 
-    Adam (``lr``) on the cross-entropy, ``epochs`` passes in mini-batches of ``batch_size``.
-    MNIST-5k's 4,000 training images, 10 epochs: ≈ 97.4% test accuracy, ≈ 20 s on one thread.
+    Adam on the cross-entropy with a one-cycle learning rate (peak ``lr``; Smith & Topin,
+    2019), ``epochs`` passes in mini-batches of ``batch_size``. On MNIST-5k's 4,000 training
+    images the defaults give 97.6% test accuracy (seed 0; 97.8% seed 1).
     """
     shape = _check_images(images, None, "train_judge images")
     labels = torch.as_tensor(labels).to(torch.long)
@@ -153,10 +156,11 @@ def train_judge(
         torch.manual_seed(derive_seed(seed, "judge-init"))
         net = build_model(JUDGE_MODEL, shape, num_classes)
     assert isinstance(net, nn.Sequential)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
     x, y = images.float(), labels
-    net.train()
     steps = epochs * -(-len(x) // batch_size)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    net.train()
     with tqdm(total=steps, desc="judge", unit="step", disable=not progress, leave=False) as bar:
         for epoch in range(epochs):
             order = torch.randperm(len(x), generator=torch_generator(seed, "judge", epoch))
@@ -164,13 +168,60 @@ def train_judge(
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
                 opt.step()
+                schedule.step()
                 bar.update()
     net.eval()
     seconds = time.perf_counter() - start
     judge = Judge(net, num_classes, shape, key, cached=False, train_seconds=seconds)
     if use_cache:
-        _save(path, judge)
+        try:
+            _save(path, judge)
+        except OSError as e:  # a read-only or full cache costs a retrain next time, no more
+            warnings.warn(f"judge not cached at {path}: {e}", stacklevel=2)
     return judge
+
+
+def dataset_judge(
+    data: ArrayDataset,
+    *,
+    seed: int = 0,
+    by: str = "class",
+    size: int | None = None,
+    epochs: int = 8,
+    progress: bool = False,
+) -> Judge:
+    """The judge of a fedtier data set (its training split): images mapped to [-1, 1] by
+    :func:`to_pm1` and, with ``size``, resized by :func:`resize_images`; labels are the
+    classes (``by="class"``) or the source ids (``by="source"``, multi-source sets only).
+    Equal arguments give the same cache key, so every preset on the same data shares one judge.
+    """
+    x = to_pm1(data.x, data)
+    if size is not None:
+        x = resize_images(x, size)
+    if by == "class":
+        labels, classes = data.y, data.num_classes
+    elif by == "source":
+        if data.source is None:
+            raise FedtierError(
+                f"dataset_judge: data set '{data.name}' has no sources (by='source')"
+            )
+        labels, classes = data.source, int(data.source.max()) + 1
+    else:
+        raise FedtierError(f"dataset_judge: by must be 'class' or 'source', got {by!r}")
+    return train_judge(x, labels, seed=seed, num_classes=classes, epochs=epochs, progress=progress)
+
+
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` resized to ``[N, C, size, size]``: bilinear with antialiasing
+    (``torch.nn.functional.interpolate``), so downsampling averages rather than skips pixels;
+    values stay in the input's range."""
+    if size < 4:
+        raise FedtierError(f"resize_images: size must be >= 4, got {size}")
+    if x.shape[-2:] == (size, size):
+        return x
+    return torch.nn.functional.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 def to_pm1(x: torch.Tensor, reference: ArrayDataset) -> torch.Tensor:

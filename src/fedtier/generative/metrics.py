@@ -178,6 +178,23 @@ def source_shares(fake: torch.Tensor, source_judge: Judge) -> list[float]:
     ).tolist()
 
 
+def fid_per_source(
+    fake: torch.Tensor, scorers: list[FidScorer], source_judge: Judge
+) -> list[float | None]:
+    """FID per source: the generated samples that ``source_judge`` assigns (argmax) to source s
+    against ``scorers[s]`` (a :class:`FidScorer` on source s's real images); None for a source
+    given fewer than 2 samples (FID undefined: a generator that never makes that style)."""
+    if len(scorers) != source_judge.num_classes:
+        raise FedtierError(
+            f"fid_per_source: {len(scorers)} scorers for {source_judge.num_classes} sources"
+        )
+    assigned = _probs(fake, source_judge).argmax(dim=1)
+    return [
+        scorer.score(fake[assigned == s]) if int((assigned == s).sum()) >= 2 else None
+        for s, scorer in enumerate(scorers)
+    ]
+
+
 def sample_grid(
     images: torch.Tensor,
     path: str | Path,
@@ -220,6 +237,41 @@ def sample_grid(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid, mode="L").save(out, format="PNG")
+    return out
+
+
+def quality(
+    fake: torch.Tensor,
+    judge: Judge,
+    data_labels: torch.Tensor | np.ndarray,
+    *,
+    fid_against: FidScorer | None = None,
+    region_classes: list[list[int]] | None = None,
+    source_judge: Judge | None = None,
+    confident: float = CONFIDENT,
+) -> dict[str, float]:
+    """Every score of ``fake`` as one flat dict of numbers (for metrics.jsonl / summary.json):
+
+    ``fid`` (when ``fid_against`` is given), ``kl_data_generated``, ``mean_confidence``,
+    ``confident_share``, ``class_share/<c>`` per class; with ``region_classes``
+    ``region_coverage/<r>`` per region and ``region_coverage/mean``; with ``source_judge``
+    ``source_share/<s>`` per source. See :func:`class_coverage` and :func:`region_coverage`
+    for the definitions.
+    """
+    out: dict[str, float] = {}
+    if fid_against is not None:
+        out["fid"] = fid_against.score(fake)
+    cov = class_coverage(fake, judge, data_labels, confident=confident)
+    for name in ("kl_data_generated", "mean_confidence", "confident_share"):
+        out[name] = cov[name]
+    out.update({f"class_share/{c}": v for c, v in enumerate(cov["class_shares"])})
+    if region_classes is not None:
+        reg = region_coverage(fake, judge, region_classes, confident=confident)
+        out.update({f"region_coverage/{r}": v for r, v in enumerate(reg["fraction"])})
+        out["region_coverage/mean"] = reg["mean_fraction"]
+    if source_judge is not None:
+        shares = source_shares(fake, source_judge)
+        out.update({f"source_share/{s}": v for s, v in enumerate(shares)})
     return out
 
 
