@@ -16,15 +16,15 @@ MNIST = (1, 28, 28)
 DIGITS = (1, 8, 8)
 CIFAR = (3, 32, 32)
 HEAVY = ("alexnet", "resnet18", "vgg16")
-LIGHT = ("autoencoder", "cnn", "cnn-bn", "denoiser-mlp", "mlp")
-SAME_SHAPE = ("autoencoder", "denoiser-mlp")  # output shaped like the input
+LIGHT = ("autoencoder", "cnn", "cnn-bn", "denoiser-mlp", "mlp", "unet")
+SAME_SHAPE = ("autoencoder", "denoiser-mlp", "unet")  # output shaped like the input
 
 
 def _output(name: str, shape: tuple[int, int, int], classes: int = 10) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model(name, shape, classes)
     with torch.no_grad():
-        if name == "denoiser-mlp":  # model(x_t, t)
+        if name in ("denoiser-mlp", "unet"):  # model(x_t, t)
             return model(torch.randn(2, *shape), torch.tensor([0, 57]))
         return model(torch.randn(2, *shape))
 
