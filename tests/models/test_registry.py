@@ -24,15 +24,21 @@ LIGHT = (
     "dcgan-generator",
     "denoiser-mlp",
     "mlp",
+    "unet",
 )
-SAME_SHAPE = ("autoencoder", "dcgan-generator", "denoiser-mlp")  # output shaped like the input
+SAME_SHAPE = (
+    "autoencoder",
+    "dcgan-generator",
+    "denoiser-mlp",
+    "unet",
+)  # output shaped like the input
 
 
 def _output(name: str, shape: tuple[int, int, int], classes: int = 10) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model(name, shape, classes)
     with torch.no_grad():
-        if name == "denoiser-mlp":  # model(x_t, t)
+        if name in ("denoiser-mlp", "unet"):  # model(x_t, t)
             return model(torch.randn(2, *shape), torch.tensor([0, 57]))
         if name == "dcgan-generator":  # model(z), z [B, z_dim]
             return model(torch.randn(2, 64))

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from fedtier.data.base import ArrayDataset
 from fedtier.data.cifar import load_cifar10, load_cifar100
-from fedtier.data.embedded import load_digits, load_mnist5k
+from fedtier.data.embedded import load_digits, load_mnist5k, load_mnist5k_16
 from fedtier.data.gtsrb import load_gtsrb
 from fedtier.data.idx import load_fashion_mnist, load_mnist
 from fedtier.data.multisource import load_multisource_mnist
@@ -18,6 +18,7 @@ Loader = Callable[[str | None], tuple[ArrayDataset, ArrayDataset]]
 # Embedded sets ignore the root; file-based ones read it (see each loader for the layout).
 _LOADERS: dict[str, Loader] = {
     "mnist5k": lambda root: load_mnist5k(),
+    "mnist5k-16": lambda root: load_mnist5k_16(),
     "digits": lambda root: load_digits(),
     "multisource-mnist": lambda root: load_multisource_mnist(),
     "mnist": load_mnist,
