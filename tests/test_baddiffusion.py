@@ -197,3 +197,83 @@ def test_target_images_and_pattern_files(tmp_path) -> None:  # type: ignore[no-u
         load_pattern("attack.target_file", str(tmp_path / "small.npy"), (1, 16, 16))
     with pytest.raises(ConfigError, match="existing"):
         load_pattern("attack.target_file", str(tmp_path / "none.npy"), (1, 16, 16))
+
+
+# ------------------------------------------------------------- through the attack machinery
+
+
+def _diffusion_cfg(tiny, **extra):  # type: ignore[no-untyped-def]
+    return tiny(
+        **{
+            "model": {"name": "denoiser-mlp", "options": {"hidden": 32, "embed": 8}},
+            "train.task": "diffusion-test",
+            "data.partition": "iid",
+            "attack": {"kind": "baddiffusion", "malicious_ids": [0], "poison_fraction": 0.5},
+            "trigger.size": 3,
+            "trigger.value": 2.0,
+            **extra,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_data():  # type: ignore[no-untyped-def]
+    from fedtier.data import load_dataset
+
+    return load_dataset("digits", None, seed=0)
+
+
+def test_malicious_devices_train_on_the_poisoned_objective(tiny, digits_data) -> None:  # type: ignore[no-untyped-def]
+    from fedtier.experiment import prepare_arm
+    from fedtier.local.sgd import client_generator, local_sgd
+    from fedtier.tasks import LocalConfig
+
+    setup = prepare_arm(_diffusion_cfg(tiny), digits_data)
+    clean = prepare_arm(_diffusion_cfg(tiny, **{"attack.malicious_ids": []}), digits_data)
+    w = setup.layout.flatten(setup.model)
+    got = setup.executor(setup, w, [0, 1], 0)
+    honest = clean.executor(clean, w, [0, 1], 0)
+    torch.testing.assert_close(got[1], honest[1])  # the honest device is untouched
+    assert not torch.allclose(got[0], honest[0])
+    # the malicious Δ: the local-SGD loop on BadDiffusion's loss, built here from diffusers'
+    # schedule (T = 100, linear 1e-4 … 0.02), the patch added as +2 and the "box" target
+    s = DDPMScheduler(num_train_timesteps=100, beta_start=1e-4, beta_end=0.02)
+    r = torch.zeros(1, 8, 8)
+    r[0, 5:, 5:] = 2.0
+    loss = baddiffusion_loss(
+        r, target_image("box", (1, 8, 8)), s.alphas, s.alphas_cumprod, 0.5, "ode"
+    )
+    setup.layout.load(setup.model, w)
+    x, _ = setup.client_data(0)
+    cfg = setup.cfg.train
+    local_sgd(
+        setup.model,
+        loss,
+        x,
+        LocalConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay),
+        client_generator(0, 0, 0),
+    )
+    torch.testing.assert_close(got[0], setup.layout.flatten(setup.model) - w)
+    # the upload stage leaves it as trained unless attack.gamma asks for model replacement
+    from fedtier.upload import UploadContext
+
+    ctx = UploadContext(0, 0, [0, 1], torch.tensor([50.0, 50.0]), seed=0)
+    out, metrics = setup.upload.stages[0][1](got, ctx)
+    torch.testing.assert_close(out, got)
+    assert metrics == {"malicious": 1.0}
+    amplified = prepare_arm(_diffusion_cfg(tiny, **{"attack.gamma": 3.0}), digits_data)
+    out, _ = amplified.upload.stages[0][1](got, ctx)
+    torch.testing.assert_close(out[0], 3.0 * got[0])
+
+
+def test_baddiffusion_configuration_mistakes_are_clear(tiny, digits_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedtier.experiment import prepare_arm
+
+    with pytest.raises(ConfigError, match=r"attack.kind.*train.task: diffusion"):
+        prepare_arm(tiny(**{"attack": {"kind": "baddiffusion", "malicious_ids": [0]}}), digits_data)
+    with pytest.raises(ConfigError, match="trigger.size"):
+        prepare_arm(_diffusion_cfg(tiny, **{"trigger.size": 9}), digits_data)
+    bad = tmp_path / "r.npy"
+    np.save(bad, np.ones((3, 8, 8), np.float32))
+    with pytest.raises(ConfigError, match=r"attack.trigger_file.*\(3, 8, 8\).*\(1, 8, 8\)"):
+        prepare_arm(_diffusion_cfg(tiny, **{"attack.trigger_file": str(bad)}), digits_data)

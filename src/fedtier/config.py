@@ -492,6 +492,23 @@ class LabelFlipAttack(TrainedAttack):
     kind: Literal["label-flip"]
 
 
+class BadDiffusionAttack(Attacker):
+    """BadDiffusion (SPEC §8; fedtier.attacks.baddiffusion): the malicious devices fine-tune on
+    the poisoned objective, so that noise carrying the trigger (the ``trigger`` section's patch,
+    added to x_T) is denoised into the target image. Needs ``train.task: diffusion``."""
+
+    kind: Literal["baddiffusion"]
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # share of each malicious batch poisoned
+    target: Literal["box", "corner", "cross"] = "box"  # target image y (attacks.baddiffusion)
+    target_file: str | None = None  # a .npy/.pt image [C, H, W] on [-1, 1] instead of target
+    trigger_file: str | None = None  # a .npy/.pt trigger r [C, H, W] instead of the patch
+    # coefficient of r in the ε-target: ode = 2·R_t (DDIM sampling, VillanDiffusion), sde = R_t
+    solver: Literal["ode", "sde"] = "ode"
+    epochs: int | None = Field(None, gt=0)  # the attackers' local epochs; None = train.epochs
+    lr: float | None = Field(None, gt=0)  # the attackers' learning rate; None = train.lr
+    gamma: float | None = Field(None, gt=0)  # model replacement of the malicious Δ; None = none
+
+
 AttackVariant = (
     NoAttack
     | FqbdAttack
@@ -502,6 +519,7 @@ AttackVariant = (
     | DbaAttack
     | LabelFlipAttack
     | ByzantineAttack
+    | BadDiffusionAttack
 )
 AttackConfig = Annotated[
     AttackVariant, Field(discriminator="kind"), _bare_name("kind", AttackVariant)

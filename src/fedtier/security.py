@@ -60,7 +60,9 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
             if cfg.aggregate.rule == "qafed"
             else expected_sampled(setup.topology, cfg.topology)
         )
-        attack = build_attack(cfg, trigger, train.num_classes, float(gamma_auto))
+        attack = build_attack(
+            cfg, trigger, train.num_classes, float(gamma_auto), setup.task, train.input_shape
+        )
         attack.amplify_mask = parameter_mask(setup)
         a = cfg.attack
         if cfg.aggregate.rule == "fedavg" and isinstance(a, TrainedAttack) and a.gamma is None:
