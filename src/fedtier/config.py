@@ -91,6 +91,7 @@ class DataConfig(Section):
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
     shards_per_client: int = Field(2, gt=0)  # labels per client for the shards scheme
     min_size: int = Field(2, ge=0)  # smallest client data set the Dirichlet split allows
+    classes: list[Annotated[int, Field(ge=0)]] | None = None  # keep only these labels (None: all)
 
 
 class TopologyConfig(Section):
@@ -143,6 +144,7 @@ class ModelConfig(Section):
     name: str = "cnn-bn"  # registry name or "package.module:factory" (checked where built)
     options: dict[str, Any] = Field(default_factory=dict)  # keyword options of the factory
     batchnorm: Literal["average", "local"] = "average"  # local = FedBN (BN state stays on device)
+    init_from: str | None = None  # a .safetensors state dict of this architecture to start from
 
 
 def _component(tag: str) -> Callable[[dict[str, Any]], None]:
@@ -200,7 +202,34 @@ class DiffusionTestTaskConfig(Component):
     name: Literal["diffusion-test"]  # DDPM ε-prediction on unlabelled data (tasks.diffusion)
 
 
-TaskVariant = ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig
+class DiffusionTaskConfig(Component):
+    name: Literal["diffusion"]  # DDPM training, DDIM sampling (tasks.diffusion; needs diffusers)
+    timesteps: int = Field(1000, gt=0)  # T of the forward process (DDPM's 1000)
+    beta_start: float = Field(1e-4, gt=0, lt=1)  # β_1 of the linear schedule (DDPM's)
+    beta_end: float = Field(0.02, gt=0, lt=1)  # β_T (DDPM's)
+    sample_steps: int = Field(20, gt=0)  # S: DDIM steps (η = 0) when sampling
+    shared_steps: int = Field(5, ge=0)  # t: steps the edge runs in collaborative sampling
+    samples: int = Field(1000, ge=0)  # images generated per model for FID and class shares
+    grid: int = Field(64, ge=0)  # images in each sample grid PNG (0: none)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionTaskConfig:
+        if self.beta_end < self.beta_start:
+            raise _fail("beta_end", self.beta_end, f"a number >= beta_start ({self.beta_start})")
+        if self.sample_steps > self.timesteps:
+            raise _fail("sample_steps", self.sample_steps, f"at most timesteps ({self.timesteps})")
+        if self.shared_steps > self.sample_steps:
+            raise _fail(
+                "shared_steps",
+                self.shared_steps,
+                f"0..{self.sample_steps} (at most the sample_steps S)",
+            )
+        return self
+
+
+TaskVariant = (
+    ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig | DiffusionTaskConfig
+)
 TaskConfig = Annotated[TaskVariant, Field(discriminator="name"), _bare_name("name", TaskVariant)]
 
 
@@ -573,6 +602,13 @@ class CostConfig(Section):
     allocation: Literal["max", "optimal"] = "max"  # (f_max, P_max), or energy-optimal under T_max
     deadline_s: float | None = Field(None, gt=0)  # T_max per round; needed by optimal / drop
     stragglers: Literal["wait", "drop"] = "wait"  # devices missing T_max: round waits, or dropped
+    # C, cycles per training sample: the device class's constant, or the model's FLOPs
+    # (forward + backward of the task's loss on one sample, counted) / flops_per_cycle
+    compute: Literal["device-class", "flops"] = "device-class"
+    flops_per_cycle: float = Field(4.0, gt=0)  # sustained FLOPs per CPU cycle (SIMD) of a device
+    edge_ghz: float = Field(20.0, gt=0)  # an edge server's compute for collaborative sampling
+    edge_capacitance: float = Field(1e-28, gt=0)  # τ of the edge server (E = τ · cycles · f²)
+    edge_power_w: float = Field(1.0, gt=0)  # the edge's downlink transmit power
 
     @model_validator(mode="after")
     def _check(self) -> CostConfig:
@@ -595,6 +631,17 @@ class ScheduleConfig(Section):
     cloud_every: int = Field(5, gt=0)  # gossip: rounds between cloud consensus steps
 
 
+class PretrainConfig(Section):
+    """Central pretraining of the provider's model before federated fine-tuning
+    (fedtier.pretrain; cached under $FEDTIER_CACHE keyed by these settings)."""
+
+    classes: list[Annotated[int, Field(ge=0)]] | None = None  # labels pretrained on (None: all)
+    steps: int = Field(3000, gt=0)  # Adam steps
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0)  # peak learning rate (linear warm-up, cosine decay)
+    warmup: int = Field(100, ge=0)  # warm-up steps
+
+
 class Config(Section):
     name: str = "run"
     seed: int = Field(0, ge=0)
@@ -606,6 +653,7 @@ class Config(Section):
     aggregate: AggregateConfig = AggregateConfig()
     eval: EvalConfig = EvalConfig()
     costs: CostConfig = CostConfig()
+    pretrain: PretrainConfig | None = None  # pretrain the model centrally first (None: no)
     schedule: ScheduleConfig = ScheduleConfig()
     upload: list[StageConfig] = Field(default_factory=list)  # client→edge stages, in order
     attack: AttackConfig = NoAttack(kind="none")

@@ -15,14 +15,15 @@ from torch import nn
 from tqdm import tqdm
 
 from fedtier.aggregate.robust import check_rule_config
-from fedtier.checkpoint import load_checkpoint, save_checkpoint, save_model
-from fedtier.config import Config, to_dict
+from fedtier.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_model
+from fedtier.config import Config, DiffusionTaskConfig, to_dict
 from fedtier.costs import CostModel
-from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
+from fedtier.data import ArrayDataset, ClientData, load_dataset, partition, select_classes
 from fedtier.errors import FedtierError
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
+from fedtier.pretrain import Pretrained, ensure_pretrained, pretrained_path
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
@@ -85,6 +86,15 @@ def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTa
         task = AutoencoderTask()
     elif cfg.train.task.name == "diffusion-test":
         task = DiffusionTask(eval_seed=cfg.seed)
+    elif isinstance(cfg.train.task, DiffusionTaskConfig):
+        d = cfg.train.task
+        task = DiffusionTask(
+            steps=d.timesteps,
+            beta_start=d.beta_start,
+            beta_end=d.beta_end,
+            eval_seed=cfg.seed,
+            sample_steps=d.sample_steps,
+        )
     else:
         task = ClassificationTask(num_classes)
     qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
@@ -115,7 +125,7 @@ def check_task_fits(cfg: Config, task: ClientTask, model: nn.Module, train: Arra
 
 
 def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
-    train, test = data
+    train, test = (select_classes(d, cfg.data.classes) for d in data)
     parts, edge_of_client = split_clients(cfg, train)
     sizes = np.array([len(p) for p in parts])
     topology: Topology = build_topology(cfg.topology, sizes, cfg.seed, edge_of_client)
@@ -126,9 +136,18 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         target_bits, election = elect_bits(topology, cfg.quant.elect_top)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options
-    ).to(device)
+    model = build_model(cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options)
+    if cfg.model.init_from is not None:
+        load_weights(model, Path(cfg.model.init_from), "model.init_from")
+    elif cfg.pretrain is not None:
+        path = pretrained_path(cfg)
+        if not path.is_file():
+            raise FedtierError(
+                f"the pretrained model of this config is not in the cache ({path}); "
+                f"build it with: fedtier pretrain CONFIG"
+            )
+        load_weights(model, path, "pretrain")
+    model = model.to(device)
     task = make_task(cfg, train.num_classes, target_bits)
     task.groups.check(model)
     check_task_fits(cfg, task, model, train)
@@ -205,6 +224,37 @@ def load_arm_data(
     return cache
 
 
+def pretrain_arms(
+    arms: dict[str, Config],
+    data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]],
+    progress: bool = True,
+) -> dict[str, Pretrained]:
+    """Build (or find in the cache) the pretrained model of every arm with a ``pretrain``
+    section and no ``model.init_from``; each distinct model is trained once, and its
+    training time is logged once."""
+    out: dict[str, Pretrained] = {}
+    done: dict[str, Pretrained] = {}
+    for arm, acfg in arms.items():
+        if acfg.pretrain is None or acfg.model.init_from is not None:
+            continue
+        train = data[(acfg.data.dataset, acfg.data.root)][0]
+        task = make_task(acfg, train.num_classes, [32])
+        key = str(pretrained_path(acfg))
+        if key not in done:
+            done[key] = ensure_pretrained(acfg, train, task, progress)
+            p = done[key]
+            how = "found in the cache" if p.cached else "trained now"
+            logging.getLogger("fedtier").info(
+                "pretrained model %s (%s; training took %.0f s): %s",
+                p.key,
+                how,
+                p.seconds,
+                p.path,
+            )
+        out[arm] = done[key]
+    return out
+
+
 def preflight(
     arms: dict[str, Config], data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]]
 ) -> None:
@@ -255,6 +305,7 @@ def run_experiment(
     if not resume:
         check_new_run_dir(out, overwrite)
     data = load_arm_data(arms)
+    pretrain_arms(arms, data, progress)
     if not resume:
         preflight(arms, data)
     if resume:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedtier.errors import FedtierError
+
 
 @dataclass(frozen=True, eq=False)
 class ArrayDataset:
@@ -85,3 +87,20 @@ def stratified_split(
     test_idx = np.sort(np.concatenate(test))
     train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
     return train_idx, test_idx
+
+
+def select_classes(
+    data: ArrayDataset, classes: list[int] | None, field: str = "data.classes"
+) -> ArrayDataset:
+    """The samples of ``data`` whose label is in ``classes`` (all of them for None); labels
+    keep their values (digits 5–9 stay 5–9 of 10 classes)."""
+    if classes is None:
+        return data
+    bad = [c for c in classes if c >= data.num_classes]
+    if bad:
+        raise FedtierError(
+            f"{field}: class {bad[0]} does not exist in data set '{data.name}' "
+            f"(classes 0..{data.num_classes - 1})"
+        )
+    keep = torch.isin(data.y, torch.tensor(classes, dtype=data.y.dtype))
+    return data.subset(torch.nonzero(keep).flatten())

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from fedtier.data.base import ArrayDataset
 from fedtier.data.cifar import load_cifar10, load_cifar100
-from fedtier.data.embedded import load_digits, load_mnist5k
+from fedtier.data.embedded import load_digits, load_mnist5k, load_mnist5k_16
 from fedtier.data.gtsrb import load_gtsrb
 from fedtier.data.idx import load_fashion_mnist, load_mnist
 from fedtier.data.svhn import load_svhn
@@ -17,6 +17,7 @@ Loader = Callable[[str | None], tuple[ArrayDataset, ArrayDataset]]
 # Embedded sets ignore the root; file-based ones read it (see each loader for the layout).
 _LOADERS: dict[str, Loader] = {
     "mnist5k": lambda root: load_mnist5k(),
+    "mnist5k-16": lambda root: load_mnist5k_16(),
     "digits": lambda root: load_digits(),
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
