@@ -30,7 +30,7 @@ from fedtier.quant.election import elect_bits
 from fedtier.results import RunWriter, check_new_run_dir, read_run, summary_from
 from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
-from fedtier.security import add_rejections, install, privacy_record
+from fedtier.security import add_rejections, install, privacy_record, sampling_security
 from fedtier.seeding import numpy_rng
 from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
 from fedtier.tasks import (
@@ -499,6 +499,8 @@ def run_arm(
         extra["rejections"] = rejections
     if "privacy" in last:
         extra["privacy"] = last["privacy"]
+    if cfg.detection is not None:  # sampling-phase trigger detection on the final model
+        extra["detection"] = sampling_security(setup, data, progress=not bar.disable)
     return {
         **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},

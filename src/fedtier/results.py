@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from fedtier.defenses.sampling_eval import detection_tables
 from fedtier.errors import FedtierError
 from fedtier.metrics import MetricSpec
 
@@ -351,6 +352,9 @@ def security_section(summary: dict[str, Any]) -> str:
                 f"| {r['rejected_malicious']:g} / {r['seen_malicious']:g} |"
             )
         lines.append("")
+    detection = detection_tables(arms)
+    if detection:
+        lines += [detection]
     private = {n: a["privacy"] for n, a in arms.items() if a.get("privacy")}
     if private:
         lines += [

@@ -12,19 +12,25 @@ from fedtier.attacks import (
     Attack,
     attack_executor,
     attack_stage,
+    baddiffusion_images,
     build_attack,
     make_trigger,
+    malicious_clients,
+    unwrap_diffusion,
     with_asr,
 )
 from fedtier.config import (
+    BadDiffusionAttack,
+    DiffusionTaskConfig,
     GlobalClipDefense,
     QCheckDefense,
     ServerNoiseDefense,
     TrainedAttack,
 )
-from fedtier.data import ArrayDataset
+from fedtier.data import ArrayDataset, select_classes
 from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
+from fedtier.defenses.sampling_eval import DetectionSettings, evaluate_detection
 from fedtier.local.arm import ArmSetup
 from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
 from fedtier.rounds import server_lr
@@ -134,3 +140,55 @@ def add_rejections(total: dict[str, dict[str, float]], stages: dict[str, float])
         tier, _, name = key.partition("/")
         if name in REJECTION_KEYS:
             total.setdefault(tier, {k: 0.0 for k in REJECTION_KEYS})[name] += v
+
+
+def sampling_security(
+    setup: ArmSetup, data: tuple[ArrayDataset, ArrayDataset], progress: bool = False
+) -> dict[str, Any]:
+    """The arm's sampling-phase security evaluation (``cfg.detection``;
+    :func:`fedtier.defenses.sampling_eval.evaluate_detection`) on its final model: DDIM with
+    the task's S sample_steps, the edge running the first t = shared_steps; the attack's
+    trigger and target; FID of the clean images against the test images of ``data.classes``
+    with the in-house judge (:mod:`fedtier.generative`, trained on the whole training set)."""
+    from fedtier.generative import FidScorer, train_judge
+    from fedtier.tasks.diffusion import ddim_scheduler, sample
+
+    cfg = setup.cfg
+    det, task_cfg, a = cfg.detection, cfg.train.task, cfg.attack
+    assert det is not None and isinstance(task_cfg, DiffusionTaskConfig)
+    assert isinstance(a, BadDiffusionAttack)
+    train, test = data
+    shape = tuple(setup.test.input_shape)
+    r, y = baddiffusion_images(cfg, a, make_trigger(cfg, train), shape)
+    diffusion = unwrap_diffusion(setup.task)
+    assert diffusion is not None
+    scheduler = ddim_scheduler(diffusion)
+    model, steps = setup.model, task_cfg.sample_steps
+
+    def sampler(x: torch.Tensor, start: int, stop: int, clip: bool) -> torch.Tensor:
+        return sample(model, scheduler, x, steps, start, stop, clip)
+
+    score = None
+    if det.fid:
+        judge = train_judge(train.x, train.y, seed=cfg.seed, num_classes=train.num_classes)
+        score = FidScorer(select_classes(test, cfg.data.classes).x, judge).score
+    settings = DetectionSettings(
+        steps=steps,
+        shared=task_cfg.shared_steps,
+        detectors=tuple(det.detectors),
+        responses=tuple(det.responses),
+        guard=det.guard,
+        samples=det.samples,
+        triggered=det.triggered,
+        reference=det.reference,
+        batch_size=det.batch_size,
+        batches=det.batches,
+        shares=tuple(det.shares),
+        response_share=det.response_share,
+        chi2_alpha=det.chi2_alpha,
+        asr_threshold=det.asr_threshold,
+        stealthy=det.stealthy,
+    )
+    out = evaluate_detection(sampler, r, y, settings, cfg.seed, score, progress)
+    out["malicious"] = len(malicious_clients(cfg))
+    return out

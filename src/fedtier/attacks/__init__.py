@@ -70,9 +70,11 @@ __all__ = [
     "Trigger",
     "attack_executor",
     "attack_stage",
+    "baddiffusion_images",
     "build_attack",
     "malicious_clients",
     "train_adversarial",
+    "unwrap_diffusion",
     "with_asr",
 ]
 

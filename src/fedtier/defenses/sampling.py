@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import chi2
 
 from fedtier.errors import ConfigError
 
@@ -115,6 +114,8 @@ def detect(
 
 def chi2_pvalue(x_T: torch.Tensor) -> np.ndarray:
     """Two-sided p-value of ‖x_T‖² against χ²_d (d = C·H·W) for x_T [B, C, H, W] → [B]."""
+    from scipy.stats import chi2
+
     dof = x_T[0].numel()
     s = x_T.double().flatten(1).pow(2).sum(1).cpu().numpy()
     return np.minimum(1.0, 2.0 * np.minimum(chi2.cdf(s, dof), chi2.sf(s, dof)))

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from fedtier.attacks.baddiffusion import attack_success, stealthy_noise, visible_noise
@@ -165,6 +164,8 @@ def _evaluate(
     detectors = (*s.detectors, BASELINE)
     for name, pool in triggers.items():
         out["distance"][name] = _stats(pool.d)
+        from sklearn.metrics import roc_auc_score
+
         labels = np.r_[np.zeros(len(clean.d)), np.ones(len(pool.d))]
         out["auroc"][name] = float(roc_auc_score(labels, np.r_[clean.d, pool.d]))
         out["rates"][name] = {
@@ -312,3 +313,120 @@ def _responses(
             }
         out[det] = row
     return out
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or v != v else f"{100 * v:.1f}"
+
+
+def _num(v: float | None, fmt: str = ".3g") -> str:
+    return "–" if v is None or v != v else format(v, fmt)
+
+
+def detection_tables(arms: dict[str, dict[str, Any]]) -> str:
+    """Markdown tables of every arm's ``detection`` entry (:func:`evaluate_detection`), the
+    arms side by side: TPR/FPR per detector and triggered share for each trigger form, the
+    all-clean FPR with and without the guard, d and its AUROC, the attack without defense,
+    and ASR / clean FID under each detector × response."""
+    runs = {n: a["detection"] for n, a in arms.items() if a.get("detection")}
+    if not runs:
+        return ""
+    first = next(iter(runs.values()))
+    st = first["settings"]
+
+    def label(n: str) -> str:
+        return f"{n} ({'backdoored' if runs[n].get('malicious') else 'clean model'})"
+
+    lines = [
+        f"## Trigger detection at the edge (d = ‖x_(T−t) − x_T‖₂ after t = {st['shared']} of "
+        f"{st['steps']} DDIM steps; guard {st['guard']:g} × clean spread; χ² = the "
+        f"no-sampling baseline at α = {st['chi2_alpha']:g})",
+        "",
+        "TPR / FPR (%) over "
+        f"{st['batches']} random batches of {st['batch_size']} per triggered share:",
+        "",
+    ]
+    cols = [(n, t) for n, r in runs.items() for t in r["rates"]]
+    lines.append(
+        "| detector | triggered | " + " | ".join(f"{label(n)}, {t}" for n, t in cols) + " |"
+    )
+    lines.append("|---|---|" + "---|" * len(cols))
+    dets = list(first["rates"]["visible"])
+    for det in dets:
+        for share in first["rates"]["visible"][det]:
+            cells = []
+            for n, t in cols:
+                r = runs[n]["rates"][t].get(det, {}).get(share)
+                cells.append("–" if r is None else f"{_pct(r['tpr'])} / {_pct(r['fpr'])}")
+            lines.append(f"| {det} | {float(share):.0%} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "All-clean batches, FPR (%) with the guard / without it:",
+        "",
+        "| detector | " + " | ".join(label(n) for n in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for det in first["unguarded_fpr"]:
+        cells = []
+        for r in runs.values():
+            guarded = r["rates"]["visible"][det].get("0", {}).get("fpr")
+            cells.append(f"{_pct(guarded)} / {_pct(r['unguarded_fpr'][det])}")
+        lines.append(f"| {det} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "d_i (mean ± sd) and how well it separates triggered from clean inputs (AUROC):",
+        "",
+        "| model | clean | reference | trigger | triggered | AUROC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, r in runs.items():
+        c, ref = r["distance"]["clean"], r["distance"]["reference"]
+        for t in r["auroc"]:
+            d = r["distance"][t]
+            lines.append(
+                f"| {label(n)} | {c['mean']:.3g} ± {c['std']:.2g} | {ref['mean']:.3g} ± "
+                f"{ref['std']:.2g} | {t} | {d['mean']:.3g} ± {d['std']:.2g} | "
+                f"{r['auroc'][t]:.3f} |"
+            )
+    lines += [
+        "",
+        f"Attack without defense (ASR: share of triggered samples with MSE ≤ "
+        f"{st['asr_threshold']:g} to the target, on [0, 1]; clean FID on {st['samples']} "
+        "samples, in-house judge features):",
+        "",
+        "| model | trigger | ASR (%) | MSE | SSIM | clean FID |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, r in runs.items():
+        for t, a in r["no_defense"].items():
+            lines.append(
+                f"| {label(n)} | {t} | {_pct(a['asr'])} | {_num(a['mse'])} | "
+                f"{_num(a['ssim'])} | {_num(r['fid_clean'], '.2f')} |"
+            )
+    responses = list(st["responses"])
+    if responses:
+        share = first["responses"]["triggered_per_batch"] / st["batch_size"]
+        lines += [
+            "",
+            f"Responses (visible trigger, batches of {st['batch_size']} with "
+            f"{first['responses']['triggered_per_batch']} triggered = {share:.0%}): "
+            "ASR (%) / clean FID; ITC = x̂_0 clamped to [−1, 1] at every remaining step "
+            "(our reading of the seed's ITC):",
+            "",
+            "| model | detector | TPR / FPR (%) | " + " | ".join(responses) + " |",
+            "|---|---|---|" + "---|" * len(responses),
+        ]
+        for n, r in runs.items():
+            for det, row in r["responses"].items():
+                if not isinstance(row, dict):
+                    continue
+                cells = [f"{_pct(row[x]['asr'])} / {_num(row[x]['fid'], '.2f')}" for x in responses]
+                lines.append(
+                    f"| {label(n)} | {det} | {_pct(row['tpr'])} / {_pct(row['fpr'])} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    return "\n".join(lines) + "\n"
