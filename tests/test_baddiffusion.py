@@ -277,3 +277,16 @@ def test_baddiffusion_configuration_mistakes_are_clear(tiny, digits_data, tmp_pa
     np.save(bad, np.ones((3, 8, 8), np.float32))
     with pytest.raises(ConfigError, match=r"attack.trigger_file.*\(3, 8, 8\).*\(1, 8, 8\)"):
         prepare_arm(_diffusion_cfg(tiny, **{"attack.trigger_file": str(bad)}), digits_data)
+
+
+def test_pooled_colluders_upload_one_model_trained_on_their_union(tiny, digits_data) -> None:  # type: ignore[no-untyped-def]
+    from fedtier.experiment import prepare_arm
+
+    cfg = _diffusion_cfg(tiny, **{"attack.malicious_ids": [0, 3], "attack.pool": True})
+    setup = prepare_arm(cfg, digits_data)
+    w = setup.layout.flatten(setup.model)
+    d = setup.executor(setup, w, [0, 1, 3], 0)
+    torch.testing.assert_close(d[0], d[2])
+    single = prepare_arm(_diffusion_cfg(tiny, **{"attack.malicious_ids": [0, 3]}), digits_data)
+    s = single.executor(single, w, [0, 1, 3], 0)
+    assert not torch.allclose(s[0], s[2]) and not torch.allclose(s[0], d[0])

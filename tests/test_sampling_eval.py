@@ -115,3 +115,22 @@ def test_the_visible_trigger_is_separated_and_chi2_catches_it(oracle_result):  #
         assert out["rates"]["visible"][det]["0"]["fpr"] <= 0.05
         assert math.isnan(out["rates"]["visible"][det]["0"]["tpr"])
         assert out["unguarded_fpr"][det] > 0.05  # without the guard they split them
+
+
+def test_same_seed_same_tables_and_noise_keyed_per_input() -> None:
+    y = target_image("box", SHAPE)
+    r = torch.zeros(SHAPE)
+    r[0, 5:, 5:] = 3.0
+    sampler = toy_sampler(y, torch.full(SHAPE, -1.0), r != 0)
+    small = DetectionSettings(
+        steps=8, shared=2, samples=20, triggered=10, reference=10, batch_size=10, batches=2,
+        detectors=("maxsplit",), shares=(0.3,),
+    )  # fmt: skip
+    a = evaluate_detection(sampler, r, y, small, seed=1)
+    b = evaluate_detection(sampler, r, y, small, seed=1)
+    assert repr(a) == repr(b)
+    # input i's noise is the same whatever the pool's size
+    torch.testing.assert_close(
+        input_noise(1, "clean", 20, SHAPE)[:5], input_noise(1, "clean", 5, SHAPE)
+    )
+    assert not torch.equal(input_noise(1, "clean", 5, SHAPE), input_noise(2, "clean", 5, SHAPE))

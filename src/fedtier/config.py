@@ -536,6 +536,7 @@ class BadDiffusionAttack(Attacker):
     epochs: int | None = Field(None, gt=0)  # the attackers' local epochs; None = train.epochs
     lr: float | None = Field(None, gt=0)  # the attackers' learning rate; None = train.lr
     gamma: float | None = Field(None, gt=0)  # model replacement of the malicious Δ; None = none
+    pool: bool = False  # colluders pool their data and upload one shared model per round
 
 
 AttackVariant = (

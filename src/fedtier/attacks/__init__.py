@@ -221,6 +221,7 @@ def build_baddiffusion(
         gamma=a.gamma if a.gamma is not None else 1.0,
         task_loss=loss,
         amplify=a.gamma is not None,
+        pool=a.pool,
     )
 
 
