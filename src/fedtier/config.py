@@ -665,7 +665,7 @@ class DetectionConfig(Section):
     )  # triggered shares of a batch measured; 0 = all-clean batches
     response_share: float = Field(0.3, gt=0, lt=1)  # triggered share where responses act
     chi2_alpha: float = Field(0.05, gt=0, lt=1)  # level of the two-sided χ² test on ‖x_T‖²
-    asr_threshold: float = Field(0.05, gt=0)  # MSE (on [0, 1]) that counts as the target
+    asr_threshold: float = Field(0.1, gt=0)  # MSE (on [0, 1]) within which a sample is the target
     stealthy: bool = True  # also the stealthy trigger (ε + r rescaled to ‖ε‖)
     fid: bool = True  # clean FID with each response (trains/loads the in-house judge)
 

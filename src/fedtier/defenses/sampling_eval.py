@@ -68,7 +68,7 @@ class DetectionSettings:
     shares: tuple[float, ...] = (0.0, 0.1, 0.3)
     response_share: float = 0.3  # triggered share of the batches the responses act on
     chi2_alpha: float = 0.05
-    asr_threshold: float = 0.05  # MSE (on [0, 1]) within which an image counts as the target
+    asr_threshold: float = 0.1  # MSE (on [0, 1]) within which an image counts as the target
     stealthy: bool = True
 
 
