@@ -607,7 +607,8 @@ class CostConfig(Section):
     # (forward + backward of the task's loss on one sample, counted) / flops_per_cycle
     compute: Literal["device-class", "flops"] = "device-class"
     flops_per_cycle: float = Field(4.0, gt=0)  # sustained FLOPs per CPU cycle (SIMD) of a device
-    edge_ghz: float = Field(20.0, gt=0)  # an edge server's compute for collaborative sampling
+    edge_ghz: float = Field(2.5, gt=0)  # clock of an edge server's core (collaborative sampling)
+    edge_cores: int = Field(8, gt=0)  # its cores: the edge runs edge_cores · edge_ghz cycles/ns
     edge_capacitance: float = Field(1e-28, gt=0)  # τ of the edge server (E = τ · cycles · f²)
     edge_power_w: float = Field(1.0, gt=0)  # the edge's downlink transmit power
 

@@ -18,7 +18,9 @@ from fedtier.aggregate.robust import check_rule_config
 from fedtier.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_model
 from fedtier.config import Config, DiffusionTaskConfig, to_dict
 from fedtier.costs import CostModel
+from fedtier.costs.flops import training_flops
 from fedtier.data import ArrayDataset, ClientData, load_dataset, partition, select_classes
+from fedtier.deploy import generation_report, wants_generation
 from fedtier.errors import FedtierError
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
@@ -174,11 +176,29 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         target_bits=target_bits,
         election=election,
         upload=build_chain(cfg.upload),
-        costs=CostModel(cfg.costs, topology, cfg.train.epochs, layout.size),
+        costs=CostModel(
+            cfg.costs,
+            topology,
+            cfg.train.epochs,
+            layout.size,
+            sample_cycles=sample_cycles(cfg, task, model, train),
+        ),
     )
     setup.executor_name = select_executor(setup)
     setup.attack = install(setup, train)  # wraps the executor for the attackers' own training
     return setup
+
+
+def sample_cycles(
+    cfg: Config, task: ClientTask, model: nn.Module, train: ArrayDataset
+) -> float | None:
+    """C of the energy model under ``costs.compute: flops``: the counted FLOPs of one
+    training sample (forward + backward of the task's loss) over ``costs.flops_per_cycle``;
+    None under ``device-class`` (each device class's constant)."""
+    if cfg.costs.compute != "flops":
+        return None
+    sample = batch_to(client_batch(task, train.x[:1], train.y[:1]), device_of(model))
+    return training_flops(model, task, sample) / cfg.costs.flops_per_cycle
 
 
 def _region_views(
@@ -419,6 +439,7 @@ def run_arm(
         bar.update(1)
 
     setup = prepare_arm(cfg, data)
+    w_before = setup.layout.flatten(setup.model)  # for the generative report
     # integer buffers (BatchNorm's num_batches_tracked) are not federated: the final model
     # keeps their initial values, so it does not depend on which executor trained it
     initial = {
@@ -484,10 +505,16 @@ def run_arm(
         )
     finally:
         close_executor(setup)
+    extra: dict[str, Any] = {}
+    if wants_generation(cfg, setup):
+        w_final = evaluated_state(setup, w)
+        extra["generation"] = generation_report(setup, w_before, w_final, data, writer.out, arm)
+        writer.log({"arm": arm, "event": "generation", **extra["generation"]})
+        if setup.costs is not None:
+            last["costs"] = setup.costs.snapshot()  # training, plus the sampling's ledger
     setup.layout.load(setup.model, evaluated_state(setup, w))
     final = {**setup.model.state_dict(), **initial}
     save_model(writer.out, arm, final, setup.test.input_shape, setup.test.num_classes)
-    extra: dict[str, Any] = {}
     if "costs" in last:
         extra["costs"] = last["costs"]
     if any("asr" in m for m in last["bits"].values()):

@@ -252,7 +252,70 @@ def console_report(summary: dict[str, Any]) -> str:
     security = security_section(summary)
     if security:
         lines += ["", security.rstrip("\n")]
+    generation = generation_section(summary)
+    if generation:
+        lines += ["", generation.replace("### ", "").rstrip("\n")]
     return "\n".join(lines)
+
+
+def generation_section(summary: dict[str, Any]) -> str:
+    """Diffusion arms (fedtier.deploy): FID, class shares and confidence of the samples
+    before and after fine-tuning, the sample grids, and the collaborative-sampling table."""
+    arms = {n: a["generation"] for n, a in summary.get("arms", {}).items() if "generation" in a}
+    if not arms:
+        return ""
+    first = next(iter(arms.values()))
+    classes = first.get("classes") or list(range(len(first["after"]["class_shares"])))
+    before = first["before"]
+    pre = before.get("pretrain_classes")
+    shares = " | ".join(f"class {c} (%)" for c in classes)
+    lines = [
+        "### Generated samples (fedtier.deploy)",
+        "",
+        f"{first['samples']} samples per model, DDIM {first['sampling']['steps']} steps, the "
+        f"edge running the first {first['sampling']['shared_steps']}. {first['fid_note']}",
+        "",
+        f"| model | FID (classes {classes}) | {shares} | other classes (%) | mean confidence |",
+        "|---|---|" + "---|" * len(classes) + "---|---|",
+    ]
+
+    def row(name: str, m: dict[str, Any]) -> str:
+        sh = m["class_shares"]
+        own = [100 * sh[c] for c in classes]
+        rest = 100 * (1 - sum(sh[c] for c in classes))
+        cells = " | ".join(f"{v:.1f}" for v in own)
+        return f"| {name} | {m['fid']:.2f} | {cells} | {rest:.1f} | {m['mean_confidence']:.3f} |"
+
+    lines.append(row("before fine-tuning (pretrained)", before))
+    lines += [row(n, g["after"]) for n, g in arms.items()]
+    if pre is not None:
+        lines += [
+            "",
+            f"Pretrained model on its own classes {pre}: FID {before['fid_pretrain_classes']:.2f}.",
+        ]
+    grids = [("before fine-tuning", before.get("grid"))] + [
+        (n, g["after"].get("grid")) for n, g in arms.items()
+    ]
+    grids = [(n, g) for n, g in grids if g]
+    if grids:
+        lines += [""] + [f"![{n}](plots/{g})" for n, g in grids]
+    table = first["sampling"]["table"]
+    lines += [
+        "",
+        "Collaborative sampling: the edge runs t of the S steps for the whole batch "
+        "(t = 0 device-only, t = S edge-only); per device means (fedtier.costs.sampling):",
+        "",
+        "| t | device energy (J) | device latency (s) | slowest device (s) | edge time (s) "
+        "| edge energy (J) | bytes up | bytes down |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['t']} | {r['device_energy_j']:.4g} | {r['device_latency_s']:.4g} | "
+        f"{r['max_latency_s']:.4g} | {r['edge_time_s']:.4g} | {r['edge_energy_j']:.4g} | "
+        f"{r['bytes_up']:.0f} | {r['bytes_down']:.0f} |"
+        for r in table
+    ]
+    return "\n".join(lines) + "\n"
 
 
 LEGACY_TABLES = {"accuracy": "cda", "asr": "asr"}  # summaries written before typed metrics
@@ -385,6 +448,9 @@ def render_report(out: Path) -> Path:
     security = security_section(summary)
     if security:
         lines += [security, ""]
+    generation = generation_section(summary)
+    if generation:
+        lines += [generation.replace("### ", "## "), ""]
     arms = summary.get("arms", {})
     if arms:
         lines += ["| arm | rounds | wall time (s) |", "|---|---|---|"]

@@ -73,6 +73,9 @@ class CostModel:
     epochs: int
     param_count: int  # P: floats in the global model (downlink size)
     ledger: CostLedger = field(default_factory=CostLedger)  # bound to the run's state
+    # C for every device (cycles per training sample, e.g. the model's counted FLOPs over the
+    # FLOPs per cycle); None: each device class's own constant
+    sample_cycles: float | None = None
 
     @property
     def totals(self) -> dict[str, float]:
@@ -86,7 +89,12 @@ class CostModel:
         prof, c = self.topology.profiles, self.cfg
         classes = [DEVICE_CLASSES[prof.kinds[k]] for k in prof.kind]
         self.f_max_hz = prof.f_max_ghz * 1e9
-        self.cycles_per_sample = np.array([d.cycles_per_sample for d in classes])
+        self.cycles_per_sample = np.array(
+            [
+                d.cycles_per_sample if self.sample_cycles is None else self.sample_cycles
+                for d in classes
+            ]
+        )
         self.capacitance = np.array([d.capacitance for d in classes])
         self.p_max_w = np.array([d.p_max_w for d in classes])
         self.gain = snr_gain(

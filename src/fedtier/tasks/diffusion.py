@@ -157,7 +157,7 @@ def sample(
     ``scheduler`` is a ``DDIMScheduler`` (:func:`ddim_scheduler`); a copy with S timesteps is
     used, so the caller's is never changed. ``clip_x0``: clamp the predicted x̂_0 to
     [−1, 1] at every step (BadDiffusion's inference-time clipping, diffusers'
-    ``clip_sample``). ``model`` is put in eval mode. The steps draw no randomness (η = 0).
+    ``clip_sample``: the direction term keeps the predicted ε). ``model`` is put in eval mode. The steps draw no randomness (η = 0).
     """
     stop = steps if stop is None else stop
     if steps < 1:
