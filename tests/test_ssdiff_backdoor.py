@@ -52,6 +52,10 @@ def test_preset_runs_both_arms_and_reports_every_table(tmp_path, monkeypatch, ca
     for text in ("Trigger detection at the edge", "All-clean batches", "AUROC", "Responses"):
         assert text in report and text in printed
     assert "backdoor (backdoored), visible" in report and "clean (clean model)" in report
+    for arm in ("clean", "backdoor"):
+        for kind in ("clean", "visible", "stealthy"):
+            png = tmp_path / "run" / "plots" / f"triggered-{arm}-{kind}.png"
+            assert png.is_file() and f"plots/{png.name}" in report
 
 
 @pytest.mark.parametrize(

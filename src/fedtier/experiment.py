@@ -527,7 +527,9 @@ def run_arm(
     if "privacy" in last:
         extra["privacy"] = last["privacy"]
     if cfg.detection is not None:  # sampling-phase trigger detection on the final model
-        extra["detection"] = sampling_security(setup, data, progress=not bar.disable)
+        extra["detection"] = sampling_security(
+            setup, data, not bar.disable, writer.out / "plots", arm
+        )
     return {
         **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},

@@ -3,6 +3,7 @@ quantization-consistency screen, global clipping / server noise, and DP accounti
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,14 +144,20 @@ def add_rejections(total: dict[str, dict[str, float]], stages: dict[str, float])
 
 
 def sampling_security(
-    setup: ArmSetup, data: tuple[ArrayDataset, ArrayDataset], progress: bool = False
+    setup: ArmSetup,
+    data: tuple[ArrayDataset, ArrayDataset],
+    progress: bool = False,
+    plots: Path | None = None,
+    arm: str = "main",
 ) -> dict[str, Any]:
     """The arm's sampling-phase security evaluation (``cfg.detection``;
     :func:`fedtier.defenses.sampling_eval.evaluate_detection`) on its final model: DDIM with
     the task's S sample_steps, the edge running the first t = shared_steps; the attack's
     trigger and target; FID of the clean images against the test images of ``data.classes``
-    with the in-house judge (:mod:`fedtier.generative`, trained on the whole training set)."""
-    from fedtier.generative import FidScorer, train_judge
+    with the in-house judge (:mod:`fedtier.generative`, trained on the whole training set).
+    With ``plots``, a grid of 64 samples per input kind (clean, visible, stealthy trigger)
+    without defense goes to ``plots/triggered-<arm>-<kind>.png``."""
+    from fedtier.generative import FidScorer, sample_grid, train_judge
     from fedtier.tasks.diffusion import ddim_scheduler, sample
 
     cfg = setup.cfg
@@ -189,6 +196,15 @@ def sampling_security(
         asr_threshold=det.asr_threshold,
         stealthy=det.stealthy,
     )
-    out = evaluate_detection(sampler, r, y, settings, cfg.seed, score, progress)
+    grids: dict[str, str] = {}
+
+    def grid(kind: str, images: torch.Tensor) -> None:
+        if plots is not None and len(images):
+            safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in arm)
+            path = sample_grid(images[:64], plots / f"triggered-{safe}-{kind}.png", 8, scale=4)
+            grids[kind] = path.name
+
+    out = evaluate_detection(sampler, r, y, settings, cfg.seed, score, progress, grid)
     out["malicious"] = len(malicious_clients(cfg))
+    out["grids"] = grids
     return out

@@ -112,16 +112,19 @@ def evaluate_detection(
     seed: int,
     fid: Callable[[torch.Tensor], float] | None = None,
     progress: bool = False,
+    on_images: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """The model's detection and response tables (module docstring). ``trigger`` r and
-    ``target`` y are [C, H, W]; ``fid`` scores a batch of clean images (None: no FID)."""
+    ``target`` y are [C, H, W]; ``fid`` scores a batch of clean images (None: no FID);
+    ``on_images(name, x_0)`` receives the images sampled without defense (``clean``,
+    ``visible``, ``stealthy``), e.g. for sample grids."""
     s = settings
     shape = tuple(trigger.shape)
     n_trig = (2 if s.stealthy else 1) * s.triggered
     total = 2 * (s.samples + n_trig) + s.reference  # shared steps of all, then the rest
     bar = tqdm(total=total, desc="detection", unit="img", disable=not progress, leave=False)
     try:
-        return _evaluate(sampler, trigger, target, s, seed, fid, shape, bar)
+        return _evaluate(sampler, trigger, target, s, seed, fid, shape, bar, on_images)
     finally:
         bar.close()
 
@@ -135,6 +138,7 @@ def _evaluate(
     fid: Callable[[torch.Tensor], float] | None,
     shape: tuple[int, ...],
     bar: tqdm,
+    on_images: Callable[[str, torch.Tensor], None] | None,
 ) -> dict[str, Any]:
     def shared(x: torch.Tensor) -> Pool:
         mid = _chunked(lambda c: sampler(c, 0, s.shared, False), x, bar)
@@ -183,6 +187,10 @@ def _evaluate(
     out["fid_clean"] = fid(clean_final) if fid is not None else None
     for name, pool in triggers.items():
         out["no_defense"][name] = attack_success(finish(pool), target, s.asr_threshold)
+    if on_images is not None:
+        on_images("clean", clean_final)
+        for name, pool in triggers.items():
+            on_images(name, finish(pool))
     out["responses"] = _responses(
         sampler, clean, triggers["visible"], target, reference, s, seed, fid
     )
@@ -429,4 +437,10 @@ def detection_tables(arms: dict[str, dict[str, Any]]) -> str:
                     + " | ".join(cells)
                     + " |"
                 )
+    grids = [
+        (f"{label(n)}, {k}", g) for n, r in runs.items() for k, g in r.get("grids", {}).items()
+    ]
+    if grids:
+        lines += ["", "Samples without defense (64 per input kind):", ""]
+        lines += [f"![{name}](plots/{g})" for name, g in grids]
     return "\n".join(lines) + "\n"
