@@ -74,7 +74,8 @@ def run_fedtier(cfg: Config, data: tuple[ArrayDataset, ArrayDataset] | None = No
     return {
         "executor": setup.executor_name,
         **timing(stamps, startup, cfg, setup.topology.num_samples, setup.topology),
-        "accuracy": evals[-1]["bits"]["32"]["accuracy"],
+        "accuracy": evals[-1]["bits"]["32"].get("accuracy", float("nan")),
+        "metrics": evals[-1]["bits"]["32"],  # every metric of the task (MSE for diffusion)
     }
 
 

@@ -26,14 +26,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import describe_machine, in_fresh_process, timing  # noqa: E402
+from bench import describe_machine, in_fresh_process, run_fedtier, timing  # noqa: E402
 
 from fedtier.config import Config, load_config  # noqa: E402
 from fedtier.data import load_dataset, select_classes  # noqa: E402
-from fedtier.experiment import make_task, prepare_arm, split_clients  # noqa: E402
-from fedtier.local.select import close_executor  # noqa: E402
+from fedtier.experiment import make_task, split_clients  # noqa: E402
 from fedtier.models import build_model  # noqa: E402
-from fedtier.rounds import run_rounds  # noqa: E402
 from fedtier.topology import build_topology, plan_round  # noqa: E402
 
 Result = dict
@@ -54,22 +52,9 @@ def bench_config(rounds: int, executor: str = "auto") -> Config:
     )
 
 
-def run_fedtier(cfg: Config) -> Result:
-    start = time.perf_counter()
-    data = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed)
-    setup = prepare_arm(cfg, data)
-    startup = time.perf_counter() - start
-    evals: list[dict] = []
-    stamps = [time.perf_counter()]
-    try:
-        run_rounds(setup, evals.append, on_round=lambda t: stamps.append(time.perf_counter()))
-    finally:
-        close_executor(setup)
-    return {
-        "executor": setup.executor_name,
-        **timing(stamps, startup, cfg, setup.topology.num_samples, setup.topology),
-        "mse": evals[-1]["bits"]["32"]["mse"],
-    }
+def run_fedtier_diffusion(cfg: Config) -> Result:
+    r = run_fedtier(cfg)
+    return {**r, "mse": r["metrics"]["mse"]}
 
 
 def run_hand_loop(cfg: Config) -> Result:
@@ -135,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = bench_config(args.rounds, args.executor)
     rows: dict[str, list[Result]] = {"fedtier": [], "hand-written loop": []}
     for _ in range(args.repeats):  # alternate, so both columns see the same load
-        rows["fedtier"].append(in_fresh_process(run_fedtier, cfg))
+        rows["fedtier"].append(in_fresh_process(run_fedtier_diffusion, cfg))
         rows["hand-written loop"].append(in_fresh_process(run_hand_loop, cfg))
     print(f"\n### diffusion fine-tuning (ssdiff-mnist's U-Net), {args.rounds} rounds\n")
     print("| column | run | s/round | client-samples/s | peak MB | test MSE | start-up s |")

@@ -72,6 +72,8 @@ def test_the_preset_pretrains_once_fine_tunes_and_reports_samples_and_costs(run,
     fp32, dyn = arms["fp32"]["costs"], arms["dynamic"]["costs"]
     assert dyn["bytes_client_edge"] < fp32["bytes_client_edge"] / 4
     assert "in-house CNN" in first.out and "Collaborative sampling" in first.out
+    assert "Pretrained model: " in first.out and "pretraining took" in first.out
+    assert summary["pretrained"] and not next(iter(summary["pretrained"].values()))["cached"]
     report = (tmp_path / "a" / "report.md").read_text()
     assert "![fp32](plots/samples-fp32.png)" in report
 

@@ -325,7 +325,7 @@ def run_experiment(
     if not resume:
         check_new_run_dir(out, overwrite)
     data = load_arm_data(arms)
-    pretrain_arms(arms, data, progress)
+    pretrained = pretrain_arms(arms, data, progress)
     if not resume:
         preflight(arms, data)
     if resume:
@@ -333,6 +333,11 @@ def run_experiment(
     else:
         writer = RunWriter(out, to_dict(cfg), overwrite=overwrite)
     summary: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "arms": {}}
+    if pretrained:  # the provider's model: its training time, reported once
+        summary["pretrained"] = {
+            p.key: {"path": str(p.path), "train_s": round(p.seconds, 1), "cached": p.cached}
+            for p in pretrained.values()
+        }
     if checkpoint is not None:
         summary["arms"].update(checkpoint["arms_done"])
         if checkpoint.get("target_bits") is not None:

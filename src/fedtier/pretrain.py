@@ -35,6 +35,8 @@ from fedtier.seeding import torch_generator
 from fedtier.tasks import ClientTask, client_batch
 
 PRETRAIN_VERSION = 1  # part of the cache key: bump when the training loop changes
+# fields of a task config that change sampling, not training (not part of the cache key)
+SAMPLING_FIELDS = frozenset({"sample_steps", "shared_steps", "samples", "grid"})
 
 
 def cache_root() -> Path:
@@ -62,7 +64,7 @@ def pretrain_settings(cfg: Config) -> dict[str, Any]:
         "seed": cfg.seed,
         "model": {"name": cfg.model.name, "options": cfg.model.options},
         "data": {"dataset": cfg.data.dataset, "root": cfg.data.root},
-        "task": to_dict(cfg.train.task),
+        "task": {k: v for k, v in to_dict(cfg.train.task).items() if k not in SAMPLING_FIELDS},
         "pretrain": to_dict(cfg.pretrain),
     }
 

@@ -258,6 +258,16 @@ def console_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pretrained_line(summary: dict[str, Any]) -> str:
+    """The pretrained model(s) the arms started from and how long their training took."""
+    parts = [
+        f"{p['path']} ({'from the cache; ' if p['cached'] else ''}pretraining took "
+        f"{p['train_s']:.0f} s)"
+        for p in summary.get("pretrained", {}).values()
+    ]
+    return "Pretrained model: " + "; ".join(parts) if parts else ""
+
+
 def generation_section(summary: dict[str, Any]) -> str:
     """Diffusion arms (fedtier.deploy): FID, class shares and confidence of the samples
     before and after fine-tuning, the sample grids, and the collaborative-sampling table."""
@@ -269,9 +279,11 @@ def generation_section(summary: dict[str, Any]) -> str:
     before = first["before"]
     pre = before.get("pretrain_classes")
     shares = " | ".join(f"class {c} (%)" for c in classes)
+    pre_line = pretrained_line(summary)
     lines = [
         "### Generated samples (fedtier.deploy)",
         "",
+        *([pre_line, ""] if pre_line else []),
         f"{first['samples']} samples per model, DDIM {first['sampling']['steps']} steps, the "
         f"edge running the first {first['sampling']['shared_steps']}. {first['fid_note']}",
         "",
