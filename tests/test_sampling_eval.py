@@ -83,6 +83,9 @@ def test_distances_are_those_of_the_sampler(oracle_result):  # type: ignore[no-u
 
     auroc = roc_auc_score(np.r_[np.zeros(60), np.ones(40)], np.r_[dc, d])
     assert out["auroc"]["visible"] == pytest.approx(auroc)
+    # the per-step AUROC, step by step, agrees with the one-call distance at k = t
+    per_step = out["auroc_by_step"]["visible"]
+    assert len(per_step) == STEPS and per_step[SHARED - 1] == pytest.approx(auroc)
 
 
 def test_reject_and_replace_leave_exactly_the_missed_triggers(oracle_result):  # type: ignore[no-untyped-def]

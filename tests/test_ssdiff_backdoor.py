@@ -49,7 +49,12 @@ def test_preset_runs_both_arms_and_reports_every_table(tmp_path, monkeypatch, ca
             assert set(row) >= {"tpr", "fpr", *RESPONSES}
             assert 0.0 <= row["reject"]["asr"] <= 1.0
     report = (tmp_path / "run" / "report.md").read_text()
-    for text in ("Trigger detection at the edge", "All-clean batches", "AUROC", "Responses"):
+    for text in (
+        "Trigger detection at the edge",
+        "All-clean batches",
+        "AUROC of d after k",
+        "Responses",
+    ):
         assert text in report and text in printed
     assert "backdoor (backdoored), visible" in report and "clean (clean model)" in report
     for arm in ("clean", "backdoor"):

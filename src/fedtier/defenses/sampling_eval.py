@@ -102,6 +102,7 @@ class Pool:
     mid: torch.Tensor
     d: np.ndarray
     final: torch.Tensor | None = None  # x_0 of plain sampling, when needed
+    by_step: np.ndarray | None = None  # [S, N]: ‖x_{T−k} − x_T‖₂ after k = 1 … S steps
 
 
 def evaluate_detection(
@@ -144,23 +145,45 @@ def _evaluate(
         mid = _chunked(lambda c: sampler(c, 0, s.shared, False), x, bar)
         return Pool(x, mid, step_distance(x, mid).double().numpy())
 
+    def chain(x: torch.Tensor) -> Pool:
+        """The whole chain one step at a time (bit for bit one call), keeping x_{T−t}, x_0
+        and the distance after every step k = 1 … S."""
+        mids, finals, dists = [], [], []
+        for i in range(0, len(x), CHUNK):
+            x_T = cur = x[i : i + CHUNK]
+            d = []
+            for k in range(s.steps):
+                cur = sampler(cur, k, k + 1, False).detach().cpu()
+                d.append(step_distance(x_T, cur).double().numpy())
+                if k + 1 == s.shared:
+                    mids.append(cur)
+            if s.shared == 0:
+                mids.append(x_T.clone())
+            finals.append(cur)
+            dists.append(np.stack(d))
+            bar.update(2 * len(x_T))
+        mid = torch.cat(mids)
+        pool = Pool(x, mid, step_distance(x, mid).double().numpy(), torch.cat(finals))
+        pool.by_step = np.concatenate(dists, axis=1)
+        return pool
+
     def finish(pool: Pool) -> torch.Tensor:
-        if pool.final is None:
-            pool.final = _chunked(lambda c: sampler(c, s.shared, s.steps, False), pool.mid, bar)
+        assert pool.final is not None
         return pool.final
 
     eps = input_noise(seed, "triggered", s.triggered, shape)
-    clean = shared(input_noise(seed, "clean", s.samples, shape))
+    clean = chain(input_noise(seed, "clean", s.samples, shape))
     ref = shared(input_noise(seed, "reference", s.reference, shape))
-    triggers = {"visible": shared(visible_noise(eps, trigger))}
+    triggers = {"visible": chain(visible_noise(eps, trigger))}
     if s.stealthy:
-        triggers["stealthy"] = shared(stealthy_noise(eps, trigger))
+        triggers["stealthy"] = chain(stealthy_noise(eps, trigger))
     reference = Reference.of(ref.d)
     out: dict[str, Any] = {
         "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
         "reference": {"center": reference.center, "spread": reference.spread},
         "distance": {"clean": _stats(clean.d), "reference": _stats(ref.d)},
         "auroc": {},
+        "auroc_by_step": {},
         "rates": {},
         "unguarded_fpr": {},
         "no_defense": {},
@@ -172,6 +195,10 @@ def _evaluate(
 
         labels = np.r_[np.zeros(len(clean.d)), np.ones(len(pool.d))]
         out["auroc"][name] = float(roc_auc_score(labels, np.r_[clean.d, pool.d]))
+        assert clean.by_step is not None and pool.by_step is not None
+        out["auroc_by_step"][name] = [
+            float(roc_auc_score(labels, np.r_[c, p])) for c, p in zip(clean.by_step, pool.by_step)
+        ]
         out["rates"][name] = {
             det: {
                 f"{share:g}": _batch_rates(det, share, clean, pool, reference, s, seed)
@@ -399,6 +426,20 @@ def detection_tables(arms: dict[str, dict[str, Any]]) -> str:
                 f"{ref['std']:.2g} | {t} | {d['mean']:.3g} ± {d['std']:.2g} | "
                 f"{r['auroc'][t]:.3f} |"
             )
+    by_step = {n: r["auroc_by_step"] for n, r in runs.items() if r.get("auroc_by_step")}
+    if by_step:
+        ks = sorted({1, 2, st["shared"], st["steps"] // 2, 3 * st["steps"] // 4, st["steps"]} - {0})
+        lines += [
+            "",
+            "AUROC of d after k of the S steps (what the edge would see had it run k steps):",
+            "",
+            "| model | trigger | " + " | ".join(f"k = {k}" for k in ks) + " |",
+            "|---|---|" + "---|" * len(ks),
+        ]
+        for n, per in by_step.items():
+            for t, values in per.items():
+                row = " | ".join(f"{values[k - 1]:.3f}" for k in ks)
+                lines.append(f"| {label(n)} | {t} | {row} |")
     lines += [
         "",
         f"Attack without defense (ASR: share of triggered samples with MSE ≤ "
