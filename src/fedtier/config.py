@@ -583,6 +583,24 @@ class LabelFlipAttack(TrainedAttack):
     kind: Literal["label-flip"]
 
 
+class BadDiffusionAttack(Attacker):
+    """BadDiffusion (SPEC §8; fedtier.attacks.baddiffusion): the malicious devices fine-tune on
+    the poisoned objective, so that noise carrying the trigger (the ``trigger`` section's patch,
+    added to x_T) is denoised into the target image. Needs ``train.task: diffusion``."""
+
+    kind: Literal["baddiffusion"]
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # share of each malicious batch poisoned
+    target: Literal["box", "corner", "cross"] = "box"  # target image y (attacks.baddiffusion)
+    target_file: str | None = None  # a .npy/.pt image [C, H, W] on [-1, 1] instead of target
+    trigger_file: str | None = None  # a .npy/.pt trigger r [C, H, W] instead of the patch
+    # coefficient of r in the ε-target: ode = 2·R_t (DDIM sampling, VillanDiffusion), sde = R_t
+    solver: Literal["ode", "sde"] = "ode"
+    epochs: int | None = Field(None, gt=0)  # the attackers' local epochs; None = train.epochs
+    lr: float | None = Field(None, gt=0)  # the attackers' learning rate; None = train.lr
+    gamma: float | None = Field(None, gt=0)  # model replacement of the malicious Δ; None = none
+    pool: bool = False  # colluders pool their data and upload one shared model per round
+
+
 AttackVariant = (
     NoAttack
     | FqbdAttack
@@ -593,6 +611,7 @@ AttackVariant = (
     | DbaAttack
     | LabelFlipAttack
     | ByzantineAttack
+    | BadDiffusionAttack
 )
 AttackConfig = Annotated[
     AttackVariant, Field(discriminator="kind"), _bare_name("kind", AttackVariant)
@@ -790,6 +809,44 @@ class FaultsConfig(Section):
 INERT_FAULT_FIELDS = frozenset({"absurd_norm", "max_norm"})  # settings, not faults
 
 
+DetectorName = Literal["average", "maxsplit", "max-min", "kmeans"]
+ResponseName = Literal["reject", "replace", "itc"]
+
+
+def _all_detectors() -> list[DetectorName]:
+    return ["average", "maxsplit", "max-min", "kmeans"]
+
+
+def _all_responses() -> list[ResponseName]:
+    return ["reject", "replace", "itc"]
+
+
+class DetectionConfig(Section):
+    """The sampling-phase security evaluation after training (SPEC §8; fedtier.defenses.
+    sampling_eval): the edge's trigger detectors on d_i = ‖x_{T−t} − x_T‖₂ after the task's
+    shared_steps t, the χ² baseline, and the responses. Needs train.task: diffusion and
+    attack.kind: baddiffusion (its trigger and target; attack.malicious: 0 = a clean model)."""
+
+    # detectors (fedtier.defenses.sampling.DETECTORS); the χ² baseline is always measured
+    detectors: list[DetectorName] = Field(default_factory=_all_detectors, min_length=1)
+    # what flagged inputs get (fedtier.defenses.sampling.RESPONSES)
+    responses: list[ResponseName] = Field(default_factory=_all_responses)
+    guard: float = Field(3.0, ge=0)  # split only when the groups are > guard × clean spread apart
+    samples: int = Field(1000, ge=2)  # clean inputs: their images give the clean FID
+    triggered: int = Field(512, ge=2)  # triggered inputs (visible and stealthy: the same ε)
+    reference: int = Field(256, ge=2)  # the edge's own clean reference inputs (the guard)
+    batch_size: int = Field(64, ge=2)  # inputs per edge batch
+    batches: int = Field(32, gt=0)  # random batches per triggered share (TPR/FPR)
+    shares: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.3], min_length=1
+    )  # triggered shares of a batch measured; 0 = all-clean batches
+    response_share: float = Field(0.3, gt=0, lt=1)  # triggered share where responses act
+    chi2_alpha: float = Field(0.05, gt=0, lt=1)  # level of the two-sided χ² test on ‖x_T‖²
+    asr_threshold: float = Field(0.1, gt=0)  # MSE (on [0, 1]) within which a sample is the target
+    stealthy: bool = True  # also the stealthy trigger (ε + r rescaled to ‖ε‖)
+    fid: bool = True  # clean FID with each response (trains/loads the in-house judge)
+
+
 class PretrainConfig(Section):
     """Central pretraining of the provider's model before federated fine-tuning
     (fedtier.pretrain; cached under $FEDTIER_CACHE keyed by these settings)."""
@@ -813,6 +870,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     costs: CostConfig = CostConfig()
     pretrain: PretrainConfig | None = None  # pretrain the model centrally first (None: no)
+    detection: DetectionConfig | None = None  # sampling-phase trigger detection (None: off)
     schedule: ScheduleConfig = ScheduleConfig()
     ray: RayConfig = RayConfig()  # where train.executor 'ray' runs the client jobs
     upload: list[StageConfig] = Field(default_factory=list)  # client→edge stages, in order
@@ -834,6 +892,18 @@ class Config(Section):
             elif a.malicious >= 1 and (a.malicious != int(a.malicious) or a.malicious > n):
                 raise _fail(
                     "attack.malicious", a.malicious, f"a fraction in [0, 1) or a count up to {n}"
+                )
+        if self.detection is not None:
+            if not isinstance(self.train.task, DiffusionTaskConfig):
+                raise _fail(
+                    "detection", "on", f"train.task: diffusion (got '{self.train.task.name}')"
+                )
+            if not isinstance(a, BadDiffusionAttack):
+                raise _fail(
+                    "detection",
+                    "on",
+                    f"attack.kind: baddiffusion, whose trigger and target it tests (got "
+                    f"'{a.kind}'; attack.malicious: 0 measures a clean model)",
                 )
         if self.aggregate.cloud_rule.name == "dp-mean":
             raise _fail(

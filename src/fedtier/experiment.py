@@ -48,7 +48,13 @@ from fedtier.results import (
 from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.secure.edge import add_secure
-from fedtier.security import add_rejections, install, privacy_attacks, privacy_record
+from fedtier.security import (
+    add_rejections,
+    install,
+    privacy_attacks,
+    privacy_record,
+    sampling_security,
+)
 from fedtier.seeding import numpy_rng
 from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
 from fedtier.tasks import (
@@ -567,6 +573,10 @@ def run_arm(
         )
         plot_reconstructions(writer.out, arm, truth.numpy(), recon.numpy())
         writer.log({"arm": arm, "event": "privacy_attacks", **extra["privacy_attacks"]})
+    if cfg.detection is not None:  # sampling-phase trigger detection on the final model
+        extra["detection"] = sampling_security(
+            setup, data, not bar.disable, writer.out / "plots", arm
+        )
     return {
         **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},

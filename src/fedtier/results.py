@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from fedtier.defenses.sampling_eval import detection_tables
 from fedtier.errors import FedtierError
 from fedtier.metrics import MetricSpec
 
@@ -433,6 +434,9 @@ def security_section(summary: dict[str, Any]) -> str:
     secure = {n: a["secure"] for n, a in arms.items() if a.get("secure")}
     if secure:
         lines += [secure_table(secure), ""]
+    detection = detection_tables(arms)
+    if detection:
+        lines += [detection]
     private = {n: a["privacy"] for n, a in arms.items() if a.get("privacy")}
     if private:
         lines += [

@@ -3,6 +3,7 @@ quantization-consistency screen, global clipping / server noise, and DP accounti
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,19 +14,25 @@ from fedtier.attacks import (
     Attack,
     attack_executor,
     attack_stage,
+    baddiffusion_images,
     build_attack,
     make_trigger,
+    malicious_clients,
+    unwrap_diffusion,
     with_asr,
 )
 from fedtier.config import (
+    BadDiffusionAttack,
+    DiffusionTaskConfig,
     GlobalClipDefense,
     QCheckDefense,
     ServerNoiseDefense,
     TrainedAttack,
 )
-from fedtier.data import ArrayDataset
+from fedtier.data import ArrayDataset, select_classes
 from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
+from fedtier.defenses.sampling_eval import DetectionSettings, evaluate_detection
 from fedtier.local.arm import ArmSetup
 from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
 from fedtier.privacy.inversion import infer_label, invert, match_images, psnr, sgd_update, ssim
@@ -65,7 +72,9 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
             if cfg.aggregate.rule == "qafed"
             else expected_sampled(setup.topology, cfg.topology)
         )
-        attack = build_attack(cfg, trigger, train.num_classes, float(gamma_auto))
+        attack = build_attack(
+            cfg, trigger, train.num_classes, float(gamma_auto), setup.task, train.input_shape
+        )
         attack.amplify_mask = parameter_mask(setup)
         a = cfg.attack
         if cfg.aggregate.rule == "fedavg" and isinstance(a, TrainedAttack) and a.gamma is None:
@@ -262,3 +271,70 @@ def privacy_attacks(
         "mia": {"auc": auc, "members": m, "non_members": m, "score": "-loss"},
     }
     return record, (truth, recon)
+
+
+def sampling_security(
+    setup: ArmSetup,
+    data: tuple[ArrayDataset, ArrayDataset],
+    progress: bool = False,
+    plots: Path | None = None,
+    arm: str = "main",
+) -> dict[str, Any]:
+    """The arm's sampling-phase security evaluation (``cfg.detection``;
+    :func:`fedtier.defenses.sampling_eval.evaluate_detection`) on its final model: DDIM with
+    the task's S sample_steps, the edge running the first t = shared_steps; the attack's
+    trigger and target; FID of the clean images against the test images of ``data.classes``
+    with the in-house judge (:mod:`fedtier.generative`, trained on the whole training set).
+    With ``plots``, a grid of 64 samples per input kind (clean, visible, stealthy trigger)
+    without defense goes to ``plots/triggered-<arm>-<kind>.png``."""
+    from fedtier.generative import FidScorer, sample_grid, train_judge
+    from fedtier.tasks.diffusion import ddim_scheduler, sample
+
+    cfg = setup.cfg
+    det, task_cfg, a = cfg.detection, cfg.train.task, cfg.attack
+    assert det is not None and isinstance(task_cfg, DiffusionTaskConfig)
+    assert isinstance(a, BadDiffusionAttack)
+    train, test = data
+    shape = tuple(setup.test.input_shape)
+    r, y = baddiffusion_images(cfg, a, make_trigger(cfg, train), shape)
+    diffusion = unwrap_diffusion(setup.task)
+    assert diffusion is not None
+    scheduler = ddim_scheduler(diffusion)
+    model, steps = setup.model, task_cfg.sample_steps
+
+    def sampler(x: torch.Tensor, start: int, stop: int, clip: bool) -> torch.Tensor:
+        return sample(model, scheduler, x, steps, start, stop, clip)
+
+    score = None
+    if det.fid:
+        judge = train_judge(train.x, train.y, seed=cfg.seed, num_classes=train.num_classes)
+        score = FidScorer(select_classes(test, cfg.data.classes).x, judge).score
+    settings = DetectionSettings(
+        steps=steps,
+        shared=task_cfg.shared_steps,
+        detectors=tuple(det.detectors),
+        responses=tuple(det.responses),
+        guard=det.guard,
+        samples=det.samples,
+        triggered=det.triggered,
+        reference=det.reference,
+        batch_size=det.batch_size,
+        batches=det.batches,
+        shares=tuple(det.shares),
+        response_share=det.response_share,
+        chi2_alpha=det.chi2_alpha,
+        asr_threshold=det.asr_threshold,
+        stealthy=det.stealthy,
+    )
+    grids: dict[str, str] = {}
+
+    def grid(kind: str, images: torch.Tensor) -> None:
+        if plots is not None and len(images):
+            safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in arm)
+            path = sample_grid(images[:64], plots / f"triggered-{safe}-{kind}.png", 8, scale=4)
+            grids[kind] = path.name
+
+    out = evaluate_detection(sampler, r, y, settings, cfg.seed, score, progress, grid)
+    out["malicious"] = len(malicious_clients(cfg))
+    out["grids"] = grids
+    return out
