@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 import torch
 from torch import nn
@@ -5,6 +7,16 @@ from torch import nn
 from fedtier.config import from_dict
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Each test starts with Python's own Ctrl-C handler and leaves it so: a library that
+    leaves SIGINT ignored in this process (some simulation engines do) would otherwise make
+    every later subprocess inherit the ignoring, and Ctrl-C tests would see no interrupt."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def tiny_config(**overrides):
