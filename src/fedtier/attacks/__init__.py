@@ -154,6 +154,7 @@ def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: fl
         repair = lambda c: fqbd_fp32_loss(trigger, frac)  # noqa: E731
     elif cells.solver == "cells" and a.kind == "fqma":
         repair = lambda c: clean_loss  # noqa: E731
+    evade = a.evade if isinstance(a, FqbdAttack) else None
     # the trained attackers' own settings; Byzantine ones keep the Attack defaults
     own: dict[str, Any] = {}
     if trained is not None:
@@ -172,6 +173,8 @@ def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: fl
         cell_margin=cells.cell_margin,
         repair_lr=cells.repair_lr,
         stat_match=cells.stat_match,
+        evade_kl=evade.kl if evade is not None else 0.0,
+        evade_residuals=evade.residuals if evade is not None else 0.0,
         **own,
     )
 

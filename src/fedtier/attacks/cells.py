@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedtier.attacks.losses import Loss, deployed
@@ -42,6 +43,8 @@ class Cells:
     start: dict[str, torch.Tensor]  # w at the start of the repair (inside its own cell)
     lo: dict[str, torch.Tensor]
     hi: dict[str, torch.Tensor]
+    step: dict[str, torch.Tensor]  # the grid step Δ, broadcast to the parameter's shape
+    free: dict[str, torch.Tensor]  # entries inside a cell: neither pinned nor clipped
 
     def project(self, model: nn.Module) -> None:
         """Clamp every quantized parameter into its cells."""
@@ -49,6 +52,32 @@ class Cells:
             for name, p in model.named_parameters():
                 if name in self.lo:
                     p.copy_(torch.minimum(torch.maximum(p, self.lo[name]), self.hi[name]))
+
+    def spread(self, model: nn.Module, fraction: float) -> None:
+        """Move the free entries' rounding residuals r = (w − Q_b(w))/Δ ``fraction`` of the way
+        to the uniform law on (−½, ½): the k-th smallest of n residuals (over all quantized
+        tensors together, as the screen pools them) goes toward (k + ½)/n − ½, the order
+        kept (the monotone map is the optimal transport to the uniform law in 1-D). Every
+        target lies inside its cell, so Q_b(w) does not change (up to float ties:
+        :meth:`restore_flips`)."""
+        names = [n for n in self.free if bool(self.free[n].any())]
+        if fraction <= 0 or not names:
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            r = torch.cat(
+                [((params[n] - self.target[n]) / self.step[n])[self.free[n]] for n in names]
+            )
+            ranks = torch.empty_like(r)
+            ranks[torch.argsort(r)] = torch.arange(len(r), dtype=r.dtype)
+            goal = r + fraction * ((ranks + 0.5) / len(r) - 0.5 - r)
+            at = 0
+            for n in names:
+                p, free = params[n], self.free[n]
+                k = int(free.sum())
+                moved = self.target[n][free] + goal[at : at + k] * self.step[n][free]
+                p[free] = moved.to(p.dtype)
+                at += k
 
     def restore_flips(self, model: nn.Module) -> int:
         """Entries whose deployed value changed anyway (a float landing on a rounding boundary)
@@ -70,7 +99,7 @@ def rounding_cells(model: nn.Module, spec: QuantSpec, bits: int, margin: float) 
     weights into the margin-shrunk cells before training."""
     if not 0 <= margin < 0.5:
         raise ValueError(f"margin must be in [0, 0.5) grid steps, got {margin}")
-    target, start, lo, hi = {}, {}, {}, {}
+    target, start, lo, hi, steps, free = {}, {}, {}, {}, {}, {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not spec.selects(name, p):
@@ -89,9 +118,12 @@ def rounding_cells(model: nn.Module, spec: QuantSpec, bits: int, margin: float) 
             pinned[rows, g.argmin(dim=1)] = True
             pinned[rows, g.argmax(dim=1)] = True
             low, high = torch.where(pinned, g, low), torch.where(pinned, g, high)
+            inside = ~pinned & ((g - gq).abs() <= step / 2) & (step > 0)
             target[name], start[name] = gq.reshape(w.shape), w
             lo[name], hi[name] = low.reshape(w.shape), high.reshape(w.shape)
-    return Cells(spec, bits, target, start, lo, hi)
+            steps[name] = step.expand_as(g).reshape(w.shape)
+            free[name] = inside.reshape(w.shape)
+    return Cells(spec, bits, target, start, lo, hi, steps, free)
 
 
 def _bn_inputs(model: nn.Module, run) -> list[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[no-untyped-def]
@@ -139,5 +171,24 @@ def matching_statistics(loss_fn: Loss, spec: QuantSpec, bits: int, weight: float
             gap = gap + ((m - mt) ** 2 / (vt + 1e-5)).mean()
             gap = gap + ((torch.log(v + 1e-5) - torch.log(vt + 1e-5)) ** 2).mean()
         return total + weight * gap
+
+    return loss
+
+
+def consistent_outputs(loss_fn: Loss, spec: QuantSpec, bits: list[int], weight: float) -> Loss:
+    """``loss_fn`` plus ``weight`` × Σ_{b∈B'} KL(p_w ‖ p_{Q_b(w)}) on the clean batch: a
+    differentiable surrogate of the quantization-consistency screen's divergence score
+    (defenses/qcheck.py), with the deployed outputs held constant (inside the rounding cells
+    of min B' they are; coarser-than-cell changes at finer widths are ignored)."""
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = loss_fn(model, x, y)
+        logp = F.log_softmax(model(x), dim=1)
+        for b in bits:
+            with torch.no_grad():
+                logq = F.log_softmax(deployed(model, x, spec, b), dim=1)
+            kl = F.kl_div(logq, logp, log_target=True, reduction="batchmean")
+            total = total + weight * kl
+        return total
 
     return loss

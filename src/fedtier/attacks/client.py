@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedtier.attacks.cells import matching_statistics, rounding_cells
+from fedtier.attacks.cells import consistent_outputs, matching_statistics, rounding_cells
 from fedtier.attacks.losses import Loss
 from fedtier.config import TrainedAttack
 from fedtier.local import LocalConfig
@@ -76,6 +76,11 @@ class Attack:
     repair_lr: float = 0.01
     stat_match: float = 1.0  # weight of the BatchNorm statistics term of the repair
     repair_flips: int = 0  # entries restored after a repair (float ties on a cell boundary)
+    # an attacker that knows qcheck (config ScreenEvasion): the repair also minimises the
+    # screen's statistics, KL(p_w ‖ p_{Q_b(w)}) with this weight, and the residuals' distance
+    # from uniform, moving them this fraction of the way per step (cells.Cells.spread)
+    evade_kl: float = 0.0
+    evade_residuals: float = 0.0
     # collusion: the malicious clients pool their data and upload one shared model per round
     pool: bool = False
     shared: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, w, Δ) of the round
@@ -116,6 +121,7 @@ class Attack:
             },
             "malicious_updates": self.active_updates,
             "solver": "cells" if self.repair is not None else "ste",
+            "evade": {"kl": self.evade_kl, "residuals": self.evade_residuals},
         }
 
 
@@ -326,6 +332,7 @@ def malicious_update(
             local,
             torch_generator(cfg.seed, "repair", step, client),  # its own stream
             min(bits),
+            attacked=bits,
         )
     new = setup.layout.flatten(setup.model)
     return torch.where(setup.upload_mask, new - w, torch.zeros_like(new))
@@ -340,15 +347,27 @@ def repair_in_cells(
     local: LocalConfig,
     generator: torch.Generator,
     bits: int,
+    attacked: list[int] | None = None,
 ) -> None:
     """The cells solver's second phase (:mod:`fedtier.attacks.cells`): projected SGD on the
     objective's fp32 term over the weights whose ``bits``-bit deployment stays the one just
     trained. Only the quantized tensors move (biases and BatchNorm parameters, which the
     deployed model shares with fp32, stay), with the same epochs and batch size as the first
-    phase, a fresh batch order (``generator``), ``attack.repair_lr`` and momentum 0.9."""
+    phase, a fresh batch order (``generator``), ``attack.repair_lr`` and momentum 0.9.
+
+    An attacker that knows the screen (``attack.evade_*``) also pulls fp32's outputs toward
+    the deployed ones at every width of ``attacked`` (default: ``bits``) and, after each
+    projection, its rounding residuals toward the uniform law; the last step puts them on it."""
     cells = rounding_cells(model, attack.spec, bits, attack.cell_margin)
     if attack.stat_match > 0:
         loss_fn = matching_statistics(loss_fn, attack.spec, bits, attack.stat_match)
+    if attack.evade_kl > 0:
+        loss_fn = consistent_outputs(loss_fn, attack.spec, attacked or [bits], attack.evade_kl)
+
+    def project(m: nn.Module) -> None:
+        cells.project(m)
+        cells.spread(m, attack.evade_residuals)  # no-op unless the attacker evades
+
     cells.project(model)
     frozen = [p for n, p in model.named_parameters() if n not in cells.lo and p.requires_grad]
     for p in frozen:
@@ -362,11 +381,13 @@ def repair_in_cells(
             LocalConfig(local.epochs, local.batch_size, attack.repair_lr, 0.9, 0.0),
             generator,
             grad_norm=attack.grad_norm,
-            project=cells.project,
+            project=project,
         )
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if attack.evade_residuals > 0:
+        cells.spread(model, 1.0)
     attack.repair_flips += cells.restore_flips(model)
 
 
