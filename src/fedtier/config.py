@@ -497,7 +497,7 @@ class ScreenEvasion(Section):
     """An FQBD attacker that knows the quantization-consistency screen (defenses/qcheck.py)
     and, during the cells repair, also minimises the screen's two statistics on its model."""
 
-    kl: float = Field(1.0, ge=0)  # weight of KL(p_w ‖ p_{Q_b(w)}) on the clean batch, b ∈ B'
+    kl: float = Field(5.0, ge=0)  # weight of KL(p_w ‖ p_{Q_b(w)}) on the clean batch, b ∈ B'
     # per repair step, each rounding residual moves this fraction of the way to its uniform
     # quantile (its rank's place in U(−½, ½)); the last step moves all the way
     residuals: float = Field(0.5, ge=0, le=1)

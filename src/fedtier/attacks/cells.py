@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedtier.attacks.losses import Loss, deployed
 from fedtier.quant import QuantSpec, grid
@@ -175,20 +176,54 @@ def matching_statistics(loss_fn: Loss, spec: QuantSpec, bits: int, weight: float
     return loss
 
 
-def consistent_outputs(loss_fn: Loss, spec: QuantSpec, bits: list[int], weight: float) -> Loss:
-    """``loss_fn`` plus ``weight`` × Σ_{b∈B'} KL(p_w ‖ p_{Q_b(w)}) on the clean batch: a
-    differentiable surrogate of the quantization-consistency screen's divergence score
-    (defenses/qcheck.py), with the deployed outputs held constant (inside the rounding cells
-    of min B' they are; coarser-than-cell changes at finer widths are ignored)."""
+def consistent_outputs(
+    loss_fn: Loss,
+    spec: QuantSpec,
+    bits: list[int],
+    weight: float,
+    anchor: dict[str, torch.Tensor] | None = None,
+    scales: list[float] = (1.0,),  # type: ignore[assignment]
+) -> Loss:
+    """``loss_fn`` plus ``weight`` × Σ_k Σ_{b∈B'} KL(p_{w_k} ‖ p_{Q_b(w_k)}) on the clean batch,
+    w_k = anchor + k·(w − anchor) for k in ``scales``: a differentiable surrogate of the
+    quantization-consistency screen's divergence score (defenses/qcheck.py) at the models
+    where the screen lands the upload (k = 1: the attacker's model; k = E: the edge share of
+    an upload amplified for E edges). At k = 1 the deployed outputs are held constant (inside
+    the rounding cells of min B' they are); elsewhere they follow w by the STE."""
+
+    def kl_at(model: nn.Module, x: torch.Tensor, b: int, scale: float) -> torch.Tensor:
+        if scale == 1.0 or anchor is None:
+            logp = F.log_softmax(model(x), dim=1)
+            with torch.no_grad():
+                logq = F.log_softmax(deployed(model, x, spec, b), dim=1)
+        else:
+            params = {
+                n: anchor[n] + scale * (p - anchor[n]) for n, p in model.named_parameters()
+            }
+            both = _FpAndDeployed(model, spec, b)
+            logp, logq = (
+                F.log_softmax(z, dim=1)
+                for z in functional_call(both, {f"m.{n}": v for n, v in params.items()}, (x,))
+            )
+        return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         total = loss_fn(model, x, y)
-        logp = F.log_softmax(model(x), dim=1)
-        for b in bits:
-            with torch.no_grad():
-                logq = F.log_softmax(deployed(model, x, spec, b), dim=1)
-            kl = F.kl_div(logq, logp, log_target=True, reduction="batchmean")
-            total = total + weight * kl
+        for k in scales:
+            for b in bits:
+                total = total + weight * kl_at(model, x, b, k)
         return total
 
     return loss
+
+
+class _FpAndDeployed(nn.Module):
+    """``m``'s fp32 and deployed outputs in one call (for ``functional_call``, which the
+    deployed view sees through: :class:`fedtier.quant.model.QuantizedView`)."""
+
+    def __init__(self, m: nn.Module, spec: QuantSpec, bits: int) -> None:
+        super().__init__()
+        self.m, self.spec, self.bits = m, spec, bits
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.m(x), deployed(self.m, x, self.spec, self.bits)

@@ -333,9 +333,21 @@ def malicious_update(
             torch_generator(cfg.seed, "repair", step, client),  # its own stream
             min(bits),
             attacked=bits,
+            anchor=setup.layout.views(w) if attack.evade_kl > 0 else None,
+            scales=[1.0, float(landing_edges(setup, step))],
         )
     new = setup.layout.flatten(setup.model)
     return torch.where(setup.upload_mask, new - w, torch.zeros_like(new))
+
+
+def landing_edges(setup: ArmSetup, step: int) -> int:
+    """E, the edges of the synchronous round of edge step ``step`` (1 when unplanned): the
+    screen also scores an upload at its edge share, where an upload amplified for E edges
+    puts the model w + E·(w_att − w) (defenses/qcheck.py, landing_scales)."""
+    from fedtier.local.arm import round_plan
+
+    plan = round_plan(setup, step)
+    return 1 if plan is None else len(plan.edges)
 
 
 def repair_in_cells(
@@ -348,6 +360,8 @@ def repair_in_cells(
     generator: torch.Generator,
     bits: int,
     attacked: list[int] | None = None,
+    anchor: dict[str, torch.Tensor] | None = None,
+    scales: list[float] | None = None,
 ) -> None:
     """The cells solver's second phase (:mod:`fedtier.attacks.cells`): projected SGD on the
     objective's fp32 term over the weights whose ``bits``-bit deployment stays the one just
@@ -356,13 +370,17 @@ def repair_in_cells(
     phase, a fresh batch order (``generator``), ``attack.repair_lr`` and momentum 0.9.
 
     An attacker that knows the screen (``attack.evade_*``) also pulls fp32's outputs toward
-    the deployed ones at every width of ``attacked`` (default: ``bits``) and, after each
+    the deployed ones at every width of ``attacked`` (default: ``bits``), for the models
+    ``anchor`` + k·(w − ``anchor``), k in ``scales`` (default [1]; anchor = the received
+    model), and, after each
     projection, its rounding residuals toward the uniform law; the last step puts them on it."""
     cells = rounding_cells(model, attack.spec, bits, attack.cell_margin)
     if attack.stat_match > 0:
         loss_fn = matching_statistics(loss_fn, attack.spec, bits, attack.stat_match)
     if attack.evade_kl > 0:
-        loss_fn = consistent_outputs(loss_fn, attack.spec, attacked or [bits], attack.evade_kl)
+        loss_fn = consistent_outputs(
+            loss_fn, attack.spec, attacked or [bits], attack.evade_kl, anchor, scales or [1.0]
+        )
 
     def project(m: nn.Module) -> None:
         cells.project(m)
