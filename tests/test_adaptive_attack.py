@@ -106,14 +106,14 @@ def test_kl_surrogate_is_the_screens_divergence_at_each_landing_model():
         assert value == pytest.approx(want, rel=1e-4)
     # at the attacker's own model the surrogate's gradient moves fp32 toward the deployed model
     loss = consistent_outputs(zero, SPEC, [4], 1.0)
-    before = float(loss(model, x, torch.zeros(40, dtype=torch.long)))
+    before = float(loss(model, x, torch.zeros(40, dtype=torch.long)).detach())
     for _ in range(20):
         model.zero_grad()
         loss(model, x, torch.zeros(40, dtype=torch.long)).backward()
         with torch.no_grad():
             for p in model.parameters():
-                p -= 0.05 * p.grad
-    assert float(loss(model, x, torch.zeros(40, dtype=torch.long))) < 0.5 * before
+                p -= 2.0 * p.grad
+    assert float(loss(model, x, torch.zeros(40, dtype=torch.long)).detach()) < 0.5 * before
 
 
 def _attack_upload(setup, w):  # type: ignore[no-untyped-def]
@@ -159,7 +159,8 @@ def test_the_adaptive_attacker_passes_the_screen_that_stops_fqbd_with_the_same_4
         setup.layout.load(setup.model, w + setup.executor(setup, w, [0], 0)[0])
         deployed_4[name] = quantize_copy(setup.model, setup.spec, 4).state_dict()
         if name == "adaptive":
-            honest = divergence(setup, w + share * deltas[1], x, [8, 4], setup.spec)
+            s1 = float(ctx.num_samples[1] / ctx.num_samples.sum())
+            honest = divergence(setup, w + s1 * deltas[1], x, [8, 4], setup.spec)
             assert divergence(setup, landed, x, [8, 4], setup.spec) < 10 * honest
     assert kept["fqbd"] == [False, True, True]
     assert kept["adaptive"] == [True, True, True]

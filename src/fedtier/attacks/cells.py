@@ -197,9 +197,7 @@ def consistent_outputs(
             with torch.no_grad():
                 logq = F.log_softmax(deployed(model, x, spec, b), dim=1)
         else:
-            params = {
-                n: anchor[n] + scale * (p - anchor[n]) for n, p in model.named_parameters()
-            }
+            params = {n: anchor[n] + scale * (p - anchor[n]) for n, p in model.named_parameters()}
             both = _FpAndDeployed(model, spec, b)
             logp, logq = (
                 F.log_softmax(z, dim=1)
