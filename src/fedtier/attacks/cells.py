@@ -23,6 +23,7 @@ times narrower and leave fp32 almost no room, so higher bit widths stay close to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,7 +183,7 @@ def consistent_outputs(
     bits: list[int],
     weight: float,
     anchor: dict[str, torch.Tensor] | None = None,
-    scales: list[float] = (1.0,),  # type: ignore[assignment]
+    scales: Sequence[float] = (1.0,),
 ) -> Loss:
     """``loss_fn`` plus ``weight`` × Σ_k Σ_{b∈B'} KL(p_{w_k} ‖ p_{Q_b(w_k)}) on the clean batch,
     w_k = anchor + k·(w − anchor) for k in ``scales``: a differentiable surrogate of the
