@@ -3,6 +3,10 @@
     PYTHONPATH=src python benchmarks/bench.py                      # both presets, 10 rounds
     PYTHONPATH=src python benchmarks/bench.py --rounds 20 --qat --population
     PYTHONPATH=src python benchmarks/bench.py --presets bench-small-mnist --no-flower
+    PYTHONPATH=src python benchmarks/bench.py --presets bench-fedavg-mnist --rounds 20 \
+        --precision bf16 fp32 --no-flower --no-loop     # mixed precision, where the CPU has it
+    PYTHONPATH=src python benchmarks/bench.py --presets bench-fedavg-mnist \
+        --executors processes ray --no-loop --no-flower --repeat 3 --overhead
 
 Every column runs in its own fresh process, one after another, so peak memory (the
 process's maximum resident set) and thread settings do not leak between columns. The
@@ -12,6 +16,9 @@ batch size and learning rate; fedtier and the hand-written loop also share the r
 training rounds plus one final test evaluation, divided by the rounds; start-up (data
 loading, Flower's Ray start) is reported apart. Flower's column needs ``flwr[simulation]``
 (``pip install -e ".[bench]"``) and is skipped with a message when it is not installed.
+``--repeat k`` runs the executor columns k times, alternating, and keeps each column's
+fastest run (columns measured under the same, shared load). ``--overhead`` measures each
+executor's scheduling cost per client job on trivial jobs (one SGD step of a tiny MLP).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing as mp
+import os
 import platform
 import resource
 import sys
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from fedtier.config import Config, load_config
 from fedtier.data import ArrayDataset, load_dataset
 from fedtier.experiment import prepare_arm, split_clients
+from fedtier.local.precision import BF16_CPU_FLAGS, bf16_units, cpu_flags
 from fedtier.local.select import close_executor
 from fedtier.models import build_model
 from fedtier.rounds import run_rounds
@@ -74,7 +83,8 @@ def run_fedtier(cfg: Config, data: tuple[ArrayDataset, ArrayDataset] | None = No
     return {
         "executor": setup.executor_name,
         **timing(stamps, startup, cfg, setup.topology.num_samples, setup.topology),
-        "accuracy": evals[-1]["bits"]["32"]["accuracy"],
+        "accuracy": evals[-1]["bits"]["32"].get("accuracy", float("nan")),
+        "metrics": evals[-1]["bits"]["32"],  # every metric of the task (MSE for diffusion)
     }
 
 
@@ -288,6 +298,41 @@ def run_population(preset: str, clients: int, rounds: int, per_client: int) -> R
     return result
 
 
+# --------------------------------------------------------------------------- scheduling overhead
+
+
+def run_overhead(executor: str, jobs: int = 100, calls: int = 5) -> Result:
+    """Milliseconds per client job of ``executor`` on trivial jobs: ``jobs`` clients of a
+    100-client digits federation, each one SGD step of an MLP with 8 hidden units, per call;
+    the first call (worker or Ray start, the data sent to the workers) is not timed."""
+    cfg = load_config(
+        "bench-small-mnist",
+        [
+            "data.dataset=digits",
+            "data.partition=iid",
+            "topology.clients=100",
+            "model.name=mlp",
+            "model.options={hidden: 8}",
+            "train.epochs=1",
+            "train.batch_size=1000",
+            f"train.executor={executor}",
+        ],
+    )
+    setup = prepare_arm(cfg, load_dataset("digits", seed=cfg.seed))
+    assert setup.executor is not None
+    w = setup.layout.flatten(setup.model)
+    clients = list(range(jobs))
+    try:
+        setup.executor(setup, w, clients, 0)
+        start = time.perf_counter()
+        for step in range(1, calls + 1):
+            setup.executor(setup, w, clients, step)
+        wall = time.perf_counter() - start
+    finally:
+        close_executor(setup)
+    return {"executor": setup.executor_name, "ms_per_job": 1000 * wall / (jobs * calls)}
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -338,9 +383,16 @@ def compare(title: str, columns: dict[str, Result], reference: str) -> None:
         if name != reference and "s_per_round" in r and "s_per_round" in ref:
             print(
                 f"\n{reference} vs {name}: {r['s_per_round'] / ref['s_per_round']:.2f}x faster "
-                f"per round, accuracy {100 * (ref['accuracy'] - r['accuracy']):+.2f} points"
+                f"per round, accuracy {100 * (ref['accuracy'] - r['accuracy']):+.2f} points "
+                f"({name} reaches {ref['s_per_round'] / r['s_per_round']:.2f}x the rounds per "
+                f"second of {reference})"
             )
     sys.stdout.flush()
+
+
+def load_now() -> str:
+    """The machine's load averages (1, 5, 15 min): how shared it was while measuring."""
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def describe_machine() -> str:
@@ -351,10 +403,21 @@ def describe_machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    flags = sorted(cpu_flags().intersection({"avx2", "avx512f", *BF16_CPU_FLAGS}))
     return (
-        f"{cpu}, {mp.cpu_count()} cores visible, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads by default), Python {platform.python_version()}"
+        f"{cpu} (flags: {', '.join(flags) or 'none listed'}), {mp.cpu_count()} cores visible, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads by default), "
+        f"Python {platform.python_version()}"
     )
+
+
+def precisions_here(wanted: list[str]) -> list[str]:
+    """``wanted`` without bf16 when this CPU has no bf16 units (said once, with why)."""
+    ok, why = bf16_units("cpu")
+    if "bf16" in wanted and not ok:
+        print(f"bf16 columns skipped: {why}")
+        return [p for p in wanted if p != "bf16"]
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,8 +428,23 @@ def main(argv: list[str] | None = None) -> None:
         "--executors",
         nargs="+",
         default=["auto"],
-        help="fedtier columns: train.executor values (auto, sequential, vectorised, dense, processes)",
+        help="fedtier columns: train.executor values (auto, sequential, vectorised, dense, "
+        "processes, ray)",
     )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="fedtier columns: train.precision values (the first is the reference)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of the executor columns (alternating; fastest kept)",
+    )
+    p.add_argument("--overhead", action="store_true", help="also ms per client job on trivial jobs")
     p.add_argument("--no-flower", action="store_true", help="skip the Flower column")
     p.add_argument("--no-loop", action="store_true", help="skip the hand-written loop column")
     p.add_argument("--qat", action="store_true", help="also QAT with B = {8, 4} on the CNN")
@@ -379,29 +457,54 @@ def main(argv: list[str] | None = None) -> None:
     flower = not args.no_flower and flower_available()
     if not args.no_flower and not flower:
         print('Flower column skipped: flwr[simulation] is not installed (pip install ".[bench]")')
+    precisions = precisions_here(args.precision)
     for preset in args.presets:
         cfg = bench_config(preset, args.rounds)
         columns: dict[str, Result] = {}
-        for ex in args.executors:
-            r = in_fresh_process(
-                run_fedtier, bench_config(preset, args.rounds, [f"train.executor={ex}"])
-            )
-            columns[f"fedtier ({ex}: {r.get('executor', '?')})"] = r
+        print(f"{preset}: before the executor columns, {load_now()}")
+        for _ in range(args.repeat):
+            for ex in args.executors:
+                for prec in precisions:
+                    r = in_fresh_process(
+                        run_fedtier,
+                        bench_config(
+                            preset, args.rounds, [f"train.executor={ex}", f"train.precision={prec}"]
+                        ),
+                    )
+                    label = f", {prec}" if len(args.precision) > 1 else ""
+                    name = f"fedtier ({ex}: {r.get('executor', '?')}{label})"
+                    best = columns.get(name)
+                    if best is None or r.get("s_per_round", 1e9) < best.get("s_per_round", 1e9):
+                        columns[name] = r
+        print(f"{preset}: after the executor columns, {load_now()}")
         if not args.no_loop:
             columns["hand-written loop"] = in_fresh_process(run_hand_loop, cfg)
         if flower:
             columns["Flower (Ray simulation)"] = in_fresh_process(run_flower, cfg)
         compare(f"{preset}, {args.rounds} rounds", columns, next(iter(columns)))
+    if args.overhead:
+        print(f"\n### scheduling overhead per client job (trivial jobs), {load_now()}\n")
+        print("| executor | ms per client job |")
+        print("|---|---|")
+        for ex in ("sequential", *[e for e in args.executors if e not in ("sequential", "auto")]):
+            r = in_fresh_process(run_overhead, ex)
+            if "error" in r:
+                print(f"| {ex} | failed: {r['error']} |")
+            else:
+                print(f"| {ex} ({r['executor']}) | {r['ms_per_job']:.2f} |")
+        print(f"\n(after: {load_now()})")
     if args.qat:
         extra = ["quant.qat=true", "quant.bits=[8,4]"]
         cfg = bench_config("bench-fedavg-mnist", args.rounds, extra)
         columns = {}
         for ex in args.executors:
-            r = in_fresh_process(
-                run_fedtier,
-                bench_config("bench-fedavg-mnist", args.rounds, [*extra, f"train.executor={ex}"]),
-            )
-            columns[f"fedtier QAT ({ex}: {r.get('executor', '?')})"] = r
+            for prec in precisions:
+                more = [*extra, f"train.executor={ex}", f"train.precision={prec}"]
+                r = in_fresh_process(
+                    run_fedtier, bench_config("bench-fedavg-mnist", args.rounds, more)
+                )
+                label = f", {prec}" if len(args.precision) > 1 else ""
+                columns[f"fedtier QAT ({ex}: {r.get('executor', '?')}{label})"] = r
         columns["hand-written QAT loop"] = in_fresh_process(run_hand_loop, cfg)
         compare(
             f"QAT B={{8, 4}}, bench-fedavg-mnist, {args.rounds} rounds",

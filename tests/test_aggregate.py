@@ -35,3 +35,15 @@ def test_qafed_with_eta_n_over_m_is_plain_average():
 def test_fedavg_weights_by_samples():
     assert client_weights("fedavg", torch.tensor([1, 3])).tolist() == [1.0, 3.0]
     assert client_weights("qafed", torch.tensor([1, 3])).tolist() == [1.0, 1.0]
+
+
+def test_weighted_mean_reports_its_rows_and_refuses_clearly():
+    _, m, kept = weighted_mean(torch.ones(3, 5), torch.ones(3))
+    assert m == {"rows": 3.0} and kept is None
+    with pytest.raises(
+        ValueError,
+        match=r"^expected updates \[C, P\] and weights \[C\], got \(3, 5\) and \(2,\)$",
+    ):
+        weighted_mean(torch.ones(3, 5), torch.ones(2))
+    with pytest.raises(ValueError, match="^weights must have a positive sum$"):
+        weighted_mean(torch.ones(2, 2), torch.zeros(2))

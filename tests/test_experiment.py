@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fedtier.data import load_dataset
+from fedtier.errors import FedtierError
 from fedtier.experiment import prepare_arm, run_experiment
 from fedtier.local import LocalConfig, train_client
 from fedtier.local.sgd import client_generator
@@ -172,6 +173,30 @@ def test_every_partition_scheme_runs(scheme):
     run_rounds(setup, evals.append)
     expected = 2 * 360 if scheme == "label" else 360
     assert len(setup.test) == pytest.approx(expected, abs=5)
+
+
+def test_source_partition_puts_one_source_per_edge():
+    cfg = tiny_config(
+        **{
+            "data.dataset": "multisource-mnist",
+            "data.partition": "source",
+            "topology.edges": 3,
+            "topology.clients": 6,
+            "topology.edges_per_round": 3,
+            "topology.clients_per_edge": 1,
+            "train.rounds": 1,
+            "model.name": "mlp",
+            "model.options": {},
+        }
+    )
+    train, test = data = load_dataset("multisource-mnist")
+    setup = prepare_arm(cfg, data)
+    assert setup.client_data.view_of is None  # the sources themselves differ: no transform
+    for client, part in enumerate(setup.client_data.parts):
+        assert set(train.source[part].tolist()) == {client // 2}
+    assert len(setup.test) == len(test)
+    with pytest.raises(FedtierError, match="source id"):
+        prepare_arm(tiny_config(**{"data.partition": "source"}), load_dataset("digits"))
 
 
 def test_upload_chain_runs_in_the_round_and_its_metrics_are_logged():

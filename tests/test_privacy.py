@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ from scipy import stats
 from fedtier.aggregate.robust import build_rule
 from fedtier.data import load_dataset
 from fedtier.errors import ConfigError
-from fedtier.experiment import prepare_arm
+from fedtier.experiment import prepare_arm, run_experiment
 from fedtier.privacy import NoiseKey, dp_epsilon, local_dp
 from fedtier.schedules import run_schedule
 from fedtier.security import privacy_record
@@ -299,3 +300,40 @@ def test_dp_options_are_checked(tiny):
         tiny(upload=[{"name": "ldp", "noise": -1}])
     with pytest.raises(ConfigError, match=r"aggregate\.edge_rule\.seed"):
         tiny(**{"aggregate.edge_rule": {"name": "dp-mean", "seed": 0}})
+
+
+@pytest.mark.parametrize(("kind", "kappa"), [("central", 1), ("central", 2), ("local", 3)])
+def test_epsilon_of_a_run_matches_opacus_called_directly(tiny, tmp_path, kind, kappa):
+    """ε logged by a DP run (run_experiment → metrics.jsonl and summary.json) equals Opacus'
+    RDP accountant stepped once per cloud round with (q, z/√κ), and grows with the rounds."""
+    z, delta, rounds, per_edge = 1.3, 1e-5, 4, 2
+    dp = (
+        {"aggregate.edge_rule": {"name": "dp-mean", "clip": 1.0, "noise": z, "delta": delta}}
+        if kind == "central"
+        else {"upload": [{"name": "ldp", "clip": 1.0, "noise": z, "delta": delta}]}
+    )
+    cfg = tiny(
+        **dp,
+        **{
+            "model.name": "mlp",
+            "model.options": {"hidden": 16},
+            "quant.eval_bits": [32],
+            "train.rounds": rounds,
+            "aggregate.edge_rounds": kappa,
+            "topology.clients_per_edge": per_edge,
+        },
+    )
+    run_experiment(cfg, tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [r for r in map(json.loads, lines) if "bits" in r]
+    assert [r["round"] for r in evals] == list(range(1, rounds + 1))
+    q = per_edge / 6  # 12 clients on 2 edges
+    eps = [r["privacy"]["epsilon"] for r in evals]
+    for t, e in enumerate(eps, 1):
+        acc = RDPAccountant()
+        for _ in range(t):
+            acc.step(noise_multiplier=z / math.sqrt(kappa), sample_rate=q)
+        assert e == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+    assert all(a < b for a, b in zip(eps, eps[1:]))  # more rounds, more privacy spent
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["arms"]["main"]["privacy"]["epsilon"] == eps[-1]

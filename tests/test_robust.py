@@ -1,3 +1,4 @@
+import inspect
 import math
 from collections.abc import Callable
 
@@ -517,3 +518,62 @@ def test_coordinatewise_rules_ignore_weights(name):
     a, _, _ = rule(u, torch.ones(11))
     b, _, _ = rule(u, torch.arange(1.0, 12.0))
     assert torch.equal(a, b)
+
+
+# Found by mutation testing (mutmut over aggregate/): what the brute-force comparisons above do
+# not pin down — the messages that tell the user what to change, option checks, defaults, and
+# norm bounding of rows shorter than 1.
+
+
+@pytest.mark.parametrize(
+    "name", ["median", "trimmed-mean", "krum", "multi-krum", "bulyan", "foolsgold", "cosine"]
+)
+def test_a_refused_precondition_names_the_rule_and_the_fix(name):
+    rule = build_rule(name, {}, "aggregate.edge_rule")
+    with pytest.raises(
+        ConfigError,
+        match=rf"^config field 'aggregate.edge_rule': got '{name}'; allowed: {name} needs "
+        r".* updates per aggregation, got n=1 with f=\d; sample more clients per edge or lower f$",
+    ):
+        rule(torch.zeros(1, 2), torch.ones(1))
+
+
+@pytest.mark.parametrize("f", [-1, 1.5, True, None])
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum", "multi-krum", "bulyan"])
+def test_f_must_be_a_non_negative_integer(name, f):
+    with pytest.raises(ValueError, match=rf"^f must be a non-negative integer, got {f!r}$"):
+        FACTORIES[name](f)
+    with pytest.raises(ConfigError, match="aggregate.edge_rule"):
+        build_rule(name, {"f": f}, "aggregate.edge_rule")
+
+
+@pytest.mark.parametrize("m", [0, -1, 1.0, True])
+def test_krum_m_must_be_a_positive_integer(m):
+    with pytest.raises(ValueError, match=rf"^m must be a positive integer, got {m!r}$"):
+        FACTORIES["krum"](1, m)
+
+
+def test_factory_defaults_equal_the_config_defaults():
+    """A rule built by name with no options (``edge_rule: median``) behaves as the config
+    documents it: the factories' defaults are the config's."""
+    from fedtier.config import RuleConfig, variant_names
+
+    checked = 0
+    for name, cls in variant_names(RuleConfig).items():
+        if name not in FACTORIES:
+            continue
+        params = inspect.signature(FACTORIES[name]).parameters
+        for field, info in cls.model_fields.items():
+            if field in params:
+                assert params[field].default == info.default, (name, field)
+                checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_norm_bound_on_short_float_rows_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    u, w = 0.3 * torch.randn(5, 3, generator=g), 0.1 + torch.rand(5, generator=g)
+    out, m, _ = build_rule("norm-bound", {"max_norm": 0.2}, "x")(u, w)
+    assert_matches(out, ref_norm_bound(as_lists(u), w.tolist(), 0.2))
+    assert m["clipped"] == sum(math.sqrt(sum(x * x for x in r)) > 0.2 for r in as_lists(u))

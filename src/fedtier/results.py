@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedtier.defenses.sampling_eval import detection_tables
 from fedtier.errors import FedtierError
 from fedtier.metrics import MetricSpec
 
@@ -241,6 +243,9 @@ def console_report(summary: dict[str, Any]) -> str:
     note = incomplete_note(summary)
     if note:
         lines += [note.replace("**", ""), ""]
+    if is_gan_summary(summary):
+        lines += [f"{summary.get('name', 'run')} (GAN)", "", gan_section(summary)]
+        return "\n".join(lines)
     lines += [
         f"{summary.get('name', 'run')} (B = {summary.get('target_bits')})",
         "",
@@ -251,7 +256,82 @@ def console_report(summary: dict[str, Any]) -> str:
     security = security_section(summary)
     if security:
         lines += ["", security.rstrip("\n")]
+    generation = generation_section(summary)
+    if generation:
+        lines += ["", generation.replace("### ", "").rstrip("\n")]
     return "\n".join(lines)
+
+
+def pretrained_line(summary: dict[str, Any]) -> str:
+    """The pretrained model(s) the arms started from and how long their training took."""
+    parts = [
+        f"{p['path']} ({'from the cache; ' if p['cached'] else ''}pretraining took "
+        f"{p['train_s']:.0f} s)"
+        for p in summary.get("pretrained", {}).values()
+    ]
+    return "Pretrained model: " + "; ".join(parts) if parts else ""
+
+
+def generation_section(summary: dict[str, Any]) -> str:
+    """Diffusion arms (fedtier.deploy): FID, class shares and confidence of the samples
+    before and after fine-tuning, the sample grids, and the collaborative-sampling table."""
+    arms = {n: a["generation"] for n, a in summary.get("arms", {}).items() if "generation" in a}
+    if not arms:
+        return ""
+    first = next(iter(arms.values()))
+    classes = first.get("classes") or list(range(len(first["after"]["class_shares"])))
+    before = first["before"]
+    pre = before.get("pretrain_classes")
+    shares = " | ".join(f"class {c} (%)" for c in classes)
+    pre_line = pretrained_line(summary)
+    lines = [
+        "### Generated samples (fedtier.deploy)",
+        "",
+        *([pre_line, ""] if pre_line else []),
+        f"{first['samples']} samples per model, DDIM {first['sampling']['steps']} steps, the "
+        f"edge running the first {first['sampling']['shared_steps']}. {first['fid_note']}",
+        "",
+        f"| model | FID (classes {classes}) | {shares} | other classes (%) | mean confidence |",
+        "|---|---|" + "---|" * len(classes) + "---|---|",
+    ]
+
+    def row(name: str, m: dict[str, Any]) -> str:
+        sh = m["class_shares"]
+        own = [100 * sh[c] for c in classes]
+        rest = 100 * (1 - sum(sh[c] for c in classes))
+        cells = " | ".join(f"{v:.1f}" for v in own)
+        return f"| {name} | {m['fid']:.2f} | {cells} | {rest:.1f} | {m['mean_confidence']:.3f} |"
+
+    lines.append(row("before fine-tuning (pretrained)", before))
+    lines += [row(n, g["after"]) for n, g in arms.items()]
+    if pre is not None:
+        lines += [
+            "",
+            f"Pretrained model on its own classes {pre}: FID {before['fid_pretrain_classes']:.2f}.",
+        ]
+    grids = [("before fine-tuning", before.get("grid"))] + [
+        (n, g["after"].get("grid")) for n, g in arms.items()
+    ]
+    grids = [(n, g) for n, g in grids if g]
+    if grids:
+        lines += [""] + [f"![{n}](plots/{g})" for n, g in grids]
+    table = first["sampling"]["table"]
+    lines += [
+        "",
+        "Collaborative sampling: the edge runs t of the S steps for the whole batch "
+        "(t = 0 device-only, t = S edge-only); per device means (fedtier.costs.sampling):",
+        "",
+        "| t | device energy (J) | device latency (s) | slowest device (s) | edge time (s) "
+        "| edge energy (J) | bytes up | bytes down |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['t']} | {r['device_energy_j']:.4g} | {r['device_latency_s']:.4g} | "
+        f"{r['max_latency_s']:.4g} | {r['edge_time_s']:.4g} | {r['edge_energy_j']:.4g} | "
+        f"{r['bytes_up']:.0f} | {r['bytes_down']:.0f} |"
+        for r in table
+    ]
+    return "\n".join(lines) + "\n"
 
 
 LEGACY_TABLES = {"accuracy": "cda", "asr": "asr"}  # summaries written before typed metrics
@@ -354,6 +434,9 @@ def security_section(summary: dict[str, Any]) -> str:
     secure = {n: a["secure"] for n, a in arms.items() if a.get("secure")}
     if secure:
         lines += [secure_table(secure), ""]
+    detection = detection_tables(arms)
+    if detection:
+        lines += [detection]
     private = {n: a["privacy"] for n, a in arms.items() if a.get("privacy")}
     if private:
         lines += [
@@ -366,7 +449,68 @@ def security_section(summary: dict[str, Any]) -> str:
                 f"| {p['q']:.3g} | {p.get('edge_rounds', 1)} | {p['epsilon']:.3g} | {p['delta']:g} |"
             )
         lines.append("")
+    attacked = {n: a for n, a in arms.items() if a.get("privacy_attacks")}
+    if attacked:
+        lines += [privacy_attack_table(attacked), ""]
     return "\n".join(lines)
+
+
+def privacy_attack_table(arms: dict[str, dict[str, Any]]) -> str:
+    """Privacy attacks per arm (fedtier.privacy): gradient inversion by the edge on
+    one-image, one-step uploads (PSNR/SSIM of the reconstruction, on [0, 1]), loss-threshold
+    membership-inference AUC on the final model, fp32 accuracy, and ε against the edge (local
+    DP only: central DP's edge sees the uploads in the clear) and against the released model."""
+    lines = [
+        "privacy attacks (fedtier.privacy): gradient inversion by the edge (B = 1, E = 1, "
+        "initial model), membership inference on the final model:",
+        "| arm | edge sees | label inferred | inversion PSNR (dB) | best PSNR (dB) | SSIM "
+        "| MIA AUC | accuracy (%) | ε vs edge | ε vs model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, a in arms.items():
+        inv, mia = a["privacy_attacks"]["inversion"], a["privacy_attacks"]["mia"]
+        p = a.get("privacy")
+        # local DP protects against the edge (no sampling amplification there) and the model;
+        # central DP is added by the edge, which sees the uploads in the clear
+        vs_edge = "∞" if p is None or "epsilon_vs_edge" not in p else f"{p['epsilon_vs_edge']:.3g}"
+        vs_model = "∞" if p is None else f"{p['epsilon']:.3g}"
+        acc = a.get("cda", {})
+        fp = acc.get("32", acc.get(32, next(iter(acc.values()), None)))
+        lines.append(
+            f"| {n} | {inv['observes']} | {inv['label_correct']:.0%} | {inv['psnr']:.1f} "
+            f"| {inv['psnr_max']:.1f} "
+            f"| {inv['ssim']:.3f} | {mia['auc']:.3f} | {'–' if fp is None else f'{100 * fp:.1f}'} | {vs_edge} "
+            f"| {vs_model} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_reconstructions(out: Path, arm: str, truth: Any, recon: Any, most: int = 8) -> Path:
+    """``privacy/<arm>.png`` (the arm's name made safe as in ``models/``): the first ``most`` true images (top row) above the gradient
+    inversion's reconstructions of them (bottom row); arrays [N, C, H, W] on [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(most, len(truth))
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 2.8), squeeze=False)
+    for j in range(n):
+        for row, imgs in enumerate((truth, recon)):
+            img = imgs[j].transpose(1, 2, 0)
+            ax = axes[row][j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][0].set_ylabel("true")
+    axes[1][0].set_ylabel("inverted")
+    fig.suptitle(f"{arm}: gradient inversion by the edge", fontsize=9)
+    fig.tight_layout()
+    path = out / "privacy" / (re.sub(r"[^A-Za-z0-9._-]", "_", arm) + ".png")  # as models/
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def secure_table(secure: dict[str, dict[str, float]]) -> str:
@@ -404,12 +548,25 @@ def render_report(out: Path) -> Path:
     note = incomplete_note(summary)
     if note:
         lines += [note, ""]
+    if is_gan_summary(summary):
+        lines += [gan_section(summary), ""]
+        plot = plot_fid(records, out / "fid.png")
+        if plot is not None:
+            lines += ["## FID against generator updates", "", f"![fid]({plot.name})", ""]
+        grids = [(n, a["gan"]["grid"]) for n, a in summary["arms"].items() if "gan" in a]
+        lines += ["## Samples (the first 100 of the final samples)", ""]
+        lines += [f"**{n}**\n\n![{n}]({g})\n" for n, g in grids]
+        (out / "report.md").write_text("\n".join(lines))
+        return out / "report.md"
     if summary.get("target_bits") is not None:
         lines += [f"Target bit set B: {summary['target_bits']}", ""]
     lines += [summary_tables(summary), ""]
     security = security_section(summary)
     if security:
         lines += [security, ""]
+    generation = generation_section(summary)
+    if generation:
+        lines += [generation.replace("### ", "## "), ""]
     arms = summary.get("arms", {})
     if arms:
         lines += ["| arm | rounds | wall time (s) |", "|---|---|---|"]
@@ -543,6 +700,174 @@ def plot_costs(
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ GAN runs
+
+
+def is_gan_summary(summary: dict[str, Any]) -> bool:
+    """True when the run's arms are GAN arms (their entries carry final ``gan`` metrics)."""
+    arms = summary.get("arms", {})
+    return bool(arms) and all("gan" in a for a in arms.values())
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.3f}"
+
+
+def gan_section(summary: dict[str, Any]) -> str:
+    """The GAN comparisons (seed 001 / issue 11) from the arms' summary entries: quality at
+    equal generator updates with the done-means checks against the ``central`` arm, class
+    shares, sources (label-related), bytes per tier and per global round, and the
+    three-tier region weights."""
+    arms = {n: a for n, a in summary.get("arms", {}).items() if "gan" in a}
+    if not arms:
+        return "(no GAN arms)"
+    central = next((a["gan"] for a in arms.values() if a.get("method") == "central"), None)
+    first = next(iter(arms.values()))["gan"]
+    out = [
+        "## Quality at equal generator updates",
+        "",
+        f"{first['samples']} samples per arm (the same z for every arm). {first['fid_note']}",
+        "",
+        "| arm | method | generator updates (all copies) | FID | KL (nats) | mean confidence "
+        "| region coverage | wall time (s) | FID ≤ 1.5× central | KL ≤ central + 0.1 "
+        "| confidence ≥ central − 0.1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, a in arms.items():
+        g = a["gan"]
+        cov = " / ".join(f"{f:.2f}" for f in g["region_coverage"])
+        checks = ["–", "–", "–"]
+        if central is not None and a.get("method") != "central":
+            checks = [
+                _yes(g["fid"] <= 1.5 * central["fid"], f"{g['fid'] / central['fid']:.2f}×"),
+                _yes(g["kl"] <= central["kl"] + 0.1, f"{g['kl'] - central['kl']:+.3f}"),
+                _yes(
+                    g["confidence"] >= central["confidence"] - 0.1,
+                    f"{g['confidence'] - central['confidence']:+.3f}",
+                ),
+            ]
+        out.append(
+            f"| {n} | {a.get('method', '–')} | {_count(a.get('generator_updates'))} "
+            f"({_count(a.get('generator_updates_all'))}) "
+            f"| {g['fid']:.1f} | {g['kl']:.3f} | {g['confidence']:.3f} | {cov} "
+            f"| {a.get('wall_s', 0):.1f} | " + " | ".join(checks) + " |"
+        )
+    classes = len(first["class_shares"])
+    out += [
+        "",
+        "## Share of samples per class (the judge's argmax)",
+        "",
+        "| arm | " + " | ".join(str(c) for c in range(classes)) + " |",
+        "|---|" + "---|" * classes,
+        "| data | " + " | ".join(f"{v:.3f}" for v in first["data_shares"]) + " |",
+    ]
+    out += [
+        f"| {n} | " + " | ".join(f"{v:.3f}" for v in a["gan"]["class_shares"]) + " |"
+        for n, a in arms.items()
+    ]
+    sourced = {n: a for n, a in arms.items() if "source_shares" in a["gan"]}
+    if sourced:
+        k = len(next(iter(sourced.values()))["gan"]["source_shares"])
+        out += [
+            "",
+            "## Sources (label-related): share of samples per source and FID per source",
+            "",
+            "| arm | "
+            + " | ".join(f"share {s}" for s in range(k))
+            + " | each ≥ 10% | "
+            + " | ".join(f"FID {s}" for s in range(k))
+            + " |",
+            "|---|" + "---|" * (2 * k + 1),
+        ]
+        for n, a in sourced.items():
+            g = a["gan"]
+            shares = g["source_shares"]
+            out.append(
+                f"| {n} | "
+                + " | ".join(f"{v:.3f}" for v in shares)
+                + f" | {_yes(min(shares) >= 0.1, f'min {min(shares):.3f}')} | "
+                + " | ".join(_fmt(v, ".1f") for v in g["source_fid"])
+                + " |"
+            )
+    costed = {n: a for n, a in arms.items() if "costs" in a}
+    if costed:
+        out += [
+            "",
+            "## Bytes per tier (MB, whole run) and per global round",
+            "",
+            "| arm | device → edge | edge → device | edge → cloud | cloud → edge "
+            "| per global round | rounds | simulated time (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        per_round = {}
+        for n, a in costed.items():
+            c = a["costs"]
+            tiers = [c.get(k, 0.0) for k in ("bytes_client_edge", "bytes_edge_client")]
+            tiers += [c.get(k, 0.0) for k in ("bytes_edge_cloud", "bytes_cloud_edge")]
+            rounds = a.get("rounds") or 1
+            per_round[n] = sum(tiers) / rounds
+            out.append(
+                f"| {n} | "
+                + " | ".join(_mb(v) for v in tiers)
+                + f" | {_mb(per_round[n])} | {rounds} | {c.get('time_s', 0.0):.1f} |"
+            )
+        fedavg = next((n for n in costed if costed[n].get("method") == "fedavg"), None)
+        for n in costed:
+            if fedavg is not None and n != fedavg and per_round[fedavg] > 0:
+                out.append(
+                    f"\n{n} sends {per_round[n] / per_round[fedavg]:.3f}× the bytes per global "
+                    f"round of {fedavg}."
+                )
+    weighted = {n: a["weights"] for n, a in arms.items() if a.get("weights")}
+    if weighted:
+        out += ["", "## Three-tier region weights (softmax of the scores)", ""]
+        out += ["| arm | first round | last round | range over the run |", "|---|---|---|---|"]
+        for n, w in weighted.items():
+            flat = [v for row in w for v in row]
+            first_w = " / ".join(f"{v:.3f}" for v in w[0])
+            last_w = " / ".join(f"{v:.3f}" for v in w[-1])
+            out.append(f"| {n} | {first_w} | {last_w} | {min(flat):.3f}–{max(flat):.3f} |")
+    return "\n".join(out)
+
+
+def _count(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def _yes(ok: bool, detail: str) -> str:
+    return f"{'yes' if ok else '**no**'} ({detail})"
+
+
+def plot_fid(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """FID (in-house judge) against generator updates, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if "bits" in r and "generator_updates" in r]
+    arms = list(dict.fromkeys(r["arm"] for r in evals))
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        rs = [r for r in evals if r["arm"] == arm]
+        ys = [r["bits"]["32"].get("fid", float("nan")) for r in rs]
+        ax.plot([r["generator_updates"] for r in rs], ys, marker="o", ms=3, label=arm)
+    ax.set_xlabel("generator updates")
+    ax.set_ylabel("FID (in-house judge, not Inception)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

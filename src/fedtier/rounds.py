@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from fedtier.aggregate import ServerStep, client_weights
-from fedtier.aggregate.robust import build_rule
+from fedtier.aggregate.robust import TooFewRows, build_rule
 from fedtier.aggregate.rules import Rule
 from fedtier.costs.model import CostLedger
 from fedtier.evaluate import evaluate_at_bits
+from fedtier.faults import corrupt, dropouts, failed_edges, screen_uploads, upload_faults
 from fedtier.local.arm import ArmSetup, Metrics, is_private
 from fedtier.metrics import (
     MetricSpec,
@@ -74,6 +75,9 @@ class RunState:
     costs: CostLedger = field(default_factory=CostLedger)  # the cost model's ledger
     attack: dict[str, Any] = field(default_factory=dict)  # the attack's state (observations…)
     schedule: dict[str, Any] = field(default_factory=dict)  # the schedule's own (async queue…)
+    # the faults since the last evaluation, one entry per (round, edge) that had any
+    # (fedtier.faults); logged with the evaluation record under "faults"
+    faults: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tensors, numbers, dicts) for ``torch.save``."""
@@ -86,6 +90,7 @@ class RunState:
             "costs": self.costs.to_dict(),
             "attack": self.attack,
             "schedule": self.schedule,
+            "faults": list(self.faults),
         }
 
     @classmethod
@@ -97,6 +102,7 @@ class RunState:
         state.costs = CostLedger.from_dict(d["costs"])
         state.attack.update(d["attack"])
         state.schedule.update(d["schedule"])
+        state.faults.extend(d.get("faults", []))  # absent in checkpoints before faults
         return state
 
 
@@ -190,8 +196,11 @@ def run_rounds(
     while state.round < cfg.train.rounds:
         t = state.round
         plan = plan_round(setup.topology, cfg.topology, cfg.seed, t, poisson=is_private(cfg))
+        failed = failed_edges(cfg.faults, cfg.seed, t, list(plan.edges))
         results = [
             program.edge(setup, state, state.w, edge, clients, t)
+            if edge not in failed
+            else failed_edge(state, state.w, edge, t)
             for edge, clients in plan.edges.items()
         ]
         state.w = program.cloud(setup, state, state.w, results, plan, t)
@@ -204,10 +213,13 @@ def run_rounds(
                 "stages": reduce_stages(state.stages),
                 "bits": evaluate(setup, state.w),
             }
+            if state.faults:
+                record["faults"] = list(state.faults)
             if setup.costs is not None:
                 record["costs"] = setup.costs.snapshot()
             on_eval(record)
             state.stages.clear()
+            state.faults.clear()
             if on_checkpoint is not None:
                 on_checkpoint(sync_state(setup, state))
         on_round(t)
@@ -228,14 +240,23 @@ def cloud_step(
     post-step defenses (global clipping, server noise)."""
     if setup.costs is not None:
         setup.costs.cloud_round(len(results))
-    live = [r for r in results if r.weight > 0]  # all may miss the deadline
-    if not live:
+    live = [r for r in results if r.weight > 0]  # all may miss the deadline, fail…
+    if not live:  # keep the model; the round is recorded
+        _add(state.stages, "cloud/faults", {"no_update_rounds": 1.0})
+        state.faults.append({"round": t, "no_update": True})
         return w
     a = setup.cfg.aggregate
     cloud_rule = build_rule(a.cloud_rule.name, a.cloud_rule.options(), "aggregate.cloud_rule")
-    mean_update, m, _ = cloud_rule(
-        torch.stack([r.delta for r in live]), torch.tensor([cloud_weight(r) for r in live])
-    )
+    try:
+        mean_update, m, _ = cloud_rule(
+            torch.stack([r.delta for r in live]), torch.tensor([cloud_weight(r) for r in live])
+        )
+    except TooFewRows:
+        if len(live) == len(results):  # the configured sample itself is too small
+            raise
+        _add(state.stages, "cloud/faults", {"too_few_rows": 1.0, "no_update_rounds": 1.0})
+        state.faults.append({"round": t, "no_update": True, "too_few_rows": 1})
+        return w
     _add(state.stages, "cloud", m)
     step = ServerStep(a.rule, server_lr(setup), setup.topology.num_clients)
     w = step.apply(w, mean_update, sampled_count(setup, plan))
@@ -298,30 +319,41 @@ def server_lr(setup: ArmSetup) -> float:
 def edge_step(
     setup: ArmSetup, state: RunState, w: torch.Tensor, edge: int, clients: list[int], t: int
 ) -> EdgeResult:
-    """κ edge rounds from w: each a device step of the edge's clients, the screen, and the
-    edge rule over the uploads that arrived; returns (Δ_s [P], the edge's cloud weight)."""
+    """κ edge rounds from w: each a device step of the edge's clients, the validation screen
+    (fedtier.faults), the screen (qcheck) and the edge rule over the uploads that arrived and
+    passed; returns (Δ_s [P], the edge's cloud weight). Sampled clients that drop out
+    (``faults.dropout``) take no part in the round; every fault is counted under
+    ``edge/faults/…`` and listed per (round, edge) in ``state.faults``."""
     cfg = setup.cfg
     kappa = cfg.aggregate.edge_rounds
-    sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
-    weights = client_weights(cfg.aggregate.rule, sizes)
+    counts: dict[str, float] = {}
+    gone = dropouts(cfg.faults, cfg.seed, t, edge, clients)
+    if any(gone):
+        counts["dropped_out"] = float(sum(gone))
+        _add(state.stages, "edge/faults", {"dropped_out": counts["dropped_out"]})
+        clients = [c for c, g in zip(clients, gone) if not g]
     dp_rows = central_dp_rows(setup, edge)
-    if not clients:  # an empty Poisson sample (DP arms)
+    if not clients:  # an empty Poisson sample (DP arms), or every client dropped out
+        _record_faults(state, t, edge, counts)
         return empty_edge(setup, state, w, edge, t)
     w_edge, reached = w, False
     if setup.costs is not None:
         clients = setup.costs.schedule(clients)
-        sizes, weights = sizes[: len(clients)], weights[: len(clients)]
+    sizes = torch.tensor([float(setup.topology.num_samples[c]) for c in clients])
+    weights = client_weights(cfg.aggregate.rule, sizes)
     program = program_of(setup)
     for k in range(kappa):
         step = t * kappa + k
         rule = edge_rule(setup, t, edge, k)
         sent = program.device(setup, state, w_edge, edge, clients, step)
-        deltas, keep = sent.deltas, sent.arrived.clone()
-        if setup.screen is not None:
-            ctx = upload_context(setup, state, edge, clients, step)
-            screened, m = setup.screen(setup, w_edge, deltas, ctx)
-            keep &= screened
-            _add(state.stages, "screen", attribute(m, screened, clients, setup.malicious))
+        deltas, keep = validate(setup, state, sent, clients, step, counts)
+        if setup.screen is not None and keep.any():
+            seen = clients if bool(keep.all()) else [c for c, f in zip(clients, keep.tolist()) if f]
+            ctx = upload_context(setup, state, edge, seen, step)
+            rows = deltas if bool(keep.all()) else deltas[keep]
+            screened, m = setup.screen(setup, w_edge, rows, ctx)
+            keep[keep.clone()] = screened
+            _add(state.stages, "screen", attribute(m, screened, seen, setup.malicious))
         if cfg.aggregate.secure is not None:  # the edge sees only the masked uploads' sum
             mean = secure_edge_round(setup, state, deltas, weights, keep, clients, (t, edge, k))
             if mean is not None:
@@ -329,15 +361,23 @@ def edge_step(
             continue
         if not keep.any() and dp_rows is None:  # central DP releases noise even then
             continue
-        if bool(keep.all()):  # no row dropped: aggregate without copying the block
-            kept = clients
-            mean, m, selected = rule(deltas, weights)
-        else:
-            kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
-            mean, m, selected = rule(deltas[keep], weights[keep])
+        try:
+            if bool(keep.all()):  # no row dropped: aggregate without copying the block
+                kept = clients
+                mean, m, selected = rule(deltas, weights)
+            else:
+                kept = [c for c, flag in zip(clients, keep.tolist()) if flag]
+                mean, m, selected = rule(deltas[keep], weights[keep])
+        except TooFewRows:
+            if bool(keep.all()) and not any(gone):  # the configured sample is too small
+                raise
+            counts["too_few_rows"] = counts.get("too_few_rows", 0.0) + 1
+            _add(state.stages, "edge/faults", {"too_few_rows": 1.0})
+            continue
         _add(state.stages, "edge", attribute(m, selected, kept, setup.malicious))
         w_edge = w_edge + mean
         reached = True
+    _record_faults(state, t, edge, counts)
     if dp_rows is not None:
         return EdgeResult(w_edge - w, float(dp_rows))
     return EdgeResult(w_edge - w, float(weights.sum()) if reached else 0.0)
@@ -390,6 +430,44 @@ def secure_edge_round(
             sec.outcome.aborted if sec.outcome is not None else "fewer than two clients",
         )
     return sec.mean
+
+
+def validate(
+    setup: ArmSetup,
+    state: RunState,
+    sent: Uploads,
+    clients: list[int],
+    step: int,
+    counts: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uploads as the edge receives them (with the injected upload faults), through the
+    validation screen (fedtier.faults.screen_uploads): (the block [C, P] with rejected rows
+    zero, which rows arrived in time and passed [C] bool). Adds each cause's count to
+    ``counts`` and to the stage metrics ``edge/faults/…`` (stragglers as ``late``)."""
+    f = setup.cfg.faults
+    injected = upload_faults(f, setup.cfg.seed, step, clients)
+    received = corrupt(sent.deltas, injected, f.absurd_norm) if any(injected) else sent.deltas
+    deltas, ok, m = screen_uploads(received, state.w.numel(), f.max_norm)
+    if sent.finish_s is not None:
+        m["late"] = float((~sent.arrived).sum())
+    _add(state.stages, "edge/faults", m)
+    for name, v in m.items():
+        if v:
+            counts[name] = counts.get(name, 0.0) + v
+    return deltas, sent.arrived & ok
+
+
+def failed_edge(state: RunState, w: torch.Tensor, edge: int, t: int) -> EdgeResult:
+    """What a failed edge sends the cloud: nothing (weight 0, also under central DP: it
+    releases nothing); counted as ``cloud/faults/failed_edges``."""
+    _add(state.stages, "cloud/faults", {"failed_edges": 1.0})
+    _record_faults(state, t, edge, {"failed": 1.0})
+    return EdgeResult(torch.zeros_like(w), 0.0)
+
+
+def _record_faults(state: RunState, t: int, edge: int, counts: dict[str, float]) -> None:
+    if counts:
+        state.faults.append({"round": t, "edge": edge, **{k: int(v) for k, v in counts.items()}})
 
 
 def empty_edge(setup: ArmSetup, state: RunState, w: torch.Tensor, edge: int, t: int) -> EdgeResult:

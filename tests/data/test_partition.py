@@ -16,17 +16,22 @@ from fedtier.data.partition import (
     feature_related,
     label_related,
     label_related_transforms,
+    region_classes,
     shards,
+    source_related,
 )
 from fedtier.errors import ConfigError
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 balanced classes
 REGIONS = [4, 6]  # 10 clients over two edges
+SOURCES = np.arange(600) % 2  # two sources, each holding every class
 
 
 def _split(
     scheme: str, seed: int = 0, labels: np.ndarray = LABELS, **kw: object
 ) -> list[np.ndarray]:
+    if scheme == "source":
+        kw.setdefault("sources", SOURCES)
     return partition(
         labels, 10, scheme, np.random.default_rng(seed), clients_per_region=REGIONS, **kw
     )  # type: ignore[arg-type]
@@ -144,6 +149,10 @@ def test_quarter_turn_domain_needs_square_images() -> None:
             "topology.edges",
         ),
         ({"scheme": "label", "clients_per_region": [10, 0]}, "topology.edges"),
+        ({"scheme": "source"}, "data.partition"),  # a data set without sources
+        ({"scheme": "source", "sources": np.arange(600) % 3}, "topology.edges"),
+        ({"scheme": "source", "sources": SOURCES * 2}, "topology.edges"),  # ids 0, 2
+        ({"scheme": "source", "sources": np.minimum(np.arange(600), 1)}, "topology.clients"),
     ],
 )
 def test_bad_parameters_name_the_config_field(kwargs: dict, field: str) -> None:
@@ -154,6 +163,29 @@ def test_bad_parameters_name_the_config_field(kwargs: dict, field: str) -> None:
         )
     assert err.value.field == field
     assert field in str(err.value)
+
+
+def test_region_classes_are_the_feature_split_groups() -> None:
+    assert region_classes(LABELS, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    parts = feature_related(LABELS, [1, 1, 1], np.random.default_rng(0))
+    for part, group in zip(parts, region_classes(LABELS, 3)):
+        assert sorted(set(LABELS[part].tolist())) == group
+
+
+def test_source_related_gives_region_k_only_source_k() -> None:
+    sources = np.random.default_rng(1).integers(0, 3, size=600)
+    parts = partition(
+        LABELS, 7, "source", np.random.default_rng(0), clients_per_region=[2, 3, 2], sources=sources
+    )
+    region = np.repeat([0, 1, 2], [2, 3, 2])
+    for r in range(3):
+        mine = [p for p, k in zip(parts, region) if k == r]
+        assert all((sources[p] == r).all() for p in mine)
+        np.testing.assert_array_equal(np.sort(np.concatenate(mine)), np.flatnonzero(sources == r))
+        sizes = [len(p) for p in mine]
+        assert max(sizes) - min(sizes) <= 1  # IID within the region
+    again = source_related(sources, [2, 3, 2], np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
 
 
 def test_feature_region_with_too_few_samples_is_a_config_error() -> None:

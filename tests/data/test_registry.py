@@ -48,7 +48,18 @@ def test_array_dataset_rejects_bad_tensors(x: torch.Tensor, y: torch.Tensor) -> 
 
 def test_known_datasets() -> None:
     assert known_datasets() == sorted(
-        ["cifar10", "cifar100", "digits", "fashion-mnist", "gtsrb", "mnist", "mnist5k", "svhn"]
+        [
+            "cifar10",
+            "cifar100",
+            "digits",
+            "fashion-mnist",
+            "gtsrb",
+            "mnist",
+            "mnist5k",
+            "mnist5k-16",
+            "multisource-mnist",
+            "svhn",
+        ]
     )
 
 
@@ -90,3 +101,19 @@ def test_digits_is_standardised_and_independent_of_seed() -> None:
     assert train.x.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert train.x.std().item() == pytest.approx(1.0, abs=1e-3)
     assert torch.equal(test.x, test_again.x) and torch.equal(test.y, test_again.y)
+
+
+def test_mnist5k_16_is_mnist5k_downsampled_in_pm1_and_classes_select_labels() -> None:
+    import torch.nn.functional as F
+
+    from fedtier.data import load_dataset, select_classes
+
+    small, _ = load_dataset("mnist5k-16")
+    full, _ = load_dataset("mnist5k")
+    assert small.x.shape == (4000, 1, 16, 16) and torch.equal(small.y, full.y)
+    assert small.x.min() == -1 and small.x.max() == 1
+    pixels = (full.x * 0.3081 + 0.1307).clamp(0, 1)  # undo the standardisation
+    ref = F.interpolate(pixels, size=(16, 16), mode="bilinear", antialias=True) * 2 - 1
+    torch.testing.assert_close(small.x, ref.clamp(-1, 1), atol=1e-5, rtol=0)
+    five = select_classes(small, [5, 9])
+    assert set(five.y.tolist()) == {5, 9} and len(five) == 800

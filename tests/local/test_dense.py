@@ -98,6 +98,7 @@ def test_dense_stack_recognises_linear_stacks_only():
         ({"model.name": "cnn", "model.options": {}}, "not Linear layers"),
         ({"train.momentum": 0.9}, "momentum"),
         ({"quant.qat": True}, "cross-entropy"),
+        ({"train.precision": "bf16"}, "bf16"),
         ({}, "too large"),  # ~150 samples per client against 64 inputs
     ],
 )

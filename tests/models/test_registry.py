@@ -16,20 +16,38 @@ MNIST = (1, 28, 28)
 DIGITS = (1, 8, 8)
 CIFAR = (3, 32, 32)
 HEAVY = ("alexnet", "resnet18", "vgg16")
-LIGHT = ("autoencoder", "cnn", "cnn-bn", "denoiser-mlp", "mlp")
-SAME_SHAPE = ("autoencoder", "denoiser-mlp")  # output shaped like the input
+LIGHT = (
+    "autoencoder",
+    "cnn",
+    "cnn-bn",
+    "dcgan-discriminator",
+    "dcgan-generator",
+    "denoiser-mlp",
+    "mlp",
+    "unet",
+)
+SAME_SHAPE = (
+    "autoencoder",
+    "dcgan-generator",
+    "denoiser-mlp",
+    "unet",
+)  # output shaped like the input
 
 
 def _output(name: str, shape: tuple[int, int, int], classes: int = 10) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model(name, shape, classes)
     with torch.no_grad():
-        if name == "denoiser-mlp":  # model(x_t, t)
+        if name in ("denoiser-mlp", "unet"):  # model(x_t, t)
             return model(torch.randn(2, *shape), torch.tensor([0, 57]))
+        if name == "dcgan-generator":  # model(z), z [B, z_dim]
+            return model(torch.randn(2, 64))
         return model(torch.randn(2, *shape))
 
 
 def _expected(name: str, shape: tuple[int, int, int], classes: int = 10) -> tuple[int, ...]:
+    if name == "dcgan-discriminator":  # one logit, whatever num_classes says
+        return (2, 1)
     return (2, *shape) if name in SAME_SHAPE else (2, classes)
 
 
@@ -58,6 +76,10 @@ def test_paper_cifar_models_run_on_cifar_shape(name: str) -> None:
     [
         ("cnn", MNIST, 215_370),
         ("mlp", MNIST, 79_510),
+        # 64·6272+6272 + 2·6272 + 128·64·16+64 + 2·64 + 64·16+1
+        ("dcgan-generator", MNIST, 552_513),
+        # 1·64·16+64 + 64·128·16+128 + 128·7·7+1
+        ("dcgan-discriminator", MNIST, 138_561),
         ("resnet18", CIFAR, 11_173_962),
         ("vgg16", CIFAR, 14_728_266),
     ],
@@ -243,3 +265,41 @@ def test_input_shape_may_be_a_list() -> None:
 def test_register_rejects_a_taken_name() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register("cnn")(lambda input_shape, num_classes: nn.Identity())
+
+
+def test_dcgan_generator_outputs_images_in_tanh_range_and_options() -> None:
+    torch.manual_seed(0)
+    model = build_model("dcgan-generator", MNIST, 10, z_dim=16, width=8)
+    images = model(torch.randn(5, 16) * 10)
+    assert images.shape == (5, *MNIST)
+    assert images.abs().max() <= 1.0 and images.abs().max() > 0.9  # saturated tanh
+    assert _batchnorms(model) == [nn.BatchNorm1d, nn.BatchNorm2d]
+    assert _batchnorms(build_model("dcgan-generator", MNIST, 10, batchnorm=False)) == []
+
+
+def test_dcgan_discriminator_has_no_batchnorm_and_is_per_sample() -> None:
+    torch.manual_seed(0)
+    model = build_model("dcgan-discriminator", MNIST, 10, width=8)
+    assert _batchnorms(model) == []
+    batch = torch.randn(6, *MNIST)
+    # no batch statistics: a sample's logit does not depend on the rest of its batch
+    torch.testing.assert_close(model(batch)[:2], model(batch[:2]))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "field"),
+    [
+        ("dcgan-generator", {"z_dim": 0}, "model.z_dim"),
+        ("dcgan-generator", {"width": -1}, "model.width"),
+        ("dcgan-generator", {"batchnorm": "yes"}, "model.batchnorm"),
+        ("dcgan-discriminator", {"width": 0}, "model.width"),
+    ],
+)
+def test_dcgan_bad_options(name: str, options: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        build_model(name, MNIST, 10, **options)
+
+
+def test_dcgan_generator_needs_sides_divisible_by_4() -> None:
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        build_model("dcgan-generator", (1, 30, 30), 10)

@@ -35,6 +35,12 @@ class RulePrecondition(FedtierError):
     """A robust rule cannot give its guarantee for this many rows."""
 
 
+class TooFewRows(ConfigError):
+    """A built rule (:func:`build_rule`) was called with fewer rows than it needs: a
+    ConfigError on its field, which the round loop tolerates when faults (dropouts, rejected
+    uploads, failed edges) removed rows that the configured sample would have had."""
+
+
 def _need(ok: bool, rule: str, condition: str, n: int, f: int) -> None:
     if not ok:
         raise RulePrecondition(
@@ -292,7 +298,7 @@ def build_rule(
         try:
             return inner(updates, weights)
         except RulePrecondition as e:
-            raise ConfigError(field, name, str(e)) from None
+            raise TooFewRows(field, name, str(e)) from None
 
     return rule
 

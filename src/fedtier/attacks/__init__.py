@@ -15,6 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fedtier.attacks.baddiffusion import (
+    baddiffusion_loss,
+    load_pattern,
+    patch_trigger,
+    target_image,
+)
 from fedtier.attacks.client import (
     Attack,
     Transform,
@@ -35,6 +41,7 @@ from fedtier.attacks.losses import (
 from fedtier.attacks.triggers import Trigger
 from fedtier.config import (
     Attacker,
+    BadDiffusionAttack,
     ByzantineAttack,
     CellsSolver,
     DbaAttack,
@@ -52,7 +59,7 @@ from fedtier.errors import ConfigError
 from fedtier.metrics import MetricSpec
 from fedtier.quant import QuantSpec
 from fedtier.seeding import numpy_rng
-from fedtier.tasks import ClientTask, TaskWrapper
+from fedtier.tasks import ClientTask, DiffusionTask, TaskWrapper
 
 if TYPE_CHECKING:
     from fedtier.config import Config
@@ -63,9 +70,11 @@ __all__ = [
     "Trigger",
     "attack_executor",
     "attack_stage",
+    "baddiffusion_images",
     "build_attack",
     "malicious_clients",
     "train_adversarial",
+    "unwrap_diffusion",
     "with_asr",
 ]
 
@@ -80,6 +89,7 @@ KINDS = (
     "sign-flip",
     "gaussian",
     "scaled",
+    "baddiffusion",
 )
 HONG_BITS = {"hong-backdoor": [8, 4], "hong-degrade": [8, 7, 6, 5]}
 
@@ -108,10 +118,20 @@ def make_trigger(cfg: Config, train: ArrayDataset) -> Trigger:
     return Trigger(t.size, t.position, value, t.target)
 
 
-def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: float) -> Attack:
-    """The configured attack; ``gamma_auto`` = N / η_s (model replacement)."""
+def build_attack(
+    cfg: Config,
+    trigger: Trigger,
+    num_classes: int,
+    gamma_auto: float,
+    task: ClientTask | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> Attack:
+    """The configured attack; ``gamma_auto`` = N / η_s (model replacement). BadDiffusion also
+    needs the arm's ``task`` (its noise schedule) and the data's ``input_shape``."""
     a = cfg.attack
     assert isinstance(a, Attacker), "build_attack needs an attack (attack.kind is 'none')"
+    if isinstance(a, BadDiffusionAttack):
+        return build_baddiffusion(cfg, a, trigger, task, input_shape)
     spec = QuantSpec(cfg.quant.quantizer, cfg.quant.params)
     malicious = malicious_clients(cfg)
     trained = a if isinstance(a, TrainedAttack) else None
@@ -177,6 +197,67 @@ def build_attack(cfg: Config, trigger: Trigger, num_classes: int, gamma_auto: fl
         evade_residuals=evade.residuals if evade is not None else 0.0,
         **own,
     )
+
+
+def build_baddiffusion(
+    cfg: Config,
+    a: BadDiffusionAttack,
+    trigger: Trigger,
+    task: ClientTask | None,
+    input_shape: tuple[int, ...] | None,
+) -> Attack:
+    """BadDiffusion's malicious devices: they train on :func:`baddiffusion_loss` over the
+    task's noise schedule (no target-bit observation); their Δ is scaled by ``attack.gamma``
+    when it is set (model replacement), else uploaded as trained."""
+    diffusion = unwrap_diffusion(task)
+    if diffusion is None or input_shape is None:
+        raise ConfigError(
+            "attack.kind", a.kind, "an attack on a diffusion model: set train.task: diffusion"
+        )
+    trig, target = baddiffusion_images(cfg, a, trigger, input_shape)
+    alphas, alphas_cumprod = diffusion_schedule(diffusion)
+    loss = baddiffusion_loss(trig, target, alphas, alphas_cumprod, a.poison_fraction, a.solver)
+    return Attack(
+        kind=a.kind,
+        malicious=malicious_clients(cfg),
+        start_round=a.start_round,
+        gamma=a.gamma if a.gamma is not None else 1.0,
+        task_loss=loss,
+        amplify=a.gamma is not None,
+        pool=a.pool,
+    )
+
+
+def baddiffusion_images(
+    cfg: Config, a: BadDiffusionAttack, trigger: Trigger, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trigger r [C, H, W], target y [C, H, W]) of the attack, checked against the data's
+    ``shape``: the trigger section's patch (added to x_T) or ``attack.trigger_file``; the
+    named target image or ``attack.target_file``."""
+    if a.trigger_file is not None:
+        r = load_pattern("attack.trigger_file", a.trigger_file, shape)
+    else:
+        if len(shape) != 3 or trigger.size > min(shape[-2:]):
+            raise ConfigError("trigger.size", trigger.size, f"at most the image side {shape}")
+        r = patch_trigger(shape, trigger)
+    if a.target_file is not None:
+        y = load_pattern("attack.target_file", a.target_file, shape)
+    else:
+        y = target_image(a.target, shape)
+    return r, y
+
+
+def unwrap_diffusion(task: ClientTask | None) -> DiffusionTask | None:
+    """The diffusion task under any wrappers (QAT), or None."""
+    while task is not None and not isinstance(task, DiffusionTask):
+        task = getattr(task, "task", None)
+    return task
+
+
+def diffusion_schedule(task: DiffusionTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α_t [T], ᾱ_t [T]) of the task's linear schedule (ᾱ is the task's own)."""
+    betas = torch.linspace(task.beta_start, task.beta_end, task.steps, dtype=torch.float64)
+    return (1.0 - betas).float(), task.alpha_bar
 
 
 def byzantine(kind: str, scale: float) -> Transform:

@@ -30,7 +30,7 @@ from fedtier.local.sgd import Hooks, client_generator, local_sgd
 from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.quant import QuantSpec, quantize_copy
 from fedtier.seeding import torch_generator
-from fedtier.tasks import Batch
+from fedtier.tasks import Batch, client_batch
 from fedtier.tasks.base import Loss as TaskLoss
 
 if TYPE_CHECKING:
@@ -54,6 +54,10 @@ class Attack:
     gamma: float  # amplification applied to the malicious delta (eq. 16–17)
     loss: Callable[[list[int], int], Loss] | None = None  # (B', client) → training objective
     transform: Transform | None = None  # Byzantine: applied to the honest delta
+    # a task-shaped objective (model, batch, generator) → loss (BadDiffusion); trained
+    # without target-bit observation
+    task_loss: TaskLoss | None = None
+    amplify: bool = True  # False: the trained Δ is uploaded as is (no model replacement)
     bits: list[int] | None = None  # configured B'; None = predicted
     candidate_bits: list[int] = field(default_factory=lambda: [8, 6, 5, 4])
     predict_k: int = 2
@@ -141,14 +145,15 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
     (QAFed §3.2)."""
 
     def run(setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int) -> torch.Tensor:
-        if attack.loss is None:  # Byzantine: the clients train honestly
+        if attack.loss is None and attack.task_loss is None:  # Byzantine: honest training
             return base(setup, w, clients, step)
         bad = [c for c in clients if is_active(setup, attack, step) and c in attack.malicious]
         honest = [c for c in clients if c not in bad]
         rows: dict[int, torch.Tensor] = {}
         if honest:
             rows.update(zip(honest, base(setup, w, honest, step)))
-        watch(setup, attack, w, [c for c in clients if c in attack.malicious], step)
+        if attack.loss is not None:  # target-bit prediction (quantization attacks)
+            watch(setup, attack, w, [c for c in clients if c in attack.malicious], step)
         for c in bad:
             rows[c] = colluding_update(setup, attack, w, c, step)
         return torch.stack([rows[c] for c in clients])
@@ -178,7 +183,7 @@ def attack_stage(setup: ArmSetup, attack: Attack) -> Stage:
             attack.active_updates += 1
             if attack.transform is not None:
                 out[i] = attack.transform(deltas[i], attack_generator(ctx.seed, ctx.round, c))
-            else:
+            elif attack.amplify:
                 gamma = replacement_factor(attack, float(ctx.num_samples[i]), colluders)
                 out[i] = amplify(deltas[i], attack, gamma)
         return out, {"malicious": float(len(rows))}
@@ -297,6 +302,8 @@ def malicious_update(
     """Δ of one malicious client: local training on its attack objective from w, on its own
     data (or ``data``, the colluders' pooled data), against the configured B' or the one
     predicted from the observations so far (w's included: :func:`watch` runs first)."""
+    if attack.task_loss is not None:
+        return task_objective_update(setup, attack.task_loss, w, client, step, data)
     assert attack.loss is not None
     cfg = setup.cfg
     x, y = setup.client_data(client) if data is None else data
@@ -348,6 +355,35 @@ def landing_edges(setup: ArmSetup, step: int) -> int:
 
     plan = round_plan(setup, step)
     return 1 if plan is None else len(plan.edges)
+
+
+def task_objective_update(
+    setup: ArmSetup,
+    loss: TaskLoss,
+    w: torch.Tensor,
+    client: int,
+    step: int,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Δ of a malicious client whose objective is task-shaped (BadDiffusion): the honest
+    clients' local SGD (:func:`fedtier.local.sgd.local_sgd`, same batch order and stream) on
+    ``loss`` over its own data, with the attack's epochs and learning rate when set."""
+    cfg, a = setup.cfg, setup.cfg.attack
+    x, y = setup.client_data(client) if data is None else data
+    setup.layout.load(setup.model, w)
+    tr = cfg.train
+    epochs, lr = getattr(a, "epochs", None), getattr(a, "lr", None)
+    local = LocalConfig(
+        epochs if epochs is not None else tr.epochs,
+        tr.batch_size,
+        lr if lr is not None else tr.lr,
+        tr.momentum,
+        tr.weight_decay,
+    )
+    batch = client_batch(setup.task, x, y)
+    local_sgd(setup.model, loss, batch, local, client_generator(cfg.seed, step, client))
+    new = setup.layout.flatten(setup.model)
+    return torch.where(setup.upload_mask, new - w, torch.zeros_like(new))
 
 
 def repair_in_cells(

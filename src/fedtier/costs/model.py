@@ -73,6 +73,9 @@ class CostModel:
     epochs: int
     param_count: int  # P: floats in the global model (downlink size)
     ledger: CostLedger = field(default_factory=CostLedger)  # bound to the run's state
+    # C for every device (cycles per training sample, e.g. the model's counted FLOPs over the
+    # FLOPs per cycle); None: each device class's own constant
+    sample_cycles: float | None = None
 
     @property
     def totals(self) -> dict[str, float]:
@@ -86,7 +89,12 @@ class CostModel:
         prof, c = self.topology.profiles, self.cfg
         classes = [DEVICE_CLASSES[prof.kinds[k]] for k in prof.kind]
         self.f_max_hz = prof.f_max_ghz * 1e9
-        self.cycles_per_sample = np.array([d.cycles_per_sample for d in classes])
+        self.cycles_per_sample = np.array(
+            [
+                d.cycles_per_sample if self.sample_cycles is None else self.sample_cycles
+                for d in classes
+            ]
+        )
         self.capacitance = np.array([d.capacitance for d in classes])
         self.p_max_w = np.array([d.p_max_w for d in classes])
         self.gain = snr_gain(
@@ -207,12 +215,20 @@ class CostModel:
             free[b] = finish[j]
         return finish
 
-    def cloud_round(self, edges: int, clock: bool = True) -> None:
-        """Close a cloud round: edge↔cloud traffic (fp32) and, with ``clock``, the round's
-        simulated time."""
+    def cloud_round(
+        self,
+        edges: int,
+        clock: bool = True,
+        up_bytes: float | None = None,
+        down_bytes: float | None = None,
+    ) -> None:
+        """Close a cloud round: edge↔cloud traffic (fp32 of the global model per edge, unless
+        ``up_bytes`` / ``down_bytes`` give the round's totals, e.g. encoded generator uploads)
+        and, with ``clock``, the round's simulated time."""
         t = self.totals
-        t["bytes_edge_cloud"] += 4.0 * self.param_count * edges
-        t["bytes_cloud_edge"] += 4.0 * self.param_count * edges
+        fp32 = 4.0 * self.param_count * edges
+        t["bytes_edge_cloud"] += fp32 if up_bytes is None else float(up_bytes)
+        t["bytes_cloud_edge"] += fp32 if down_bytes is None else float(down_bytes)
         if not clock:
             return
         t["time_s"] += max(self.ledger.edge_time.values(), default=0.0)  # edges run in parallel
@@ -222,12 +238,15 @@ class CostModel:
         self.ledger.edge_time.clear()
         self.ledger.edge_time_max.clear()
 
-    def relay(self, now: float) -> None:
-        """Asynchronous schedules: an edge relays one update to the cloud (fp32) and the
-        cloud's new model back; the clock is the event time ``now``."""
+    def relay(
+        self, now: float, up_bytes: float | None = None, down_bytes: float | None = None
+    ) -> None:
+        """Asynchronous schedules: an edge relays one update to the cloud (fp32, or
+        ``up_bytes``) and the cloud's new model back (fp32, or ``down_bytes``); the clock is
+        the event time ``now``."""
         t = self.totals
-        t["bytes_edge_cloud"] += 4.0 * self.param_count
-        t["bytes_cloud_edge"] += 4.0 * self.param_count
+        t["bytes_edge_cloud"] += 4.0 * self.param_count if up_bytes is None else float(up_bytes)
+        t["bytes_cloud_edge"] += 4.0 * self.param_count if down_bytes is None else float(down_bytes)
         t["time_s"] = now
         self.ledger.edge_time.clear()
         self.ledger.edge_time_max.clear()

@@ -8,19 +8,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedtier.errors import FedtierError
+
 
 @dataclass(frozen=True, eq=False)
 class ArrayDataset:
     """A labelled image data set held in memory.
 
     ``x`` is float32 ``[N, C, H, W]``, already normalised; ``y`` is int64 ``[N]`` with values in
-    ``0 .. num_classes - 1``; ``name`` is the registry name it was loaded under.
+    ``0 .. num_classes - 1``; ``name`` is the registry name it was loaded under. ``source``
+    (int64 ``[N]`` or None) says which source each sample comes from in a multi-source data
+    set (``multisource-mnist``: 0 MNIST, 1 sklearn digits, 2 inverted MNIST); partitions
+    (``data.partition: source``) and the source judge read it.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
     name: str
+    source: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.dim() != 4:
@@ -30,6 +36,13 @@ class ArrayDataset:
         if self.y.dtype != torch.int64 or self.y.dim() != 1 or len(self.y) != len(self.x):
             raise ValueError(
                 f"y must be int64 [{len(self.x)}], got {self.y.dtype} {tuple(self.y.shape)}"
+            )
+        if self.source is not None and (
+            self.source.dtype != torch.int64 or self.source.shape != self.y.shape
+        ):
+            raise ValueError(
+                f"source must be None or int64 [{len(self.y)}], got {self.source.dtype} "
+                f"{tuple(self.source.shape)}"
             )
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
@@ -46,7 +59,8 @@ class ArrayDataset:
     def subset(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> ArrayDataset:
         """The samples at ``indices`` (any integer array-like, in the given order)."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name)
+        source = None if self.source is None else self.source[idx]
+        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name, source)
 
 
 def from_uint8(
@@ -85,3 +99,20 @@ def stratified_split(
     test_idx = np.sort(np.concatenate(test))
     train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
     return train_idx, test_idx
+
+
+def select_classes(
+    data: ArrayDataset, classes: list[int] | None, field: str = "data.classes"
+) -> ArrayDataset:
+    """The samples of ``data`` whose label is in ``classes`` (all of them for None); labels
+    keep their values (digits 5–9 stay 5–9 of 10 classes)."""
+    if classes is None:
+        return data
+    bad = [c for c in classes if c >= data.num_classes]
+    if bad:
+        raise FedtierError(
+            f"{field}: class {bad[0]} does not exist in data set '{data.name}' "
+            f"(classes 0..{data.num_classes - 1})"
+        )
+    keep = torch.isin(data.y, torch.tensor(classes, dtype=data.y.dtype))
+    return data.subset(torch.nonzero(keep).flatten())

@@ -21,7 +21,7 @@ import torch
 
 from fedtier.errors import ConfigError
 
-SCHEMES = ("iid", "dirichlet", "shards", "feature", "label")
+SCHEMES = ("iid", "dirichlet", "shards", "feature", "label", "source")
 MAX_DIRICHLET_TRIES = 100  # resamples before the Dirichlet split tops up small clients by hand
 
 
@@ -35,12 +35,15 @@ def partition(
     shards_per_client: int = 2,
     clients_per_region: Sequence[int] | None = None,
     min_size: int = 2,
+    sources: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Split samples with ``labels`` ``[N]`` over ``num_clients`` clients by ``scheme``.
 
     ``scheme`` is one of :data:`SCHEMES`; ``alpha`` and ``min_size`` apply to ``dirichlet``,
     ``shards_per_client`` to ``shards``, and ``clients_per_region`` (summing to
-    ``num_clients``) to the region-level ``feature`` and ``label`` schemes; the others ignore it.
+    ``num_clients``) to the region-level ``feature``, ``label`` and ``source`` schemes; the
+    others ignore it. ``sources`` ``[N]`` (each sample's source id, ``ArrayDataset.source``)
+    is needed by ``source`` only.
     """
     labels = np.asarray(labels)
     _check_clients(num_clients, len(labels))
@@ -50,7 +53,7 @@ def partition(
         return dirichlet(labels, num_clients, alpha, rng, min_size)
     if scheme == "shards":
         return shards(labels, num_clients, shards_per_client, rng)
-    if scheme not in ("feature", "label"):
+    if scheme not in ("feature", "label", "source"):
         raise ConfigError("data.partition", scheme, "one of " + ", ".join(SCHEMES))
     if clients_per_region is None:
         raise ConfigError(
@@ -66,6 +69,15 @@ def partition(
         )
     if scheme == "feature":
         return feature_related(labels, clients_per_region, rng)
+    if scheme == "source":
+        if sources is None:
+            raise ConfigError(
+                "data.partition",
+                scheme,
+                "a data set whose samples carry a source id (multisource-mnist); "
+                "otherwise 'label' (one transformed view per region)",
+            )
+        return source_related(np.asarray(sources), clients_per_region, rng)
     return label_related(labels, clients_per_region, rng)[0]
 
 
@@ -151,17 +163,17 @@ def feature_related(
             len(counts),
             f"at most {len(classes)} (one class group per edge) for data.partition 'feature'",
         )
-    parts: list[np.ndarray] = []
-    for group, count in zip(np.array_split(classes, len(counts)), counts):
-        members = np.flatnonzero(np.isin(labels, group))
-        if len(members) < count:
-            raise ConfigError(
-                "topology.clients",
-                count,
-                f"at most {len(members)} clients for the region holding classes {group.tolist()}",
-            )
-        parts.extend(np.sort(p) for p in np.array_split(rng.permutation(members), count))
-    return parts
+    groups = region_classes(labels, len(counts))
+    regions = [(np.flatnonzero(np.isin(labels, g)), f"classes {g}") for g in groups]
+    return _iid_within_regions(regions, counts, rng)
+
+
+def region_classes(labels: np.ndarray, num_regions: int) -> list[list[int]]:
+    """The class group of each region in the feature-related scenario: the sorted classes
+    present in ``labels`` cut into ``num_regions`` contiguous groups (``np.array_split``; for
+    ten classes and three regions: 0-3, 4-6, 7-9). Scores such as
+    ``fedtier.generative.region_coverage`` take this list."""
+    return [g.tolist() for g in np.array_split(np.unique(labels), num_regions)]
 
 
 def label_related(
@@ -175,6 +187,44 @@ def label_related(
     counts = _check_regions(clients_per_region)
     parts = iid(labels, sum(counts), rng)
     return parts, np.repeat(np.arange(len(counts)), counts)
+
+
+def source_related(
+    sources: np.ndarray, clients_per_region: Sequence[int], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Seed 001's label-related scenario on a multi-source data set: region r holds exactly
+    the samples of source r (all labels), split IID over its ``clients_per_region[r]`` clients.
+
+    ``sources`` ``[N]`` holds each sample's source id in ``0 .. S - 1``; there must be one
+    region per source (``topology.edges == S``).
+    """
+    counts = _check_regions(clients_per_region)
+    ids = np.unique(sources)
+    if len(counts) != len(ids) or not np.array_equal(ids, np.arange(len(ids))):
+        raise ConfigError(
+            "topology.edges",
+            len(counts),
+            f"{len(ids)} (one edge per source, sources {ids.tolist()}) for data.partition 'source'",
+        )
+    regions = [(np.flatnonzero(sources == r), f"source {r}") for r in range(len(counts))]
+    return _iid_within_regions(regions, counts, rng)
+
+
+def _iid_within_regions(
+    regions: list[tuple[np.ndarray, str]], counts: list[int], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Region r's samples ``regions[r][0]`` split IID over its ``counts[r]`` clients, region by
+    region; ``regions[r][1]`` names what the region holds, for the error message."""
+    parts: list[np.ndarray] = []
+    for (members, holding), count in zip(regions, counts):
+        if len(members) < count:
+            raise ConfigError(
+                "topology.clients",
+                count,
+                f"at most {len(members)} clients for the region holding {holding}",
+            )
+        parts.extend(np.sort(p) for p in np.array_split(rng.permutation(members), count))
+    return parts
 
 
 def apply_domain(x: torch.Tensor, region: int) -> torch.Tensor:

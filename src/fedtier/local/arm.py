@@ -17,9 +17,10 @@ from torch import nn
 from fedtier.config import Config, dp_mechanism
 from fedtier.data import ArrayDataset
 from fedtier.local.jobs import ClientJob, JobContext, run_job
+from fedtier.local.precision import resolve_precision
 from fedtier.quant import QuantSpec
 from fedtier.state import StateLayout
-from fedtier.tasks import Batch, ClientTask, LocalConfig
+from fedtier.tasks import Batch, ClientTask, LocalConfig, client_batch
 from fedtier.topology import RoundPlan, Topology, plan_round
 from fedtier.upload.chain import Chain
 
@@ -113,6 +114,20 @@ def client_job(
     return ClientJob(client, step, setup.cfg.seed, start, local_config(setup.cfg), data)
 
 
+def client_jobs(
+    setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int, by_id: bool
+) -> list[ClientJob]:
+    """The jobs of ``clients`` from w [P], in ``clients`` order, for workers away from this
+    process: ``by_id`` when the workers hold the arm's client data (jobs refer to their
+    samples by client id), else each job carries its client's samples."""
+    return [
+        client_job(
+            setup, w, c, step, None if by_id else client_batch(setup.task, *setup.client_data(c))
+        )
+        for c in clients
+    ]
+
+
 def job_context(setup: ArmSetup, channels_last: bool = False) -> JobContext:
     """The arm's fixed parts for :func:`fedtier.local.jobs.run_job`: its working model, task,
     layout and client data."""
@@ -120,9 +135,16 @@ def job_context(setup: ArmSetup, channels_last: bool = False) -> JobContext:
 
 
 def local_config(cfg: Config) -> LocalConfig:
-    """The local-training settings of ``cfg.train``."""
+    """The local-training settings of ``cfg.train`` (``auto`` precision resolved for the
+    device the run trains on)."""
     t = cfg.train
-    return LocalConfig(t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+    device = (
+        "cuda"
+        if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    precision = resolve_precision(t.precision, device)
+    return LocalConfig(t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay, precision)
 
 
 def client_start(setup: ArmSetup, w: torch.Tensor, client: int) -> torch.Tensor:

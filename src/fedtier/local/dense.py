@@ -113,6 +113,8 @@ def not_dense(setup: ArmSetup) -> str | None:
     t = setup.cfg.train
     if t.momentum or t.weight_decay:
         return "local SGD has momentum or weight decay"
+    if local_config(setup.cfg).precision != "fp32":
+        return "training runs in bf16 (the sample-space algebra is exact in fp32 only)"
     if not bool(setup.upload_mask.all()):
         return "part of the model's state stays on the device"
     first = stack.linears[0][1]

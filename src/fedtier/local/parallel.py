@@ -36,11 +36,10 @@ import torch.multiprocessing as tmp
 
 from fedtier.data import ClientData
 from fedtier.errors import FedtierError
-from fedtier.local.arm import ArmSetup, client_delta, client_job, job_context
+from fedtier.local.arm import ArmSetup, client_delta, client_jobs, job_context
 from fedtier.local.jobs import ClientJob, ClientResult, JobContext, run_job
 from fedtier.local.messages import say_once
 from fedtier.local.sgd import _has_batchnorm
-from fedtier.tasks import client_batch
 
 StartMethod = Literal["fork", "spawn"]
 
@@ -194,16 +193,7 @@ class ProcessExecutor:
         """The clients' jobs from w [P], in ``clients`` order; each carries its samples unless
         the workers hold the arm's client data."""
         by_id = self._data is not None and self._data is setup.client_data
-        return [
-            client_job(
-                setup,
-                w,
-                c,
-                step,
-                None if by_id else client_batch(setup.task, *setup.client_data(c)),
-            )
-            for c in clients
-        ]
+        return client_jobs(setup, w, clients, step, by_id)
 
     def __call__(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int

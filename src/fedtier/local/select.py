@@ -34,8 +34,8 @@ def choose_executor(setup: ArmSetup) -> tuple[str, str]:
         return "sequential", reason
     if wanted == "vectorised":
         return "vectorised", "train.executor is 'vectorised'"
-    if wanted == "processes":
-        return "processes", "train.executor is 'processes'"
+    if wanted in ("processes", "ray"):
+        return wanted, f"train.executor is '{wanted}'"
     dense_reason = not_dense(setup)
     if wanted == "dense":
         if dense_reason is not None:
@@ -66,15 +66,18 @@ def select_executor(setup: ArmSetup) -> str:
     warning, said once.
     """
     from fedtier.local.dense import train_dense
+    from fedtier.local.distributed import RayExecutor
     from fedtier.local.parallel import ProcessExecutor
     from fedtier.local.vectorised import train_vectorised
 
     name, why = choose_executor(setup)
+    ray = setup.cfg.ray
     executors: dict[str, Callable[[], Executor]] = {
         "sequential": lambda: train_sequential,
         "vectorised": lambda: train_vectorised,
         "dense": lambda: train_dense,
         "processes": ProcessExecutor,
+        "ray": lambda: RayExecutor(ray.address, ray.num_cpus, ray.max_retries),
     }
     setup.executor = executors[name]()
     message = f"executor: {name} ({why})"
@@ -86,7 +89,8 @@ def select_executor(setup: ArmSetup) -> str:
 
 
 def close_executor(setup: ArmSetup) -> None:
-    """Release what the arm's executor holds (the process pool's workers), if anything."""
+    """Release what the arm's executor holds (the process pool's workers, the run's objects
+    in Ray's store), if anything."""
     close = getattr(setup.executor, "close", None)
     if close is not None:
         close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedtier.local.precision import autocast
 from fedtier.seeding import torch_generator
 from fedtier.tasks import Batch, ClientTask, LocalConfig, batch_len, batch_to, take
 from fedtier.tasks.base import Loss, device_of
@@ -97,7 +98,9 @@ def local_sgd(
         batch = batch_to(take(data, idx), device)
         undo = hooks.perturb(params) if hooks.perturb is not None else None
         opt.zero_grad(set_to_none=True)
-        loss(model, batch, generator).backward()
+        with autocast(cfg.precision, device):
+            value = loss(model, batch, generator)
+        value.backward()
         if undo is not None:
             undo()
         if hooks.on_grad is not None:

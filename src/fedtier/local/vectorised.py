@@ -43,6 +43,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from fedtier.local.arm import ArmSetup, client_deltas, client_start, local_config
+from fedtier.local.precision import autocast
 from fedtier.local.sgd import LocalConfig, _has_batchnorm, batch_schedule, client_generator
 from fedtier.tasks import Batch, Draws, Masked, batch_len, batch_to, client_batch, take
 
@@ -133,7 +134,8 @@ def train_vectorised(
             rows = range(active) if members is None else members
             drawn = _pad_draws([draws[j] for j in rows], idx.shape[1])
             idx = idx.to(device)
-            grads = step_fn(params, buffers, take(data_all, idx), mask.to(device), drawn)
+            with autocast(local.precision, device):
+                grads = step_fn(params, buffers, take(data_all, idx), mask.to(device), drawn)
             _sgd(block, grads, sel, local)
             del grads  # free before the next step allocates its own (reuses the memory)
             if members is not None:  # gathered copies: write the updated buffers back

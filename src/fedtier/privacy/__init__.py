@@ -1,4 +1,8 @@
-"""Differential privacy (SPEC §4.2): central (the edge server clips each update and adds
+"""Differential privacy (SPEC §4.2) here; the privacy attacks that measure what it buys are
+in :mod:`fedtier.privacy.inversion` (gradient inversion) and :mod:`fedtier.privacy.membership`
+(membership inference).
+
+Differential privacy (SPEC §4.2): central (the edge server clips each update and adds
 calibrated Gaussian noise to the sum) and local (each client clips and noises its own update
 before upload), with (ε, δ) from Opacus's RDP accountant.
 

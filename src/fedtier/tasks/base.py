@@ -53,6 +53,7 @@ class LocalConfig:
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
+    precision: str = "fp32"  # fp32 or bf16: autocast of the forward pass (fedtier.local.precision)
 
 
 LocalUpdate = Callable[[nn.Module, Batch, LocalConfig, torch.Generator], int]

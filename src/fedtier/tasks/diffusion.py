@@ -12,6 +12,11 @@ t = 1 … T). Every draw of the loss comes from the task's generator, in this or
 uniform over the T steps, then ε [B, ...] standard normal. Evaluation is the same MSE on the
 test set with t and ε drawn once from a fixed evaluation stream, so it is deterministic and
 the same at every evaluation and bit width. Labels are ignored.
+
+Sampling is DDIM (Song et al. 2021, η = 0: deterministic given x_T) with diffusers'
+``DDIMScheduler`` over the same linear schedule, in S steps (``sample_steps``);
+:func:`sample` runs any contiguous range of those steps, so collaborative sampling (the edge
+runs the first t steps, the device the remaining S − t; SS-Diff, SPEC §8) is two calls.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedtier.data import ArrayDataset
+from fedtier.errors import FedtierError
 from fedtier.metrics import MetricSpec
 from fedtier.seeding import torch_generator
 from fedtier.tasks.base import ONE_MODEL, Batch, Draws, Groups, LocalUpdate, Masked, device_of
@@ -47,6 +54,7 @@ class DiffusionTask:
     beta_start: float = 1e-4  # β_1 (DDPM's value)
     beta_end: float = 0.02  # β_T (DDPM's value)
     eval_seed: int = 0  # the evaluation stream: torch_generator(eval_seed, "diffusion-eval")
+    sample_steps: int = 20  # S: DDIM steps of sampling
     groups: Groups = ONE_MODEL
     labelled: bool = field(default=False, init=False)
     headline: str = field(default="mse", init=False)
@@ -59,6 +67,8 @@ class DiffusionTask:
             raise ValueError(
                 "a diffusion schedule needs steps >= 1 and 0 < beta_start <= beta_end < 1"
             )
+        if self.sample_steps < 1:  # S <= T is the config's check (DiffusionTaskConfig)
+            raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
 
     @cached_property
     def alpha_bar(self) -> torch.Tensor:
@@ -108,6 +118,82 @@ class DiffusionTask:
             tb, eb = t[i : i + batch_size].to(device), eps[i : i + batch_size].to(device)
             total += F.mse_loss(model(self.noised(x, tb, eb), tb), eb, reduction="sum").item()
         return {"mse": total / data.x.numel()}
+
+
+def ddim_scheduler(task: DiffusionTask) -> Any:
+    """diffusers' ``DDIMScheduler`` over the task's schedule (T, linear β from ``beta_start``
+    to ``beta_end``; ᾱ equal to :attr:`DiffusionTask.alpha_bar` to float rounding), ε
+    prediction, no clipping of x̂_0, ᾱ_{-1} = 1 for the last step ("leading" spacing:
+    timesteps T/S·(S−1), …, T/S, 0). Needs the ``diffusion`` extra."""
+    from fedtier.models.unet import require_diffusers
+
+    diffusers = require_diffusers()
+    return diffusers.DDIMScheduler(
+        num_train_timesteps=task.steps,
+        beta_start=task.beta_start,
+        beta_end=task.beta_end,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type="epsilon",
+    )
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    scheduler: Any,
+    x: torch.Tensor,
+    steps: int,
+    start: int = 0,
+    stop: int | None = None,
+    clip_x0: bool = False,
+) -> torch.Tensor:
+    """Run DDIM steps ``start`` … ``stop − 1`` (of ``steps`` = S, η = 0) on ``x`` [B, C, H, W]
+    and return the result [B, C, H, W]: from x_T (``start`` = 0) the whole chain gives x_0;
+    ``stop`` = t gives the intermediate x_{T−t} that :func:`sample` with ``start`` = t
+    continues from, bit for bit as one call would.
+
+    ``scheduler`` is a ``DDIMScheduler`` (:func:`ddim_scheduler`); a copy with S timesteps is
+    used, so the caller's is never changed. ``clip_x0``: clamp the predicted x̂_0 to
+    [−1, 1] at every step (BadDiffusion's inference-time clipping, diffusers'
+    ``clip_sample``: the direction term keeps the predicted ε). ``model`` is put in eval mode. The steps draw no randomness (η = 0).
+    """
+    stop = steps if stop is None else stop
+    if steps < 1:
+        raise FedtierError(f"sampling needs at least one step, got steps = {steps}")
+    if not 0 <= start <= stop <= steps:
+        raise FedtierError(
+            f"sampling steps {start}..{stop} are outside the S = {steps} DDIM steps: "
+            f"need 0 <= start <= stop <= {steps} (the edge's shared steps t may be at most S)"
+        )
+    sched = type(scheduler).from_config(
+        scheduler.config, clip_sample=clip_x0, clip_sample_range=1.0
+    )
+    sched.set_timesteps(steps)
+    model.eval()
+    device = device_of(model)
+    x = x.to(device)
+    for t in sched.timesteps[start:stop]:
+        tt = torch.full((len(x),), int(t), dtype=torch.long, device=device)
+        x = sched.step(model(x, tt), int(t), x).prev_sample
+    return x
+
+
+def collaborative_sample(
+    model: nn.Module, scheduler: Any, x_T: torch.Tensor, steps: int, shared: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SS-Diff's collaborative sampling (SPEC §8): the edge runs the first ``shared`` = t of
+    the S = ``steps`` DDIM steps on the whole batch x_T [B, ...] and returns x_{T−t}; the
+    devices finish the remaining S − t steps. Returns (x_0, x_{T−t}); t = 0 is device-only
+    sampling (x_{T−0} = x_T), t = S edge-only (x_0 = x_{T−S})."""
+    if not 0 <= shared <= steps:
+        raise FedtierError(
+            f"collaborative sampling: the edge's shared steps t = {shared} must be in "
+            f"0..{steps} (the S sampling steps)"
+        )
+    middle = sample(model, scheduler, x_T, steps, 0, shared)
+    return sample(model, scheduler, middle, steps, shared, steps), middle
 
 
 def _images(batch: Batch) -> torch.Tensor:
