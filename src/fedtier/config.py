@@ -548,9 +548,34 @@ class CellsSolver(Section):
     stat_match: float = Field(1.0, ge=0)  # weight of fp32 ↔ deployed BN-input statistics match
 
 
+class ScreenEvasion(Section):
+    """An FQBD attacker that knows the quantization-consistency screen (defenses/qcheck.py)
+    and, during the cells repair, also minimises the screen's two statistics on its model."""
+
+    kl: float = Field(5.0, ge=0)  # weight of KL(p_w ‖ p_{Q_b(w)}) on the clean batch, b ∈ B'
+    # per repair step, each rounding residual moves this fraction of the way to its uniform
+    # quantile (its rank's place in U(−½, ½)); the last step moves all the way
+    residuals: float = Field(0.5, ge=0, le=1)
+
+
 class FqbdAttack(Poisoning, CellsSolver):
     kind: Literal["fqbd"]  # QAFed eq. (11)
     lam: float = Field(1.0, ge=0)  # λ of eq. (11)
+    evade: ScreenEvasion | None = None  # None = an attacker unaware of qcheck
+
+    @model_validator(mode="after")
+    def _check_evade(self) -> FqbdAttack:
+        if self.evade is None:
+            return self
+        if self.solver != "cells":
+            raise _fail("evade", "set", "only with solver: cells (evasion acts in the repair)")
+        if self.evade.residuals > 0 and self.cell_margin > 0:
+            raise _fail(
+                "cell_margin",
+                self.cell_margin,
+                "0 with evade.residuals > 0 (uniform residuals need the whole rounding cell)",
+            )
+        return self
 
 
 class FqmaAttack(TrainedAttack, CellsSolver):

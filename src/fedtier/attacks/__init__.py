@@ -174,6 +174,7 @@ def build_attack(
         repair = lambda c: fqbd_fp32_loss(trigger, frac)  # noqa: E731
     elif cells.solver == "cells" and a.kind == "fqma":
         repair = lambda c: clean_loss  # noqa: E731
+    evade = a.evade if isinstance(a, FqbdAttack) else None
     # the trained attackers' own settings; Byzantine ones keep the Attack defaults
     own: dict[str, Any] = {}
     if trained is not None:
@@ -192,6 +193,8 @@ def build_attack(
         cell_margin=cells.cell_margin,
         repair_lr=cells.repair_lr,
         stat_match=cells.stat_match,
+        evade_kl=evade.kl if evade is not None else 0.0,
+        evade_residuals=evade.residuals if evade is not None else 0.0,
         **own,
     )
 

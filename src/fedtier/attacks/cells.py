@@ -23,10 +23,13 @@ times narrower and leave fp32 almost no room, so higher bit widths stay close to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedtier.attacks.losses import Loss, deployed
 from fedtier.quant import QuantSpec, grid
@@ -42,6 +45,8 @@ class Cells:
     start: dict[str, torch.Tensor]  # w at the start of the repair (inside its own cell)
     lo: dict[str, torch.Tensor]
     hi: dict[str, torch.Tensor]
+    step: dict[str, torch.Tensor]  # the grid step Δ, broadcast to the parameter's shape
+    free: dict[str, torch.Tensor]  # entries inside a cell: neither pinned nor clipped
 
     def project(self, model: nn.Module) -> None:
         """Clamp every quantized parameter into its cells."""
@@ -49,6 +54,32 @@ class Cells:
             for name, p in model.named_parameters():
                 if name in self.lo:
                     p.copy_(torch.minimum(torch.maximum(p, self.lo[name]), self.hi[name]))
+
+    def spread(self, model: nn.Module, fraction: float) -> None:
+        """Move the free entries' rounding residuals r = (w − Q_b(w))/Δ ``fraction`` of the way
+        to the uniform law on (−½, ½): the k-th smallest of n residuals (over all quantized
+        tensors together, as the screen pools them) goes toward (k + ½)/n − ½, the order
+        kept (the monotone map is the optimal transport to the uniform law in 1-D). Every
+        target lies inside its cell, so Q_b(w) does not change (up to float ties:
+        :meth:`restore_flips`)."""
+        names = [n for n in self.free if bool(self.free[n].any())]
+        if fraction <= 0 or not names:
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            r = torch.cat(
+                [((params[n] - self.target[n]) / self.step[n])[self.free[n]] for n in names]
+            )
+            ranks = torch.empty_like(r)
+            ranks[torch.argsort(r)] = torch.arange(len(r), dtype=r.dtype)
+            goal = r + fraction * ((ranks + 0.5) / len(r) - 0.5 - r)
+            at = 0
+            for n in names:
+                p, free = params[n], self.free[n]
+                k = int(free.sum())
+                moved = self.target[n][free] + goal[at : at + k] * self.step[n][free]
+                p[free] = moved.to(p.dtype)
+                at += k
 
     def restore_flips(self, model: nn.Module) -> int:
         """Entries whose deployed value changed anyway (a float landing on a rounding boundary)
@@ -70,7 +101,7 @@ def rounding_cells(model: nn.Module, spec: QuantSpec, bits: int, margin: float) 
     weights into the margin-shrunk cells before training."""
     if not 0 <= margin < 0.5:
         raise ValueError(f"margin must be in [0, 0.5) grid steps, got {margin}")
-    target, start, lo, hi = {}, {}, {}, {}
+    target, start, lo, hi, steps, free = {}, {}, {}, {}, {}, {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not spec.selects(name, p):
@@ -89,9 +120,12 @@ def rounding_cells(model: nn.Module, spec: QuantSpec, bits: int, margin: float) 
             pinned[rows, g.argmin(dim=1)] = True
             pinned[rows, g.argmax(dim=1)] = True
             low, high = torch.where(pinned, g, low), torch.where(pinned, g, high)
+            inside = ~pinned & ((g - gq).abs() <= step / 2) & (step > 0)
             target[name], start[name] = gq.reshape(w.shape), w
             lo[name], hi[name] = low.reshape(w.shape), high.reshape(w.shape)
-    return Cells(spec, bits, target, start, lo, hi)
+            steps[name] = step.expand_as(g).reshape(w.shape)
+            free[name] = inside.reshape(w.shape)
+    return Cells(spec, bits, target, start, lo, hi, steps, free)
 
 
 def _bn_inputs(model: nn.Module, run) -> list[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[no-untyped-def]
@@ -141,3 +175,54 @@ def matching_statistics(loss_fn: Loss, spec: QuantSpec, bits: int, weight: float
         return total + weight * gap
 
     return loss
+
+
+def consistent_outputs(
+    loss_fn: Loss,
+    spec: QuantSpec,
+    bits: list[int],
+    weight: float,
+    anchor: dict[str, torch.Tensor] | None = None,
+    scales: Sequence[float] = (1.0,),
+) -> Loss:
+    """``loss_fn`` plus ``weight`` × Σ_k Σ_{b∈B'} KL(p_{w_k} ‖ p_{Q_b(w_k)}) on the clean batch,
+    w_k = anchor + k·(w − anchor) for k in ``scales``: a differentiable surrogate of the
+    quantization-consistency screen's divergence score (defenses/qcheck.py) at the models
+    where the screen lands the upload (k = 1: the attacker's model; k = E: the edge share of
+    an upload amplified for E edges). At k = 1 the deployed outputs are held constant (inside
+    the rounding cells of min B' they are); elsewhere they follow w by the STE."""
+
+    def kl_at(model: nn.Module, x: torch.Tensor, b: int, scale: float) -> torch.Tensor:
+        if scale == 1.0 or anchor is None:
+            logp = F.log_softmax(model(x), dim=1)
+            with torch.no_grad():
+                logq = F.log_softmax(deployed(model, x, spec, b), dim=1)
+        else:
+            params = {n: anchor[n] + scale * (p - anchor[n]) for n, p in model.named_parameters()}
+            both = _FpAndDeployed(model, spec, b)
+            logp, logq = (
+                F.log_softmax(z, dim=1)
+                for z in functional_call(both, {f"m.{n}": v for n, v in params.items()}, (x,))
+            )
+        return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = loss_fn(model, x, y)
+        for k in scales:
+            for b in bits:
+                total = total + weight * kl_at(model, x, b, k)
+        return total
+
+    return loss
+
+
+class _FpAndDeployed(nn.Module):
+    """``m``'s fp32 and deployed outputs in one call (for ``functional_call``, which the
+    deployed view sees through: :class:`fedtier.quant.model.QuantizedView`)."""
+
+    def __init__(self, m: nn.Module, spec: QuantSpec, bits: int) -> None:
+        super().__init__()
+        self.m, self.spec, self.bits = m, spec, bits
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.m(x), deployed(self.m, x, self.spec, self.bits)

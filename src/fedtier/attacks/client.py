@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedtier.attacks.cells import matching_statistics, rounding_cells
+from fedtier.attacks.cells import consistent_outputs, matching_statistics, rounding_cells
 from fedtier.attacks.losses import Loss
 from fedtier.config import TrainedAttack
 from fedtier.local import LocalConfig
@@ -80,6 +80,11 @@ class Attack:
     repair_lr: float = 0.01
     stat_match: float = 1.0  # weight of the BatchNorm statistics term of the repair
     repair_flips: int = 0  # entries restored after a repair (float ties on a cell boundary)
+    # an attacker that knows qcheck (config ScreenEvasion): the repair also minimises the
+    # screen's statistics, KL(p_w ‖ p_{Q_b(w)}) with this weight, and the residuals' distance
+    # from uniform, moving them this fraction of the way per step (cells.Cells.spread)
+    evade_kl: float = 0.0
+    evade_residuals: float = 0.0
     # collusion: the malicious clients pool their data and upload one shared model per round
     pool: bool = False
     shared: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, w, Δ) of the round
@@ -120,6 +125,7 @@ class Attack:
             },
             "malicious_updates": self.active_updates,
             "solver": "cells" if self.repair is not None else "ste",
+            "evade": {"kl": self.evade_kl, "residuals": self.evade_residuals},
         }
 
 
@@ -333,9 +339,22 @@ def malicious_update(
             local,
             torch_generator(cfg.seed, "repair", step, client),  # its own stream
             min(bits),
+            attacked=bits,
+            anchor=setup.layout.views(w) if attack.evade_kl > 0 else None,
+            scales=[1.0, float(landing_edges(setup, step))],
         )
     new = setup.layout.flatten(setup.model)
     return torch.where(setup.upload_mask, new - w, torch.zeros_like(new))
+
+
+def landing_edges(setup: ArmSetup, step: int) -> int:
+    """E, the edges of the synchronous round of edge step ``step`` (1 when unplanned): the
+    screen also scores an upload at its edge share, where an upload amplified for E edges
+    puts the model w + E·(w_att − w) (defenses/qcheck.py, landing_scales)."""
+    from fedtier.local.arm import round_plan
+
+    plan = round_plan(setup, step)
+    return 1 if plan is None else len(plan.edges)
 
 
 def task_objective_update(
@@ -376,15 +395,33 @@ def repair_in_cells(
     local: LocalConfig,
     generator: torch.Generator,
     bits: int,
+    attacked: list[int] | None = None,
+    anchor: dict[str, torch.Tensor] | None = None,
+    scales: list[float] | None = None,
 ) -> None:
     """The cells solver's second phase (:mod:`fedtier.attacks.cells`): projected SGD on the
     objective's fp32 term over the weights whose ``bits``-bit deployment stays the one just
     trained. Only the quantized tensors move (biases and BatchNorm parameters, which the
     deployed model shares with fp32, stay), with the same epochs and batch size as the first
-    phase, a fresh batch order (``generator``), ``attack.repair_lr`` and momentum 0.9."""
+    phase, a fresh batch order (``generator``), ``attack.repair_lr`` and momentum 0.9.
+
+    An attacker that knows the screen (``attack.evade_*``) also pulls fp32's outputs toward
+    the deployed ones at every width of ``attacked`` (default: ``bits``), for the models
+    ``anchor`` + k·(w − ``anchor``), k in ``scales`` (default [1]; anchor = the received
+    model), and, after each
+    projection, its rounding residuals toward the uniform law; the last step puts them on it."""
     cells = rounding_cells(model, attack.spec, bits, attack.cell_margin)
     if attack.stat_match > 0:
         loss_fn = matching_statistics(loss_fn, attack.spec, bits, attack.stat_match)
+    if attack.evade_kl > 0:
+        loss_fn = consistent_outputs(
+            loss_fn, attack.spec, attacked or [bits], attack.evade_kl, anchor, scales or [1.0]
+        )
+
+    def project(m: nn.Module) -> None:
+        cells.project(m)
+        cells.spread(m, attack.evade_residuals)  # no-op unless the attacker evades
+
     cells.project(model)
     frozen = [p for n, p in model.named_parameters() if n not in cells.lo and p.requires_grad]
     for p in frozen:
@@ -398,11 +435,13 @@ def repair_in_cells(
             LocalConfig(local.epochs, local.batch_size, attack.repair_lr, 0.9, 0.0),
             generator,
             grad_norm=attack.grad_norm,
-            project=cells.project,
+            project=project,
         )
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if attack.evade_residuals > 0:
+        cells.spread(model, 1.0)
     attack.repair_flips += cells.restore_flips(model)
 
 
