@@ -148,7 +148,9 @@ def screen_uploads(
     nan = block.isnan().any(1) & shaped
     inf = block.isinf().any(1) & shaped & ~nan
     finite = shaped & ~nan & ~inf
-    norms = torch.where(finite[:, None], block, 0).double().norm(dim=1)
+    # float64 accumulation without a masked or float64 copy of the block (a hot path: every
+    # synchronous edge round); the norms of non-finite rows are not used
+    norms = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64)
     huge = finite & (norms > max_norm)
     ok = finite & ~huge
     counts = {
