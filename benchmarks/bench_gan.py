@@ -52,10 +52,11 @@ def regions(devices: int) -> list[list[torch.Tensor]]:
     return out
 
 
-def config(devices: int, batch: int, executor: str) -> Config:
+def config(devices: int, batch: int, executor: str, precision: str = "fp32") -> Config:
     return from_dict(
         {
             "topology": {"edges": 3, "clients": 3 * devices},
+            "train": {"precision": precision},
             "gan": {"batch_size": batch, "executor": executor},
         }
     )
@@ -68,8 +69,11 @@ def fedtier_column(data: list[list[torch.Tensor]], cfg: Config) -> Callable[[], 
     return lambda: local_iteration(setup, state, everyone)
 
 
-def hand_loop_column(data: list[list[torch.Tensor]], cfg: Config) -> Callable[[], None]:
-    """The prototype's loop, written plainly: modules and optimisers per device."""
+def hand_loop_column(
+    data: list[list[torch.Tensor]], cfg: Config, bf16: bool = False
+) -> Callable[[], None]:
+    """The prototype's loop, written plainly: modules and optimisers per device; ``bf16``
+    runs the discriminators' forward passes under bf16 autocast (as fedtier's bf16 does)."""
     setup = prepare_three_tier(cfg, data)  # same initial models
     g, b = cfg.gan, cfg.gan.batch_size
     betas = (g.beta1, g.beta2)
@@ -102,11 +106,15 @@ def hand_loop_column(data: list[list[torch.Tensor]], cfg: Config) -> Callable[[]
                 real = x[torch.randint(len(x), (b,))]
                 d, opt = discs[n], d_opts[n]
                 opt.zero_grad()
-                loss = F.softplus(-d(real)).mean() + F.softplus(d(fake_d)).mean()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    lr, lf = d(real).float(), d(fake_d).float()
+                loss = F.softplus(-lr).mean() + F.softplus(lf).mean()
                 loss.backward()
                 opt.step()
                 probe_n = probe.clone().requires_grad_(True)
-                (grad,) = torch.autograd.grad(F.softplus(-d(probe_n)).mean(), probe_n)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    lp = d(probe_n).float()
+                (grad,) = torch.autograd.grad(F.softplus(-lp).mean(), probe_n)
                 feedback += grad / len(members)
             g_opts[k].zero_grad()
             fake_g.backward(feedback)
@@ -123,6 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iterations", type=int, default=5, help="local iterations per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per column (alternating)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="add bf16-autocast columns (fedtier's train.precision: bf16, and the loop's)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "hand-written loop": hand_loop_column(data, config(args.devices, args.batch, "sequential")),
     }
+    if args.bf16:
+        columns["fedtier (sequential, bf16)"] = fedtier_column(
+            data, config(args.devices, args.batch, "sequential", "bf16")
+        )
+        columns["hand-written loop (bf16)"] = hand_loop_column(
+            data, config(args.devices, args.batch, "sequential"), bf16=True
+        )
     for fn in columns.values():  # warm-up (allocator, oneDNN primitives)
         fn()
     times: dict[str, list[float]] = {name: [] for name in columns}
@@ -154,10 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} CPUs, load average {min(loads):.1f}–{max(loads):.1f}"
     )
     loop = float(np.median(times["hand-written loop"]))
-    print(f"{'column':24s} {'s/iteration (median)':>22s} {'min':>8s} {'loop / column':>14s}")
+    print(f"{'column':28s} {'s/iteration (median)':>22s} {'min':>8s} {'loop / column':>14s}")
     for name, ts in times.items():
         med = float(np.median(ts))
-        print(f"{name:24s} {med:22.3f} {min(ts):8.3f} {loop / med:14.2f}×")
+        print(f"{name:28s} {med:22.3f} {min(ts):8.3f} {loop / med:14.2f}×")
 
 
 if __name__ == "__main__":

@@ -792,7 +792,8 @@ class GanConfig(Section):
     # how the devices' discriminators are stepped: one after another over their stacked
     # parameters, or all at once with torch.func.vmap (same numbers to float rounding). On
     # CPU vmap turns the stacked convolutions into grouped ones and measured 0.6× the speed
-    # (benchmarks/bench_gan.py), so sequential is the default
+    # (benchmarks/bench_gan.py), so sequential is the default. train.precision bf16 runs the
+    # three-tier devices' discriminators under bf16 autocast (Adam and feedback stay fp32)
     executor: Literal["sequential", "vectorised"] = "sequential"
 
 

@@ -88,3 +88,38 @@ def test_discriminator_with_batchnorm_is_refused() -> None:
     model = build_model("cnn-bn", SHAPE, 1)
     with pytest.raises(ConfigError, match="gan.discriminator.name.*BatchNorm"):
         check_discriminator(model, "cnn-bn")
+
+
+@pytest.mark.parametrize("executor", ["vectorised", "sequential"])
+def test_bf16_discriminators_agree_with_a_plain_autocast_loop(executor: str) -> None:
+    """train.precision bf16: the devices' forward passes run under bf16 autocast (Adam fp32);
+    the reference is torch.autocast around one nn.Module per device, two separate calls for
+    the real and generated batches (fedtier passes them through one)."""
+    models = _models(2)
+    refs = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.5, 0.999)) for m in refs]
+    stack = DeviceDiscriminators.stack(models, 2e-3, (0.5, 0.999), executor, "bf16")
+    gen = torch.Generator().manual_seed(2)
+    real, fake, probe = (torch.rand(3, 2, 6, *SHAPE, generator=gen) * 2 - 1 for _ in range(3))
+    for t in range(3):
+        losses = stack.step(slice(0, 2), real[t], fake[t])
+        feedback, _ = stack.feedback(slice(0, 2), probe[t], "non-saturating")
+        for r, (m, opt) in enumerate(zip(refs, opts)):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lr, lf = m(real[t][r]).float(), m(fake[t][r]).float()
+            loss = F.softplus(-lr).mean() + F.softplus(lf).mean()
+            loss.backward()
+            opt.step()
+            torch.testing.assert_close(losses[r], loss.detach(), rtol=2e-2, atol=1e-3)
+            x = probe[t][r].clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lp = m(x).float()
+            (grad,) = torch.autograd.grad(F.softplus(-lp).mean(), x)
+            assert feedback[r].dtype == torch.float32
+            torch.testing.assert_close(feedback[r], grad, rtol=5e-2, atol=2e-4)
+    for r, m in enumerate(refs):
+        for name, p in m.named_parameters():
+            assert stack.params[name].dtype == torch.float32  # master weights stay fp32
+            # Adam turns a bf16 rounding of a near-zero gradient into up to lr per step
+            torch.testing.assert_close(stack.params[name][r], p.detach(), rtol=2e-2, atol=6e-3)

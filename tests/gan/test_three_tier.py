@@ -193,6 +193,12 @@ def test_executors_agree_through_a_run() -> None:
         np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-4)
 
 
+def test_train_precision_reaches_the_device_discriminators() -> None:
+    cfg = config(top={"train": {"precision": "bf16"}})
+    assert prepare_three_tier(cfg, regions()).discriminators.precision == "bf16"
+    assert prepare_three_tier(config(), regions()).discriminators.precision == "fp32"
+
+
 def test_mixture_samples_each_region_by_its_weight() -> None:
     result = run_three_tier(config(aggregate="mixture", i_gl=1), regions())
     assert result.generator is None and result.bytes["cloud_edge_generator"] == 0

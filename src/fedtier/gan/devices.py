@@ -15,7 +15,10 @@ batch 64), which stacking cannot reduce; vmap turns the stacked convolutions int
 which oneDNN runs slower than nine plain ones, so ``sequential`` is the configured default and
 ``vectorised`` is kept for accelerators and tested to agree. The discriminator must be a pure function of
 its parameters and its own batch (no buffers, no BatchNorm): ``fedtier.models``'
-``dcgan-discriminator`` is.
+``dcgan-discriminator`` is. For the same reason a device's real and generated batches go
+through one call (the same numbers as two). ``precision`` ``bf16`` (``train.precision``) runs
+the devices' forward and backward passes under bf16 autocast, as client training does
+(``fedtier.local.precision``); the parameters, their Adam states and the feedback stay fp32.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedtier.gan.adam import AdamState, Params, adam_init, adam_update
 from fedtier.gan.losses import discriminator_loss, fooling_loss, generator_loss
+from fedtier.local.precision import autocast
 
 EXECUTORS = ("vectorised", "sequential")
 
@@ -60,6 +64,7 @@ class DeviceDiscriminators:
     lr: float
     betas: tuple[float, float]
     executor: str = "vectorised"
+    precision: str = "fp32"  # fp32, or bf16 autocast of the forward/backward (Adam stays fp32)
 
     @classmethod
     def stack(
@@ -68,6 +73,7 @@ class DeviceDiscriminators:
         lr: float,
         betas: tuple[float, float],
         executor: str = "vectorised",
+        precision: str = "fp32",
     ) -> DeviceDiscriminators:
         """From one initialised module per device (all of one architecture)."""
         if executor not in EXECUTORS:
@@ -77,7 +83,7 @@ class DeviceDiscriminators:
             n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).clone()
             for n in names
         }
-        return cls(models[0], params, adam_init(params), lr, betas, executor)
+        return cls(models[0], params, adam_init(params), lr, betas, executor, precision)
 
     @property
     def count(self) -> int:
@@ -118,7 +124,8 @@ class DeviceDiscriminators:
         params = self.rows(block)
 
         def loss(p: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = functional_call(self.model, p, (x,))
+            with autocast(self.precision):
+                logits = functional_call(self.model, p, (x,)).float()
             return generator_loss(logits, kind), fooling_loss(logits).detach()
 
         fn = grad_and_value(loss, argnums=1, has_aux=True)
@@ -131,9 +138,10 @@ class DeviceDiscriminators:
         return grads.detach(), scores.detach()
 
     def _d_loss(self, p: Params, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        return discriminator_loss(
-            functional_call(self.model, p, (real,)), functional_call(self.model, p, (fake,))
-        )
+        # real and fake through one call: the same numbers as two (D has no batch statistics)
+        with autocast(self.precision):
+            logits = functional_call(self.model, p, (torch.cat([real, fake]),)).float()
+        return discriminator_loss(logits[: len(real)], logits[len(real) :])
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"params": self.params, **self.adam}

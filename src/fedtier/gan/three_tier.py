@@ -60,6 +60,7 @@ from fedtier.costs.model import CostLedger, CostModel
 from fedtier.errors import ConfigError, FedtierError
 from fedtier.gan.devices import DeviceDiscriminators, check_discriminator
 from fedtier.gan.weights import region_weights
+from fedtier.local.precision import resolve_precision
 from fedtier.metrics import (
     MetricSpec,
     StageValues,
@@ -288,7 +289,9 @@ def prepare_three_tier(cfg: Config, regions: Sequence[Sequence[torch.Tensor]]) -
         generators=generators,
         optimizers=[torch.optim.Adam(m.parameters(), lr=g.lr_g, betas=betas) for m in generators],
         layout=StateLayout.of(g0),
-        discriminators=DeviceDiscriminators.stack(ds, g.lr_d, betas, g.executor),
+        discriminators=DeviceDiscriminators.stack(
+            ds, g.lr_d, betas, g.executor, resolve_precision(cfg.train.precision)
+        ),
         sampler_model=copy.deepcopy(g0).eval(),
         edge_seed=derive_seed(cfg.seed, "gan-edge-upload"),
     )
