@@ -51,6 +51,7 @@ def test_feature_preset_runs_every_arm_with_equal_generator_updates(tmp_path, ca
         "three-tier",
         "three-tier-async",
         "three-tier-pos",
+        "three-tier-mixture",
         "fedavg-gan",
         "central",
     ]
@@ -77,6 +78,11 @@ def test_feature_preset_runs_every_arm_with_equal_generator_updates(tmp_path, ca
     report = (tmp_path / "run" / "report.md").read_text()
     assert "in-house" in report and "not on Inception" in report
     assert "## Bytes per tier" in report and "## Three-tier region weights" in report
+    # weights along the run: the three-tier arm's 2 cloud updates, ⌈2·f/5⌉ → 1, 1, 2, 2, 2
+    w = arms["three-tier"]["weights"]
+    row = next(x for x in report.splitlines() if x.startswith("| three-tier | 1: "))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells == [f"{i}: " + " / ".join(f"{v:.2f}" for v in w[i - 1]) for i in (1, 1, 2, 2, 2)]
     assert (tmp_path / "run" / "fid.png").is_file()
     assert "FID ≤ 1.5× central" in printed
 
@@ -84,7 +90,14 @@ def test_feature_preset_runs_every_arm_with_equal_generator_updates(tmp_path, ca
 def test_label_preset_reports_sources(tmp_path):
     summary = _run("fedgan-label-mnist", tmp_path / "a")
     arms = summary["arms"]
-    assert list(arms) == ["three-tier", "three-tier-async", "fedavg-gan", "central"]
+    assert list(arms) == [
+        "three-tier",
+        "three-tier-async",
+        "three-tier-pos",
+        "three-tier-mixture",
+        "fedavg-gan",
+        "central",
+    ]
     for arm in arms.values():
         g = arm["gan"]
         assert len(g["source_shares"]) == 3 and sum(g["source_shares"]) == pytest.approx(1.0)

@@ -837,6 +837,15 @@ def gan_section(summary: dict[str, Any]) -> str:
             first_w = " / ".join(f"{v:.3f}" for v in w[0])
             last_w = " / ".join(f"{v:.3f}" for v in w[-1])
             out.append(f"| {n} | {first_w} | {last_w} | {min(flat):.3f}–{max(flat):.3f} |")
+        out += ["", "Weights along the run (cloud update: w_0 / w_1 / …):", ""]
+        out += [
+            "| arm | " + " | ".join(["1/5", "2/5", "3/5", "4/5", "end"]) + " |",
+            "|---|" + "---|" * 5,
+        ]
+        for n, w in weighted.items():
+            picks = [-(-len(w) * f // 5) - 1 for f in range(1, 6)]  # ⌈n·f/5⌉, 0-based
+            cells = [f"{i + 1}: " + " / ".join(f"{v:.2f}" for v in w[i]) for i in picks]
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
