@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_gan.py                  # 3 regions × 3 devices, B 64
     PYTHONPATH=src python benchmarks/bench_gan.py --iterations 10 --repeats 3 --threads 1
+    PYTHONPATH=src python benchmarks/bench_gan.py --iterations 2 --repeats 3 --bf16
 
 Workload (seed 001's local phase, issue 11's prototype sizes): MNIST-5k in [-1, 1], split into
 three regions by class groups (0–3, 4–6, 7–9) and three devices per region; DCGAN-sized
@@ -18,7 +19,9 @@ process so that every column sees the same machine load:
   model's accounting included;
 * ``fedtier (sequential)`` — the same with ``gan.executor: sequential``;
 * ``hand-written loop`` — nine ``nn.Module`` discriminators, one ``torch.optim.Adam`` each,
-  ``loss.backward()`` and ``torch.autograd.grad`` for the feedback, one device after another.
+  ``loss.backward()`` and ``torch.autograd.grad`` for the feedback, one device after another;
+* with ``--bf16``: ``fedtier (sequential, bf16)`` (``train.precision: bf16``) and the same loop
+  under ``torch.autocast(bfloat16)``, so that what bf16 buys is not credited to batching.
 """
 
 from __future__ import annotations
