@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedtier.errors import ConfigError
@@ -59,4 +61,37 @@ def _conv_block(i: int, cin: int, cout: int, batchnorm: bool) -> list[tuple[str,
     block: list[tuple[str, nn.Module]] = [(f"conv{i}", nn.Conv2d(cin, cout, 5, padding=2))]
     if batchnorm:
         block.append((f"bn{i}", nn.BatchNorm2d(cout)))
-    return [*block, (f"relu{i}", nn.ReLU()), (f"pool{i}", nn.MaxPool2d(2))]
+    return [*block, (f"relu{i}", nn.ReLU()), (f"pool{i}", MaxPool2d(2))]
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools a CPU batch [N, C, H, W] in channels-last layout and hands it
+    back in the layout it came in.
+
+    On CPU, PyTorch's NCHW max pooling is ~4× slower than its channels-last kernel (13 vs
+    3.6 ms with both layout conversions, for 200 × 16 × 28 × 28 on one thread); in fqbd-mnist
+    it was half of every forward pass. A maximum is exact and both kernels pick the same
+    argmax (the first in the window), so values, indices and gradients are identical
+    (tests/models/test_cnn.py). Inputs already in channels-last (the processes executor's
+    layout for models without BatchNorm), on other devices, and inside ``torch.func``
+    transforms (the vectorised executor) take the plain path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 4
+            or self.return_indices
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)
+            or x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return super().forward(x)
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        return F.max_pool2d(
+            nhwc,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            ceil_mode=self.ceil_mode,
+        ).contiguous()
