@@ -23,7 +23,7 @@ import copy
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from multiprocessing import resource_sharer  # type: ignore[attr-defined]
@@ -82,16 +82,16 @@ def _by_value(x: Any) -> Any:
     transfer cut by Ctrl-C makes that thread print a traceback."""
     if isinstance(x, torch.Tensor):
         return x.numpy()
-    if isinstance(x, tuple):
-        return tuple(_by_value(v) for v in x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_by_value(v) for v in x)
     return x
 
 
 def _as_tensors(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
-    if isinstance(x, tuple):
-        return tuple(_as_tensors(v) for v in x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_as_tensors(v) for v in x)
     return x
 
 
@@ -100,6 +100,13 @@ def _run(job: ClientJob) -> ClientResult:
     job = replace(job, start=_as_tensors(job.start), data=_as_tensors(job.data))
     result = run_job(_worker["context"], job)
     return replace(result, state=_by_value(result.state))
+
+
+def _map_one(task: tuple[Callable[..., Any], Any]) -> Any:
+    """A worker's :meth:`ProcessExecutor.map` job, its tensors by value both ways."""
+    fn, job = task
+    context = _worker["context"]
+    return _by_value(fn(context.model, context.layout, _as_tensors(job)))
 
 
 @contextmanager
@@ -147,9 +154,7 @@ class ProcessExecutor:
 
     def _start(self, setup: ArmSetup) -> Pool:
         if self._pool is None:
-            channels_last = self.channels_last
-            if channels_last is None:
-                channels_last = not _has_batchnorm(setup.model)
+            channels_last = self.uses_channels_last(setup)
             method = self.start_method or setup.cfg.train.start_method
             ship = method == "fork" or isinstance(setup.client_data, ClientData)
             context = job_context(setup, channels_last)
@@ -186,6 +191,24 @@ class ProcessExecutor:
 
     def __del__(self) -> None:
         self.close()
+
+    def uses_channels_last(self, setup: ArmSetup) -> bool:
+        """Whether the workers run the model in channels-last layout (:meth:`__init__`)."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return not _has_batchnorm(setup.model)
+
+    def map(self, setup: ArmSetup, fn: Callable[..., Any], jobs: list[Any]) -> list[Any] | None:
+        """``[fn(model, layout, job) for job in jobs]`` in the workers, each with its own
+        working model (what the job loads into it is the job's business: client training
+        loads its start state anyway); None when the workers run the model in channels-last
+        layout, whose sums differ in the last bits from this process's NCHW passes
+        (:func:`fedtier.local.arm.map_jobs` then runs the jobs here)."""
+        if self.uses_channels_last(setup) or next(setup.model.parameters()).device.type != "cpu":
+            return None
+        pool = self._start(setup)
+        futures = [pool.apply_async(_map_one, ((fn, _by_value(job)),)) for job in jobs]
+        return [_as_tensors(f.get()) for f in futures]
 
     def jobs(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
