@@ -43,9 +43,9 @@ from torch import nn
 
 from fedtier.aggregate.server import client_weights
 from fedtier.local.arm import map_jobs
+from fedtier.local.jobs import JobContext
 from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.quant import QuantSpec, grid, quantize_copy
-from fedtier.state import StateLayout
 from fedtier.upload import UploadContext
 
 if TYPE_CHECKING:
@@ -119,15 +119,16 @@ def model_grid_distance(model: nn.Module, bits: list[int], spec: QuantSpec) -> f
 ScoreJob = tuple[torch.Tensor, torch.Tensor, list[float], torch.Tensor, list[int], QuantSpec]
 
 
-def upload_scores(model: nn.Module, layout: StateLayout, job: ScoreJob) -> list[list[float]]:
+def upload_scores(context: JobContext, job: ScoreJob) -> list[list[float]]:
     """The screen's two scores of one upload at each of its landing points: ``job`` = (w [P],
     Δ [P], factors [S], x_server, B, spec) → [[divergence, grid distance] per factor s], for
-    the models w + s·Δ loaded in turn into ``model`` (a container; any copy of the arm's
-    model: the executor's workers run this with theirs)."""
+    the models w + s·Δ loaded in turn into the context's model (a container: the executor's
+    workers run this with their own copies, :func:`fedtier.local.arm.map_jobs`)."""
     w, delta, factors, x, bits, spec = job
+    model = context.model
     out = []
     for s in factors:
-        layout.load(model, w + s * delta)
+        context.layout.load(model, w + s * delta)
         out.append([model_divergence(model, x, bits, spec), model_grid_distance(model, bits, spec)])
     return out
 

@@ -83,19 +83,21 @@ Result = TypeVar("Result")
 
 
 def map_jobs(
-    setup: ArmSetup, fn: Callable[[nn.Module, StateLayout, Job], Result], jobs: list[Job]
+    setup: ArmSetup, fn: Callable[[JobContext, Job], Result], jobs: list[Job]
 ) -> list[Result]:
-    """``[fn(model, layout, job) for job in jobs]``, each job loading what it needs into a
-    working copy of the arm's model: side by side in the executor's worker processes when it
-    has them and they run the model as this process does (one thread, the same memory
-    layout: the same numbers), else here, in ``setup.model``. ``fn`` is a module-level
-    function and jobs and results are plain data (tensors, numbers, lists, dataclasses)."""
+    """``[fn(context, job) for job in jobs]``, ``context`` the arm's fixed parts (a working
+    model, the task, the layout: :func:`job_context`) into whose model each job loads what it
+    needs: side by side in the executor's worker processes when it has them and they run
+    the model as this process does (one thread, the same memory layout: the same numbers),
+    else here, in ``setup.model``. ``fn`` is a module-level function; jobs are tuples of
+    plain data (tensors, numbers, lists, frozen dataclasses) and so are its results."""
     workers = setup.workers
     if workers is not None and len(jobs) > 1:
         out = workers.map(setup, fn, jobs)
         if out is not None:
             return out  # type: ignore[no-any-return]
-    return [fn(setup.model, setup.layout, job) for job in jobs]
+    context = job_context(setup)
+    return [fn(context, job) for job in jobs]
 
 
 def round_plan(setup: ArmSetup, step: int) -> RoundPlan | None:

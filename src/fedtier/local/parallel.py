@@ -105,8 +105,7 @@ def _run(job: ClientJob) -> ClientResult:
 def _map_one(task: tuple[Callable[..., Any], Any]) -> Any:
     """A worker's :meth:`ProcessExecutor.map` job, its tensors by value both ways."""
     fn, job = task
-    context = _worker["context"]
-    return _by_value(fn(context.model, context.layout, _as_tensors(job)))
+    return _by_value(fn(_worker["context"], _as_tensors(job)))
 
 
 @contextmanager
@@ -199,8 +198,8 @@ class ProcessExecutor:
         return not _has_batchnorm(setup.model)
 
     def map(self, setup: ArmSetup, fn: Callable[..., Any], jobs: list[Any]) -> list[Any] | None:
-        """``[fn(model, layout, job) for job in jobs]`` in the workers, each with its own
-        working model (what the job loads into it is the job's business: client training
+        """``[fn(context, job) for job in jobs]`` in the workers, each with its own job
+        context (what a job loads into its model is the job's business: client training
         loads its start state anyway); None when the workers run the model in channels-last
         layout, whose sums differ in the last bits from this process's NCHW passes
         (:func:`fedtier.local.arm.map_jobs` then runs the jobs here)."""
