@@ -149,6 +149,7 @@ class ProcessExecutor:
         self.channels_last = channels_last
         self.start_method = start_method
         self._pool: Pool | None = None
+        self._owner = 0  # the process that started the pool (only it may stop it)
         self._data: object = None  # the client data the workers hold (None: none)
 
     def _start(self, setup: ArmSetup) -> Pool:
@@ -173,11 +174,14 @@ class ProcessExecutor:
                         f"train.start_method 'fork' or train.executor 'sequential'"
                     ) from e
             self._data = context.data
+            self._owner = os.getpid()
         return self._pool
 
     def close(self) -> None:
-        """Stop the worker processes (the next call starts them again)."""
-        if self._pool is not None:
+        """Stop the worker processes (the next call starts them again). A forked worker that
+        inherited this executor (a later arm's pool, started while this one was alive) leaves
+        it alone: the pool is its parent's."""
+        if self._pool is not None and self._owner == os.getpid():
             # Jobs and results travel by value (_by_value), but spawn's start-up sends the
             # context's tensors as file descriptors served by this process's resource-sharer
             # thread; stop it before the workers, so a cut transfer prints no traceback (it
