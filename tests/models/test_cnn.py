@@ -73,3 +73,16 @@ def test_cnn_bn_training_step_equals_the_torch_pooling_model() -> None:
     with torch.no_grad():
         state = dict(model.named_parameters())
         assert torch.equal(functional_call(model, state, (x,)), ref(x))
+
+
+def test_cnn_bn_logits_do_not_depend_on_the_evaluation_batch() -> None:
+    """The attack presets evaluate 200 test images a pass (eval.batch_size) instead of 1000:
+    each image's logits are the same either way, so the metrics are too."""
+    torch.manual_seed(0)
+    model = build_model("cnn-bn", (1, 28, 28), 10).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(1000, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = model(x)
+        assert torch.equal(torch.cat([model(x[i : i + 200]) for i in range(0, 1000, 200)]), whole)
