@@ -224,11 +224,19 @@ class ProcessExecutor:
     def __call__(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
     ) -> torch.Tensor:
+        return self.submit(setup, w, clients, step)()
+
+    def submit(
+        self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
+    ) -> Callable[[], torch.Tensor]:
+        """Send the clients' jobs to the workers and return at once; calling the result waits
+        for the deltas [C, P] (in ``clients`` order). Meanwhile this process is free: the
+        attack executor trains its malicious clients while the workers train the honest ones."""
         from fedtier.local.vectorised import sequential_unless
 
         fallback = sequential_unless("processes", setup, w, clients, step)
         if fallback is not None:
-            return fallback
+            return lambda: fallback
         pool = self._start(setup)
         jobs = self.jobs(setup, w, clients, step)
         sizes = setup.topology.num_samples
@@ -238,10 +246,14 @@ class ProcessExecutor:
             for i in largest_first
         }
         futures = {i: pool.apply_async(_run, (sent[i],)) for i in largest_first}
-        results = [futures[i].get() for i in range(len(jobs))]
-        return torch.stack(
-            [
-                client_delta(setup, j.client, j.start, _as_tensors(r.state))
-                for j, r in zip(jobs, results)
-            ]
-        )
+
+        def deltas() -> torch.Tensor:
+            results = [futures[i].get() for i in range(len(jobs))]
+            return torch.stack(
+                [
+                    client_delta(setup, j.client, j.start, _as_tensors(r.state))
+                    for j, r in zip(jobs, results)
+                ]
+            )
+
+        return deltas
