@@ -154,7 +154,7 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
         # process observes and trains the attackers (the same computations either way)
         submit = getattr(base, "submit", None)
         pending = None
-        if honest and submit is not None and bad:
+        if honest and submit is not None:
             pending = submit(setup, w, honest, step)
         elif honest:
             rows.update(zip(honest, base(setup, w, honest, step)))
