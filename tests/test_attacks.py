@@ -461,3 +461,31 @@ def test_prediction_at_start_round_comes_from_the_silent_phase(tiny, digits):
     first_bits, seen_then, predicted_then = used[0]
     assert seen_then == 3 * 2 + 1  # 3 silent rounds × 2 attackers, then client 0's own view
     assert first_bits == predicted_then == setup.target_bits == [8, 4]
+
+
+def test_attackers_trained_beside_the_honest_workers_equal_the_sequential_run(tmp_path):
+    """With the process executor, the malicious clients train in this process while the
+    workers train the honest ones (ProcessExecutor.submit): the run's numbers equal those of
+    the sequential executor."""
+    from fedtier.experiment import run_experiment
+    from tests.conftest import tiny_config
+
+    def run(executor):
+        cfg = tiny_config(
+            **{
+                "train.rounds": 2,
+                "train.executor": executor,
+                "attack.kind": "fqbd",
+                "attack.malicious_ids": [0, 1, 6, 7],
+                "attack.start_round": 1,
+                "attack.epochs": 1,
+                "trigger.size": 2,
+            }
+        )
+        summary = run_experiment(cfg, tmp_path / executor, progress=False)["arms"]["main"]
+        summary.pop("wall_s")
+        return summary
+
+    sequential = run("sequential")
+    assert sequential["attack"]["malicious_updates"] > 0
+    assert run("processes") == sequential

@@ -157,3 +157,92 @@ def test_landing_scales_add_the_cloud_share_in_rounds_of_several_edges(tiny, dig
     assert landing_scales(prepare_arm(tiny(), digits), ctx) == [1.0, 0.5]  # 2 edges per round
     one = prepare_arm(tiny(**{"topology.edges_per_round": 1}), digits)
     assert landing_scales(one, ctx) == [1.0]
+
+
+def _ks_by_torch_sort(setup, w, bits, spec):
+    """The residual score as first written (torch.sort, one model at a time): the reference
+    the numpy sort must reproduce bit for bit."""
+    from fedtier.quant import grid
+
+    setup.layout.load(setup.model, w)
+    worst = 0.0
+    for b in bits:
+        rs = []
+        for name, p in setup.model.named_parameters():
+            if spec.selects(name, p):
+                g, gq, step = grid(p.detach(), spec, b)
+                r = ((g - gq) / step.clamp_min(1e-12)).abs().flatten()
+                rs.append(r[r <= 0.5 + 1e-4])
+        u = torch.sort(torch.cat(rs) * 2).values.clamp(0, 1)
+        n = len(u)
+        above = torch.arange(1, n + 1, dtype=u.dtype) / n - u
+        below = u - torch.arange(0, n, dtype=u.dtype) / n
+        worst = max(worst, float(torch.maximum(above, below).max()))
+    return worst
+
+
+@pytest.mark.parametrize("quantizer", ["paper", "affine-channel"])
+def test_grid_distance_equals_the_torch_sort_score_and_scipy(tiny, digits, quantizer):
+    from scipy.stats import kstest
+
+    from fedtier.defenses.qcheck import grid_distance
+    from fedtier.quant import grid
+
+    setup = prepare_arm(tiny(**{"quant.quantizer": quantizer}), digits)
+    w = setup.layout.flatten(setup.model)
+    g = torch.Generator().manual_seed(3)
+    for k in range(3):
+        m = w + 0.01 * k * torch.randn(w.shape, generator=g) * parameter_mask(setup)
+        ours = grid_distance(setup, m, [8, 4], setup.spec)
+        assert ours == _ks_by_torch_sort(setup, m, [8, 4], setup.spec)
+    # and it is the KS statistic against U(0, 1) of the doubled residuals (float64 scipy)
+    setup.layout.load(setup.model, m)
+    rs = []
+    for name, p in setup.model.named_parameters():
+        if setup.spec.selects(name, p):
+            gg, gq, step = grid(p.detach(), setup.spec, 4)
+            r = ((gg - gq) / step.clamp_min(1e-12)).abs().flatten()
+            rs.append(r[r <= 0.5 + 1e-4])
+    u = (torch.cat(rs) * 2).clamp(0, 1).double().numpy()
+    assert grid_distance(setup, m, [4], setup.spec) == pytest.approx(
+        kstest(u, "uniform").statistic, abs=1e-6
+    )
+
+
+def test_qcheck_in_worker_processes_equals_the_screen_in_this_process(tiny, digits):
+    """The screen's scores computed side by side in the process executor's workers equal, bit
+    for bit, those computed model by model here (divergence, grid_distance)."""
+    from fedtier.defenses.qcheck import grid_distance, upload_scores
+    from fedtier.local.arm import map_jobs
+    from fedtier.local.select import close_executor
+    from fedtier.upload import UploadContext
+
+    cfg = tiny(**{"train.executor": "processes", "quant.bits": [8, 4]})
+    setup = prepare_arm(cfg, digits)
+    assert setup.workers is not None
+    w = setup.layout.flatten(setup.model)
+    x = digits[0].x[:50]
+    g = torch.Generator().manual_seed(0)
+    deltas = 1e-2 * torch.randn(4, w.numel(), generator=g) * parameter_mask(setup)
+    # four equal clients: shares 1/4, landing at 1 and 1/2 of it (two edges per round)
+    jobs = [(w, d, [0.25, 0.125], x, [8, 4], setup.spec) for d in deltas]
+    try:
+        pooled = map_jobs(setup, upload_scores, jobs)
+        assert setup.workers._pool is not None  # it did run in the workers
+        ctx = UploadContext(0, 0, [0, 1, 2, 3], torch.ones(4), 0)
+        kept, m = quant_consistency(x, [8, 4], setup.spec, ratio=3.0)(setup, w, deltas, ctx)
+    finally:
+        close_executor(setup)
+    here = [
+        [
+            [
+                divergence(setup, w + s * d, x, [8, 4], setup.spec),
+                grid_distance(setup, w + s * d, [8, 4], setup.spec),
+            ]
+            for s in (0.25, 0.125)
+        ]
+        for d in deltas
+    ]
+    assert pooled == here
+    assert m["median_kl"] == float(torch.tensor([h[0][0] for h in here]).median())
+    assert m["max_kl"] == max(h[0][0] for h in here)

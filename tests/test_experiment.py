@@ -211,3 +211,57 @@ def test_upload_chain_runs_in_the_round_and_its_metrics_are_logged():
     assert stages["client/clip/clipped"] == 12.0  # 2 rounds × 2 edges × 3 clients, all clipped
     assert stages["edge/rows"] == 12.0 and stages["cloud/rows"] == 4.0
     assert (w - w0).norm() <= 2 * 1e-3 + 1e-6  # two rounds of means of updates of norm ≤ 1e-3
+
+
+def _records(path, arm):
+    """An arm's metrics.jsonl records without their wall-clock times."""
+    out = []
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("arm") == arm:
+            r.pop("wall_s", None)
+            out.append(r)
+    return out
+
+
+def test_arms_sharing_the_silent_rounds_equal_each_arm_run_alone(tmp_path):
+    """Arms that differ only in the attack share the rounds before it starts (one observing
+    attack's state, a Byzantine attack's own fresh state, a screen that sees the malicious
+    clients): every number and record equals that of each arm run on its own."""
+    from fedtier.experiment import shared_prefixes
+
+    arms = {
+        "bd": {"attack.kind": "replacement"},
+        "sf": {"attack.kind": "sign-flip"},
+        "lf": {"attack.kind": "label-flip"},
+        "other-start": {"attack.kind": "replacement", "attack.start_round": 3},
+        "no-asr": {"attack.kind": "sign-flip", "eval.asr": False},  # evaluates differently
+    }
+    cfg = tiny_config(
+        **{
+            "train.rounds": 4,
+            "attack.kind": "replacement",
+            "attack.malicious_ids": [0, 1, 6, 7],
+            "attack.start_round": 2,
+            "attack.epochs": 1,
+            "eval.asr": True,
+            "defenses": [{"name": "qcheck", "samples": 40}],
+            "arms": arms,
+        }
+    )
+    assert shared_prefixes(cfg.arm_configs()) == {"sf": ("bd", 2), "lf": ("bd", 2)}
+    run = {k: arms[k] for k in ("bd", "sf", "lf")}
+    together = run_experiment(
+        cfg.model_copy(update={"arms": run}), tmp_path / "all", progress=False
+    )
+    for arm in ("sf", "lf"):
+        overrides = arms[arm]
+        alone = run_experiment(
+            cfg.model_copy(update={"arms": {arm: overrides}}), tmp_path / arm, progress=False
+        )
+        a, b = together["arms"][arm], alone["arms"][arm]
+        a.pop("wall_s"), b.pop("wall_s")
+        assert a == b, arm
+        assert _records(tmp_path / "all", arm) == _records(tmp_path / arm, arm), arm
+    bd = together["arms"]["bd"]["attack"]
+    assert bd["malicious_updates"] > 0 and together["arms"]["lf"]["attack"]["mean_acc_drop"]

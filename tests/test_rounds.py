@@ -73,3 +73,31 @@ def test_kappa_edge_aggregations_per_cloud_round_are_performed(tiny, kappa):
         assert len(per_edge) == 2 * kappa and len(set(per_edge)) == 2  # same clients κ times
     assert [r["stages"]["edge/rows"] for r in evals] == [2 * 3 * kappa] * rounds
     assert [r["stages"]["cloud/rows"] for r in evals] == [2] * rounds
+
+
+def test_evaluation_in_the_workers_equals_evaluation_here(tiny):
+    """The bit widths evaluated side by side in the process executor's workers give exactly
+    the metrics (CDA, per class, ASR) of the same model quantized and evaluated by hand here."""
+    from fedtier.local.select import close_executor
+    from fedtier.quant import quantize_copy
+    from fedtier.rounds import evaluate
+
+    digits = load_dataset("digits", None, seed=0)
+    cfg = tiny(**{"train.executor": "processes", "attack.kind": "replacement", "eval.asr": True})
+    setup = prepare_arm(cfg, digits)
+    w = setup.layout.flatten(setup.model)
+    w = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    try:
+        pooled = evaluate(setup, w)
+        assert setup.workers is not None and setup.workers._pool is not None
+    finally:
+        close_executor(setup)
+    assert set(pooled) == {"32", "8", "4"} and "asr" in pooled["4"]
+    setup.layout.load(setup.model, w)
+    for b in (32, 8, 4):
+        model = quantize_copy(setup.model, setup.spec, b).eval()
+        with torch.no_grad():
+            logits = model(setup.test.x)
+        acc = (logits.argmax(1) == setup.test.y).float().mean().item()
+        assert pooled[str(b)]["accuracy"] == acc
+        assert pooled[str(b)] == setup.task.evaluate(model, setup.test, cfg.eval.batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import warnings
@@ -16,8 +17,9 @@ from torch import nn
 from tqdm import tqdm
 
 from fedtier.aggregate.robust import check_rule_config
+from fedtier.attacks import malicious_clients, measures_asr, observation_key
 from fedtier.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_model
-from fedtier.config import Config, DiffusionTaskConfig, to_dict
+from fedtier.config import Attacker, Config, DiffusionTaskConfig, to_dict
 from fedtier.costs import CostModel
 from fedtier.costs.flops import training_flops
 from fedtier.data import ArrayDataset, ClientData, load_dataset, partition, select_classes
@@ -316,6 +318,68 @@ def preflight(
         log.setLevel(level)
 
 
+def _without_attack(cfg: Config) -> str:
+    d = to_dict(cfg)
+    d.pop("attack", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def shared_prefixes(arms: dict[str, Config]) -> dict[str, tuple[str, int]]:
+    """Arms that may start from another arm's state instead of training the same rounds again:
+    {arm: (donor arm, rounds)}.
+
+    Before ``attack.start_round`` an attack's clients train honestly, so arms whose configs
+    differ only in the attack (same start round, same malicious clients, synchronous rounds)
+    run the same rounds, with the same plans, uploads, screens, rules and evaluations, up to
+    then, provided their evaluations measure the same (the attack success rate for backdoor
+    attacks). Their attacks' states differ only by what they observed
+    (:func:`fedtier.attacks.observation_key`): an arm takes the donor's state when it
+    observes what the donor observed, and the donor's state with its own fresh attack state
+    when it observes nothing. The rounds shared are those up to the last evaluation at or
+    before the start round (a checkpointable state, as for ``--resume``); the donor is the
+    group's first arm that observes (else its first arm), and only arms after it share."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for arm, acfg in arms.items():
+        a = acfg.attack
+        if not isinstance(a, Attacker) or is_gan(acfg) or acfg.schedule.name != "sync":
+            continue
+        shared = a.start_round // acfg.eval.every * acfg.eval.every
+        if shared < 1 or shared >= acfg.train.rounds:
+            continue
+        key = (
+            _without_attack(acfg),
+            a.start_round,
+            tuple(sorted(malicious_clients(acfg))),
+            measures_asr(acfg),  # the evaluation itself differs otherwise
+        )
+        groups.setdefault(key, []).append(arm)
+    out: dict[str, tuple[str, int]] = {}
+    for members in groups.values():
+        observing = [m for m in members if observation_key(arms[m]) is not None]
+        donor = observing[0] if observing else members[0]
+        seen = observation_key(arms[donor])
+        a = arms[donor].attack
+        assert isinstance(a, Attacker)
+        rounds = a.start_round // arms[donor].eval.every * arms[donor].eval.every
+        for m in members[members.index(donor) + 1 :]:
+            if observation_key(arms[m]) in (None, seen):
+                out[m] = (donor, rounds)
+    return out
+
+
+def sibling_progress(
+    prefix: dict[str, Any], donor: Config, arm: str, acfg: Config
+) -> dict[str, Any]:
+    """The donor's checkpointed state after the shared rounds, as ``arm``'s progress (see
+    :func:`shared_prefixes`): its attack state is the donor's when both observe the same,
+    else (``arm`` observes nothing) left to the arm's own fresh attack."""
+    progress = copy.deepcopy(prefix["progress"])
+    if observation_key(acfg) != observation_key(donor):
+        progress["state"]["attack"] = {}
+    progress["run"]["last"] = {**progress["run"]["last"], "arm": arm}
+    return progress
+
+
 def run_experiment(
     cfg: Config,
     out: Path,
@@ -381,6 +445,9 @@ def run_experiment(
         n: a.train.rounds for n, a in arms.items() if n in summary["arms"]
     }
     current: str | None = None
+    siblings = shared_prefixes(arms)
+    donors = {donor: rounds for donor, rounds in siblings.values()}
+    prefixes: dict[str, dict[str, Any]] = {}  # donor → its state and records after the prefix
     try:
         for current, acfg in arms.items():
             if current in summary["arms"]:
@@ -388,6 +455,11 @@ def run_experiment(
             from_checkpoint = (
                 resumed["progress"] if resumed is not None and resumed["arm"] == current else None
             )
+            shared = None
+            if from_checkpoint is None and siblings.get(current, ("", 0))[0] in prefixes:
+                donor = siblings[current][0]
+                shared = prefixes[donor]
+                from_checkpoint = sibling_progress(shared, arms[donor], current, acfg)
             rounds_done[current] = from_checkpoint["state"]["round"] if from_checkpoint else 0
 
             def save(arm_progress: dict[str, Any] | None, arm: str = current) -> None:
@@ -405,7 +477,17 @@ def run_experiment(
 
             key = (acfg.data.dataset, acfg.data.root)
             entry = run_arm(
-                current, acfg, data[key], writer, bar, rounds_done, save, from_checkpoint
+                current,
+                acfg,
+                data[key],
+                writer,
+                bar,
+                rounds_done,
+                save,
+                from_checkpoint,
+                share_at=donors.get(current) if from_checkpoint is None else None,
+                prefixes=prefixes,
+                shared_records=None if shared is None else shared["records"],
             )
             summary["arms"][current] = entry
             summary["target_bits"] = entry["target_bits"]
@@ -457,11 +539,18 @@ def run_arm(
     rounds_done: dict[str, int] | None = None,
     save: Callable[[dict[str, Any] | None], None] | None = None,
     progress: dict[str, Any] | None = None,
+    share_at: int | None = None,
+    prefixes: dict[str, dict[str, Any]] | None = None,
+    shared_records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One arm: set up, log the bit-width election, train (from ``progress``, a checkpoint's
-    state of this arm, when resuming), save the final model, and return its summary entry.
-    ``rounds_done[arm]`` counts the arm's completed rounds as they finish; ``save`` receives
-    the arm's state after every ``eval.checkpoint_every``-th evaluation."""
+    state of this arm, when resuming or starting after rounds shared with another arm), save
+    the final model, and return its summary entry. ``rounds_done[arm]`` counts the arm's
+    completed rounds as they finish; ``save`` receives the arm's state after every
+    ``eval.checkpoint_every``-th evaluation. With ``share_at`` the arm's state and records
+    after that many rounds go to ``prefixes[arm]`` (:func:`shared_prefixes`); an arm that
+    starts from such a state gets the donor's records of those rounds as ``shared_records``
+    and logs them as its own."""
     done = rounds_done if rounds_done is not None else {}
 
     def on_round(t: int) -> None:
@@ -477,7 +566,8 @@ def run_arm(
     initial = {
         k: v.clone() for k, v in setup.model.state_dict().items() if not v.is_floating_point()
     }
-    if progress is None:
+    records: list[dict[str, Any]] = []  # this arm's evaluations, while another arm may share them
+    if progress is None or shared_records is not None:
         writer.log(
             {
                 "arm": arm,
@@ -488,6 +578,10 @@ def run_arm(
                 "task": task_record(setup.task),
             }
         )
+    for record in shared_records or []:  # the rounds shared with the donor arm
+        writer.log({**record, "arm": arm})
+    if shared_records is not None and progress is not None:
+        bar.update(progress["state"]["round"])
     run: dict[str, Any] = (
         progress["run"]
         if progress is not None
@@ -509,6 +603,8 @@ def run_arm(
         if privacy is not None:
             record["privacy"] = privacy
         writer.log(record)
+        if share_at is not None:
+            records.append(record)
         last.clear()
         last.update(record)
         run["evals"] += 1
@@ -524,6 +620,18 @@ def run_arm(
         )
 
     def on_checkpoint(state: RunState) -> None:
+        if share_at is not None and prefixes is not None and state.round == share_at:
+            run["wall_s"] = time.perf_counter() - start
+            prefixes[arm] = copy.deepcopy(
+                {
+                    "progress": {
+                        "state": state.to_dict(),
+                        "run": run,
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                    "records": records,
+                }
+            )
         every = cfg.eval.checkpoint_every
         if save is not None and every > 0 and run["evals"] % every == 0:
             run["wall_s"] = time.perf_counter() - start

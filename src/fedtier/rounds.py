@@ -31,9 +31,9 @@ from fedtier.aggregate import ServerStep, client_weights
 from fedtier.aggregate.robust import TooFewRows, build_rule
 from fedtier.aggregate.rules import Rule
 from fedtier.costs.model import CostLedger
-from fedtier.evaluate import evaluate_at_bits
+from fedtier.evaluate import evaluate_width, width_job
 from fedtier.faults import corrupt, dropouts, failed_edges, screen_uploads, upload_faults
-from fedtier.local.arm import ArmSetup, Metrics, is_private
+from fedtier.local.arm import ArmSetup, Metrics, is_private, map_jobs
 from fedtier.metrics import (
     MetricSpec,
     StageValues,
@@ -535,18 +535,12 @@ def evaluated_state(setup: ArmSetup, w: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(setup: ArmSetup, w: torch.Tensor) -> dict[str, Metrics]:
-    """Metrics per evaluation bit width of :func:`evaluated_state`."""
+    """Metrics per evaluation bit width of :func:`evaluated_state`, the widths side by side
+    in the executor's workers when it has them (:func:`fedtier.local.arm.map_jobs`)."""
     cfg = setup.cfg
-    return evaluate_at_bits(
-        setup.model,
-        setup.layout,
-        evaluated_state(setup, w),
-        setup.task,
-        setup.test,
-        cfg.quant.eval_bits,
-        setup.spec,
-        cfg.eval.batch_size,
-    )
+    state, bits = evaluated_state(setup, w), cfg.quant.eval_bits
+    jobs = [width_job(state, setup.test, b, setup.spec, cfg.eval.batch_size) for b in bits]
+    return {str(b): m for b, m in zip(bits, map_jobs(setup, evaluate_width, jobs))}
 
 
 def headline(task: ClientTask, metrics: Metrics) -> float:

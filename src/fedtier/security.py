@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from fedtier.attacks import (
-    BACKDOORS,
     Attack,
     attack_executor,
     attack_stage,
@@ -18,6 +17,7 @@ from fedtier.attacks import (
     build_attack,
     make_trigger,
     malicious_clients,
+    measures_asr,
     unwrap_diffusion,
     with_asr,
 )
@@ -60,7 +60,7 @@ def install(setup: ArmSetup, train: ArrayDataset) -> Attack | None:
     """Apply the arm's attack and defenses to ``setup`` in place; returns the attack."""
     cfg = setup.cfg
     attack = None
-    needs_trigger = cfg.attack.kind in BACKDOORS or cfg.eval.asr
+    needs_trigger = measures_asr(cfg)
     trigger = make_trigger(cfg, train) if needs_trigger or cfg.attack.kind != "none" else None
     if trigger is not None and needs_trigger:
         setup.task = with_asr(setup.task, trigger)

@@ -73,6 +73,8 @@ __all__ = [
     "baddiffusion_images",
     "build_attack",
     "malicious_clients",
+    "measures_asr",
+    "observation_key",
     "train_adversarial",
     "unwrap_diffusion",
     "with_asr",
@@ -105,6 +107,26 @@ def malicious_clients(cfg: Config) -> frozenset[int]:
     count = int(round(a.malicious * n)) if a.malicious < 1 else int(a.malicious)
     rng = numpy_rng(cfg.seed, "malicious")
     return frozenset(int(c) for c in rng.choice(n, size=count, replace=False))
+
+
+def measures_asr(cfg: Config) -> bool:
+    """Whether the arm's evaluation adds the attack success rate (:func:`with_asr`): for
+    backdoor attacks, or when ``eval.asr`` asks for it."""
+    return cfg.attack.kind in BACKDOORS or cfg.eval.asr
+
+
+def observation_key(cfg: Config) -> tuple[Any, ...] | None:
+    """What the arm's attack observes while it is silent (before ``attack.start_round``): the
+    attacks that train on an objective watch every model their clients receive, to predict
+    the target bits (:func:`fedtier.attacks.client.watch`: their pooling and candidate bits
+    decide what they record); Byzantine attacks and BadDiffusion observe nothing (None).
+    Until then every attack's clients train honestly, so arms that differ only in attacks
+    of the same start round and malicious clients run the same rounds, and their attacks'
+    states differ only by these observations (:func:`fedtier.experiment.shared_prefixes`)."""
+    a = cfg.attack
+    if not isinstance(a, TrainedAttack):
+        return None
+    return (a.pool, tuple(a.candidate_bits))
 
 
 def make_trigger(cfg: Config, train: ArrayDataset) -> Trigger:

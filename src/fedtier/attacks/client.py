@@ -150,12 +150,20 @@ def attack_executor(base: Executor, attack: Attack) -> Executor:
         bad = [c for c in clients if is_active(setup, attack, step) and c in attack.malicious]
         honest = [c for c in clients if c not in bad]
         rows: dict[int, torch.Tensor] = {}
-        if honest:
+        # an executor with worker processes trains the honest clients there while this
+        # process observes and trains the attackers (the same computations either way)
+        submit = getattr(base, "submit", None)
+        pending = None
+        if honest and submit is not None:
+            pending = submit(setup, w, honest, step)
+        elif honest:
             rows.update(zip(honest, base(setup, w, honest, step)))
         if attack.loss is not None:  # target-bit prediction (quantization attacks)
             watch(setup, attack, w, [c for c in clients if c in attack.malicious], step)
         for c in bad:
             rows[c] = colluding_update(setup, attack, w, c, step)
+        if pending is not None:
+            rows.update(zip(honest, pending()))
         return torch.stack([rows[c] for c in clients])
 
     return run

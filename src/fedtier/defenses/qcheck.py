@@ -36,10 +36,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedtier.aggregate.server import client_weights
+from fedtier.local.arm import map_jobs
+from fedtier.local.jobs import JobContext
 from fedtier.metrics import MetricSpec, declare_stage_metrics
 from fedtier.quant import QuantSpec, grid, quantize_copy
 from fedtier.upload import UploadContext
@@ -63,7 +67,12 @@ def divergence(
 ) -> float:
     """max_b mean KL(p_w ‖ p_{Q_b(w)}) on x (the score d_i above, for the model w)."""
     setup.layout.load(setup.model, w)
-    model = setup.model.eval()
+    return model_divergence(setup.model, x, bits, spec)
+
+
+def model_divergence(model: nn.Module, x: torch.Tensor, bits: list[int], spec: QuantSpec) -> float:
+    """:func:`divergence` of the state already loaded in ``model``."""
+    model = model.eval()
     device = next(model.parameters()).device
     x = x.to(device)
     with torch.no_grad():
@@ -80,16 +89,24 @@ def grid_distance(setup: ArmSetup, w: torch.Tensor, bits: list[int], spec: Quant
     """max_b over B of the Kolmogorov–Smirnov distance between the rounding residuals 2|r| of
     the quantized weights (entries the quantizer does not clip) and the uniform law on [0, 1]."""
     setup.layout.load(setup.model, w)
+    return model_grid_distance(setup.model, bits, spec)
+
+
+def model_grid_distance(model: nn.Module, bits: list[int], spec: QuantSpec) -> float:
+    """:func:`grid_distance` of the state already loaded in ``model``."""
     worst = 0.0
     with torch.no_grad():
         for b in bits:
             residuals = []
-            for name, p in setup.model.named_parameters():
+            for name, p in model.named_parameters():
                 if spec.selects(name, p):
                     g, gq, step = grid(p, spec, b)
                     r = ((g - gq) / step.clamp_min(1e-12)).abs().flatten()
                     residuals.append(r[r <= 0.5 + 1e-4])
-            u = torch.sort(torch.cat(residuals or [torch.zeros(0)]) * 2).values.clamp(0, 1)
+            doubled = torch.cat(residuals or [torch.zeros(0)]) * 2
+            # numpy's sort: the same values as torch.sort's, ~3x faster on CPU (|r| ≥ +0,
+            # so no signed zeros whose order could differ)
+            u = torch.from_numpy(np.sort(doubled.cpu().numpy())).clamp(0, 1)
             n = len(u)
             if n == 0:
                 continue
@@ -97,6 +114,23 @@ def grid_distance(setup: ArmSetup, w: torch.Tensor, bits: list[int], spec: Quant
             below = u - torch.arange(0, n, dtype=u.dtype) / n
             worst = max(worst, float(torch.maximum(above, below).max()))
     return worst
+
+
+ScoreJob = tuple[torch.Tensor, torch.Tensor, list[float], torch.Tensor, list[int], QuantSpec]
+
+
+def upload_scores(context: JobContext, job: ScoreJob) -> list[list[float]]:
+    """The screen's two scores of one upload at each of its landing points: ``job`` = (w [P],
+    Δ [P], factors [S], x_server, B, spec) → [[divergence, grid distance] per factor s], for
+    the models w + s·Δ loaded in turn into the context's model (a container: the executor's
+    workers run this with their own copies, :func:`fedtier.local.arm.map_jobs`)."""
+    w, delta, factors, x, bits, spec = job
+    model = context.model
+    out = []
+    for s in factors:
+        context.layout.load(model, w + s * delta)
+        out.append([model_divergence(model, x, bits, spec), model_grid_distance(model, bits, spec)])
+    return out
 
 
 def landing_scales(setup: ArmSetup, ctx: UploadContext) -> list[float]:
@@ -123,10 +157,13 @@ def quant_consistency(x_server: torch.Tensor, bits: list[int], spec: QuantSpec, 
         weights = client_weights(setup.cfg.aggregate.rule, ctx.num_samples)
         shares = weights / weights.sum()
         keep = torch.ones(len(deltas), dtype=torch.bool)
-        for scale in landing_scales(setup, ctx):
-            models = [w + float(s) * d for s, d in zip(scale * shares, deltas)]
-            kl = torch.tensor([divergence(setup, m, x_server, bits, spec) for m in models])
-            grid_d = torch.tensor([grid_distance(setup, m, bits, spec) for m in models])
+        scales = landing_scales(setup, ctx)
+        factors = [[float(scale * shares[i]) for scale in scales] for i in range(len(deltas))]
+        # one job per upload, all its landing points: side by side in the executor's workers
+        jobs = [(w, d, f, x_server, bits, spec) for d, f in zip(deltas, factors)]
+        scored = torch.tensor(map_jobs(setup, upload_scores, jobs))  # [C, scales, 2]
+        for j, scale in enumerate(scales):
+            kl, grid_d = scored[:, j, 0], scored[:, j, 1]
             keep &= (kl <= ratio * kl.median()) & (grid_d <= ratio * grid_d.median())
             if scale == 1.0:
                 scores = kl

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -68,11 +68,36 @@ class ArmSetup:
     # what a device, an edge and the cloud do each round (fedtier.rounds.TierProgram);
     # None = the default steps (fedtier.rounds.default_program)
     program: TierProgram | None = None
+    # the executor's worker processes, when it has them (fedtier.local.parallel.ProcessExecutor):
+    # :func:`map_jobs` runs the screen's per-upload work there
+    workers: Any = None
 
     def __post_init__(self) -> None:
         self.upload_mask = self.layout.mask()
         if self.executor is None:
             self.executor = train_sequential
+
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+def map_jobs(
+    setup: ArmSetup, fn: Callable[[JobContext, Job], Result], jobs: list[Job]
+) -> list[Result]:
+    """``[fn(context, job) for job in jobs]``, ``context`` the arm's fixed parts (a working
+    model, the task, the layout: :func:`job_context`) into whose model each job loads what it
+    needs: side by side in the executor's worker processes when it has them and they run
+    the model as this process does (one thread, the same memory layout: the same numbers),
+    else here, in ``setup.model``. ``fn`` is a module-level function; jobs are tuples of
+    plain data (tensors, numbers, lists, frozen dataclasses) and so are its results."""
+    workers = setup.workers
+    if workers is not None and len(jobs) > 1:
+        out = workers.map(setup, fn, jobs)
+        if out is not None:
+            return out  # type: ignore[no-any-return]
+    context = job_context(setup)
+    return [fn(context, job) for job in jobs]
 
 
 def round_plan(setup: ArmSetup, step: int) -> RoundPlan | None:

@@ -23,7 +23,7 @@ import copy
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from multiprocessing import resource_sharer  # type: ignore[attr-defined]
@@ -82,16 +82,16 @@ def _by_value(x: Any) -> Any:
     transfer cut by Ctrl-C makes that thread print a traceback."""
     if isinstance(x, torch.Tensor):
         return x.numpy()
-    if isinstance(x, tuple):
-        return tuple(_by_value(v) for v in x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_by_value(v) for v in x)
     return x
 
 
 def _as_tensors(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
-    if isinstance(x, tuple):
-        return tuple(_as_tensors(v) for v in x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_as_tensors(v) for v in x)
     return x
 
 
@@ -100,6 +100,12 @@ def _run(job: ClientJob) -> ClientResult:
     job = replace(job, start=_as_tensors(job.start), data=_as_tensors(job.data))
     result = run_job(_worker["context"], job)
     return replace(result, state=_by_value(result.state))
+
+
+def _map_one(task: tuple[Callable[..., Any], Any]) -> Any:
+    """A worker's :meth:`ProcessExecutor.map` job, its tensors by value both ways."""
+    fn, job = task
+    return _by_value(fn(_worker["context"], _as_tensors(job)))
 
 
 @contextmanager
@@ -143,13 +149,12 @@ class ProcessExecutor:
         self.channels_last = channels_last
         self.start_method = start_method
         self._pool: Pool | None = None
+        self._owner = 0  # the process that started the pool (only it may stop it)
         self._data: object = None  # the client data the workers hold (None: none)
 
     def _start(self, setup: ArmSetup) -> Pool:
         if self._pool is None:
-            channels_last = self.channels_last
-            if channels_last is None:
-                channels_last = not _has_batchnorm(setup.model)
+            channels_last = self.uses_channels_last(setup)
             method = self.start_method or setup.cfg.train.start_method
             ship = method == "fork" or isinstance(setup.client_data, ClientData)
             context = job_context(setup, channels_last)
@@ -169,11 +174,14 @@ class ProcessExecutor:
                         f"train.start_method 'fork' or train.executor 'sequential'"
                     ) from e
             self._data = context.data
+            self._owner = os.getpid()
         return self._pool
 
     def close(self) -> None:
-        """Stop the worker processes (the next call starts them again)."""
-        if self._pool is not None:
+        """Stop the worker processes (the next call starts them again). A forked worker that
+        inherited this executor (a later arm's pool, started while this one was alive) leaves
+        it alone: the pool is its parent's."""
+        if self._pool is not None and self._owner == os.getpid():
             # Jobs and results travel by value (_by_value), but spawn's start-up sends the
             # context's tensors as file descriptors served by this process's resource-sharer
             # thread; stop it before the workers, so a cut transfer prints no traceback (it
@@ -187,6 +195,24 @@ class ProcessExecutor:
     def __del__(self) -> None:
         self.close()
 
+    def uses_channels_last(self, setup: ArmSetup) -> bool:
+        """Whether the workers run the model in channels-last layout (:meth:`__init__`)."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return not _has_batchnorm(setup.model)
+
+    def map(self, setup: ArmSetup, fn: Callable[..., Any], jobs: list[Any]) -> list[Any] | None:
+        """``[fn(context, job) for job in jobs]`` in the workers, each with its own job
+        context (what a job loads into its model is the job's business: client training
+        loads its start state anyway); None when the workers run the model in channels-last
+        layout, whose sums differ in the last bits from this process's NCHW passes
+        (:func:`fedtier.local.arm.map_jobs` then runs the jobs here)."""
+        if self.uses_channels_last(setup) or next(setup.model.parameters()).device.type != "cpu":
+            return None
+        pool = self._start(setup)
+        futures = [pool.apply_async(_map_one, ((fn, _by_value(job)),)) for job in jobs]
+        return [_as_tensors(f.get()) for f in futures]
+
     def jobs(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
     ) -> list[ClientJob]:
@@ -198,11 +224,19 @@ class ProcessExecutor:
     def __call__(
         self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
     ) -> torch.Tensor:
+        return self.submit(setup, w, clients, step)()
+
+    def submit(
+        self, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
+    ) -> Callable[[], torch.Tensor]:
+        """Send the clients' jobs to the workers and return at once; calling the result waits
+        for the deltas [C, P] (in ``clients`` order). Meanwhile this process is free: the
+        attack executor trains its malicious clients while the workers train the honest ones."""
         from fedtier.local.vectorised import sequential_unless
 
         fallback = sequential_unless("processes", setup, w, clients, step)
         if fallback is not None:
-            return fallback
+            return lambda: fallback
         pool = self._start(setup)
         jobs = self.jobs(setup, w, clients, step)
         sizes = setup.topology.num_samples
@@ -212,10 +246,14 @@ class ProcessExecutor:
             for i in largest_first
         }
         futures = {i: pool.apply_async(_run, (sent[i],)) for i in largest_first}
-        results = [futures[i].get() for i in range(len(jobs))]
-        return torch.stack(
-            [
-                client_delta(setup, j.client, j.start, _as_tensors(r.state))
-                for j, r in zip(jobs, results)
-            ]
-        )
+
+        def deltas() -> torch.Tensor:
+            results = [futures[i].get() for i in range(len(jobs))]
+            return torch.stack(
+                [
+                    client_delta(setup, j.client, j.start, _as_tensors(r.state))
+                    for j, r in zip(jobs, results)
+                ]
+            )
+
+        return deltas

@@ -80,6 +80,7 @@ def select_executor(setup: ArmSetup) -> str:
         "ray": lambda: RayExecutor(ray.address, ray.num_cpus, ray.max_retries),
     }
     setup.executor = executors[name]()
+    setup.workers = setup.executor if isinstance(setup.executor, ProcessExecutor) else None
     message = f"executor: {name} ({why})"
     if setup.cfg.train.executor not in ("auto", name):
         say_once(message)
