@@ -48,9 +48,18 @@ from fedtier.local.sgd import LocalConfig, _has_batchnorm, batch_schedule, clien
 from fedtier.tasks import Batch, Draws, Masked, batch_len, batch_to, client_batch, take
 
 
+def not_sgd(setup: ArmSetup) -> str | None:
+    """Why the local optimiser is not the SGD the vectorised executors implement (None: it is)."""
+    optimizer = setup.cfg.train.optimizer
+    return None if optimizer == "sgd" else f"the local optimizer is {optimizer!r}, not SGD"
+
+
 def not_vectorisable(setup: ArmSetup, clients: Sequence[int] = ()) -> str | None:
     """Why the vectorised executor cannot reproduce the sequential one here (None = it can)."""
     task = setup.task
+    optimizer = not_sgd(setup)
+    if optimizer is not None:
+        return optimizer
     if task.local_update is not None:
         return "the task has its own local update"
     if task.masked is None:
