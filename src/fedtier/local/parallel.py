@@ -200,7 +200,7 @@ class ProcessExecutor:
     ) -> torch.Tensor:
         from fedtier.local.vectorised import sequential_unless
 
-        fallback = sequential_unless("processes", setup, w, clients, step)
+        fallback = sequential_unless("processes", setup, w, clients, step, sgd_only=False)
         if fallback is not None:
             return fallback
         pool = self._start(setup)
