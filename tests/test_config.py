@@ -83,6 +83,8 @@ def test_every_preset_loads_resolves_and_round_trips(name):
         ({"arms": {"a": {"train.lr": 0}}}, "arms.a.train.lr", "a positive number"),
         ({"arms": {"k": {"aggregate.edge_rule.f": -1}}}, "arms.k.aggregate.edge_rule.f", ">= 0"),
         ({"arms": {"x": 3}}, "arms.x", "a mapping"),
+        ({"train": {"optimizer": "adam", "momentum": 0.9}}, "train.momentum", "optimizer 'adam'"),
+        ({"train": {"optimizer": "adamw"}}, "train.optimizer", "'adam'"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(d, field, fragment):

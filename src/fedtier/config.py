@@ -261,8 +261,12 @@ class TrainConfig(Section):
     epochs: int = Field(2, gt=0)  # local epochs E
     batch_size: int = Field(32, gt=0)
     lr: float = Field(0.05, gt=0)  # client learning rate η_c
-    momentum: float = Field(0.0, ge=0, lt=1)
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD momentum (sgd only)
     weight_decay: float = Field(0.0, ge=0)
+    # the devices' local optimiser, fresh for every local update (its state stays on the
+    # device for the local epochs only): sgd (torch.optim.SGD with momentum) or adam
+    # (torch.optim.Adam, default betas; e.g. to fine-tune a model pretrained with Adam)
+    optimizer: Literal["sgd", "adam"] = "sgd"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # client training's forward/backward: fp32, bf16 autocast (master weights, aggregation,
     # quantizers and evaluation stay fp32), or auto = bf16 where the CPU/GPU has bf16 units
@@ -275,6 +279,12 @@ class TrainConfig(Section):
     # copy-on-write, starts at once) or spawn (fresh interpreters; for platforms or programs
     # where fork is unsafe, e.g. threads or CUDA in the parent). Same numbers either way.
     start_method: Literal["fork", "spawn"] = "fork"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.optimizer == "adam" and self.momentum:
+            raise _fail("momentum", self.momentum, "0 with optimizer 'adam' (momentum is SGD's)")
+        return self
 
 
 class QuantConfig(Section):

@@ -197,3 +197,20 @@ def test_process_deltas_equal_sequential_ones_for_the_diffusion_task():
         executor.close()
     assert seq.abs().max() > 1e-3
     torch.testing.assert_close(par, seq, atol=1e-6, rtol=1e-5)
+
+
+def test_workers_train_with_a_local_adam_as_the_sequential_executor_does():
+    """train.optimizer = adam rules out the vectorised executors only: the workers run it
+    (their pool starts) and give the sequential deltas bit for bit."""
+    overrides = {**MLP, "train.optimizer": "adam", "train.momentum": 0.0}
+    seq_setup = prepare_arm(tiny_config(**overrides), DIGITS)
+    par_setup = prepare_arm(tiny_config(**overrides), DIGITS)
+    w = seq_setup.layout.flatten(seq_setup.model)
+    executor = ProcessExecutor(workers=2, start_method="fork")
+    try:
+        seq = train_sequential(seq_setup, w, [0, 3, 5], 0)
+        par = executor(par_setup, w, [0, 3, 5], 0)
+        assert executor._pool is not None  # trained in the workers, not by a fallback
+        assert seq.abs().max() > 1e-3 and torch.equal(par, seq)
+    finally:
+        executor.close()

@@ -83,3 +83,42 @@ def test_metric_reductions():
     assert reduce_values("sum", [1.0, 2.0, 4.0]) == 7.0
     assert reduce_values("mean", [1.0, 2.0, 4.0]) == 7.0 / 3
     assert reduce_values("last", [1.0, 2.0, 4.0]) == 4.0
+
+
+def test_local_adam_follows_adams_update_rule_by_hand():
+    """train.optimizer = adam: two steps of Kingma & Ba's Algorithm 1 (bias-corrected
+    moments, default betas), computed by hand on a least-squares loss."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    model = nn.Linear(3, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    cfg = LocalConfig(epochs=2, batch_size=8, lr=0.1, weight_decay=0.0, optimizer="adam")
+
+    def loss(m, batch, g):
+        xb, yb = batch
+        return F.mse_loss(m(xb).squeeze(1), yb)
+
+    steps = local_sgd(model, loss, (x, y), cfg, torch.Generator().manual_seed(1))
+    assert steps == 2  # one full batch per epoch: its order does not change the gradient
+    w, m, v = torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for t in (1, 2):
+        grad = 2 * x.T @ (x @ w - y) / len(x)  # ∇ of the mean squared error
+        m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
+        w = w - 0.1 * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    torch.testing.assert_close(model.weight.detach().squeeze(0), w)
+    # the first step moves every weight by ≈ lr, whatever its gradient's size (sign step)
+    assert not torch.allclose(w, torch.zeros(3))
+
+
+def test_an_unknown_local_optimizer_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="'sgd' or 'adam'"):
+        local_sgd(
+            _model(),
+            lambda m, b, g: m(b).sum(),
+            torch.randn(2, 8),
+            LocalConfig(1, 2, 0.1, optimizer="lbfgs"),
+            torch.Generator(),
+        )

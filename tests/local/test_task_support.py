@@ -147,3 +147,14 @@ def test_prepare_arm_composes_the_tasks_groups_with_fedbn(monkeypatch):
     delta = train_sequential(setup, w, [1], 0)[0]
     decoder = ~setup.upload_mask
     assert torch.count_nonzero(delta[decoder]) == 0 and torch.count_nonzero(delta[~decoder]) > 0
+
+
+@pytest.mark.parametrize("wanted", ["auto", "vectorised", "dense", "processes"])
+def test_a_local_adam_rules_out_only_the_vectorised_executors(wanted):
+    cfg = {**MLP, "train.optimizer": "adam", "train.momentum": 0.0, "train.executor": wanted}
+    setup = prepare_arm(tiny_config(**cfg), DIGITS)
+    name, why = choose_executor(setup)
+    if wanted == "processes":
+        assert name == "processes"  # its workers run the sequential executor's loop
+    else:  # an MLP with SGD would be vectorised or dense
+        assert name == "sequential" and "'adam', not SGD" in why

@@ -325,6 +325,7 @@ def malicious_update(
         a.lr if a.lr is not None else tr.lr,
         a.momentum if a.momentum is not None else tr.momentum,
         tr.weight_decay,
+        optimizer=tr.optimizer,
     )
     train_adversarial(
         setup.model,
@@ -387,6 +388,7 @@ def task_objective_update(
         lr if lr is not None else tr.lr,
         tr.momentum,
         tr.weight_decay,
+        optimizer=tr.optimizer,
     )
     batch = client_batch(setup.task, x, y)
     local_sgd(setup.model, loss, batch, local, client_generator(cfg.seed, step, client))

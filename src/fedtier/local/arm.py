@@ -169,7 +169,9 @@ def local_config(cfg: Config) -> LocalConfig:
         else "cpu"
     )
     precision = resolve_precision(t.precision, device)
-    return LocalConfig(t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay, precision)
+    return LocalConfig(
+        t.epochs, t.batch_size, t.lr, t.momentum, t.weight_decay, precision, t.optimizer
+    )
 
 
 def client_start(setup: ArmSetup, w: torch.Tensor, client: int) -> torch.Tensor:

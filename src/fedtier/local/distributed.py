@@ -236,7 +236,7 @@ class RayExecutor:
     ) -> torch.Tensor:
         from fedtier.local.vectorised import sequential_unless
 
-        fallback = sequential_unless("ray", setup, w, clients, step)
+        fallback = sequential_unless("ray", setup, w, clients, step, sgd_only=False)
         if fallback is not None:
             return fallback
         self._start(setup)

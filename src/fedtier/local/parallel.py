@@ -234,7 +234,7 @@ class ProcessExecutor:
         attack executor trains its malicious clients while the workers train the honest ones."""
         from fedtier.local.vectorised import sequential_unless
 
-        fallback = sequential_unless("processes", setup, w, clients, step)
+        fallback = sequential_unless("processes", setup, w, clients, step, sgd_only=False)
         if fallback is not None:
             return lambda: fallback
         pool = self._start(setup)

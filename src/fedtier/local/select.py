@@ -22,7 +22,7 @@ def is_compute_bound(model: nn.Module) -> bool:
 def choose_executor(setup: ArmSetup) -> tuple[str, str]:
     """(executor name, why) for ``setup.cfg.train.executor``, resolving ``auto``."""
     from fedtier.local.dense import not_dense
-    from fedtier.local.vectorised import not_vectorisable
+    from fedtier.local.vectorised import not_sgd, not_vectorisable
 
     wanted = setup.cfg.train.executor
     if wanted == "sequential":
@@ -30,13 +30,15 @@ def choose_executor(setup: ArmSetup) -> tuple[str, str]:
     reason = not_vectorisable(setup)
     if wanted in ("vectorised", "dense") and reason is not None:
         return "sequential", f"train.executor is '{wanted}' but {reason}"
-    if reason is not None:
+    # another local optimiser (Adam) rules out only the vectorised executors: the processes
+    # and Ray executors run the sequential executor's loop
+    if reason is not None and reason != not_sgd(setup):
         return "sequential", reason
-    if wanted == "vectorised":
-        return "vectorised", "train.executor is 'vectorised'"
     if wanted in ("processes", "ray"):
         return wanted, f"train.executor is '{wanted}'"
-    dense_reason = not_dense(setup)
+    if reason is not None and not is_compute_bound(setup.model):
+        return "sequential", reason
+    dense_reason = reason or not_dense(setup)
     if wanted == "dense":
         if dense_reason is not None:
             return "vectorised", f"train.executor is 'dense' but {dense_reason}"

@@ -24,6 +24,7 @@ __all__ = [
     "LocalConfig",
     "batch_schedule",
     "client_generator",
+    "local_optimizer",
     "local_sgd",
     "train_client",
 ]
@@ -82,8 +83,9 @@ def local_sgd(
 
     The batches are :func:`batch_schedule`'s (drawn from ``generator`` first); the loss then
     draws its own randomness from the same generator, step after step. The optimiser
-    (``torch.optim.SGD`` over the parameters that require gradients) is fresh for every call:
-    its momentum stays on the device for the duration of the local epochs only, as in FedAvg.
+    (:func:`local_optimizer`: SGD or Adam over the parameters that require gradients) is
+    fresh for every call: its state stays on the device for the local epochs only, as in
+    FedAvg.
     """
     model.train()
     if hooks.freeze_batchnorm:
@@ -91,7 +93,7 @@ def local_sgd(
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = local_optimizer(params, cfg)
     device = device_of(model)
     batches = batch_schedule(batch_len(data), cfg, generator, skip_singletons=_has_batchnorm(model))
     for idx in batches:
@@ -109,6 +111,16 @@ def local_sgd(
         if hooks.after_step is not None:
             hooks.after_step(model)
     return len(batches)
+
+
+def local_optimizer(params: Params, cfg: LocalConfig) -> torch.optim.Optimizer:
+    """The optimiser of one local update (``cfg.optimizer``): ``torch.optim.SGD`` (lr,
+    momentum, weight decay) or ``torch.optim.Adam`` (lr, weight decay, default betas)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "sgd":
+        raise ValueError(f"local optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def batch_schedule(

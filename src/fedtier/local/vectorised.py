@@ -48,9 +48,22 @@ from fedtier.local.sgd import LocalConfig, _has_batchnorm, batch_schedule, clien
 from fedtier.tasks import Batch, Draws, Masked, batch_len, batch_to, client_batch, take
 
 
-def not_vectorisable(setup: ArmSetup, clients: Sequence[int] = ()) -> str | None:
-    """Why the vectorised executor cannot reproduce the sequential one here (None = it can)."""
+def not_sgd(setup: ArmSetup) -> str | None:
+    """Why the local optimiser is not the SGD the vectorised executors implement (None: it is)."""
+    optimizer = setup.cfg.train.optimizer
+    return None if optimizer == "sgd" else f"the local optimizer is {optimizer!r}, not SGD"
+
+
+def not_vectorisable(
+    setup: ArmSetup, clients: Sequence[int] = (), sgd_only: bool = True
+) -> str | None:
+    """Why the vectorised executor cannot reproduce the sequential one here (None = it can).
+    ``sgd_only`` False: for executors that run the sequential loop in workers (processes,
+    Ray), any local optimiser will do."""
     task = setup.task
+    optimizer = not_sgd(setup) if sgd_only else None
+    if optimizer is not None:
+        return optimizer
     if task.local_update is not None:
         return "the task has its own local update"
     if task.masked is None:
@@ -151,11 +164,17 @@ def train_vectorised(
 
 
 def sequential_unless(
-    executor: str, setup: ArmSetup, w: torch.Tensor, clients: list[int], step: int
+    executor: str,
+    setup: ArmSetup,
+    w: torch.Tensor,
+    clients: list[int],
+    step: int,
+    sgd_only: bool = True,
 ) -> torch.Tensor | None:
     """The sequential executor's deltas when ``clients`` cannot be trained together exactly
-    (saying why, once, on behalf of ``executor``); None when they can."""
-    reason = not_vectorisable(setup, clients)
+    (saying why, once, on behalf of ``executor``); None when they can. ``sgd_only``: as in
+    :func:`not_vectorisable`."""
+    reason = not_vectorisable(setup, clients, sgd_only)
     if reason is None:
         return None
     from fedtier.local.arm import train_sequential

@@ -54,6 +54,7 @@ class LocalConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     precision: str = "fp32"  # fp32 or bf16: autocast of the forward pass (fedtier.local.precision)
+    optimizer: str = "sgd"  # sgd (torch.optim.SGD with momentum) or adam (torch.optim.Adam)
 
 
 LocalUpdate = Callable[[nn.Module, Batch, LocalConfig, torch.Generator], int]
