@@ -679,3 +679,38 @@ def test_factory_defaults_behave_as_the_config_defaults(name, seed):
     theirs = build_rule(name, spec.options(), "x", key=key)(u, w)
     assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1]
     assert (ours[2] is None and theirs[2] is None) or torch.equal(ours[2], theirs[2])
+
+
+def test_factory_minimum_rows_with_the_default_f_of_one():
+    # f = 1 by default: median and trimmed mean need n > 2, Krum n > 4, Bulyan n >= 7
+    for name, n in (("median", 3), ("trimmed-mean", 3), ("krum", 5), ("bulyan", 7)):
+        u = torch.arange(float(n * 2)).reshape(n, 2)
+        out, _, _ = FACTORIES[name]()(u, torch.ones(n))
+        assert out.shape == (2,)
+        with pytest.raises(FedtierError, match=f"got n={n - 1} with f=1"):
+            FACTORIES[name]()(u[: n - 1], torch.ones(n - 1))
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("norm-bound", {"max_norm": 0.0}, "max_norm must be positive, got 0.0"),
+        ("dp-mean", {"clip": 0.0}, "clip must be a positive number, got 0.0"),
+        ("dp-mean", {"noise": -1.0}, "noise must be a number >= 0 (z = σ / C), got -1.0"),
+    ],
+)
+def test_bad_rule_option_says_which_and_what_is_allowed(name, options, message):
+    with pytest.raises(ValueError) as e:
+        FACTORIES[name](**options)
+    assert str(e.value) == message
+    with pytest.raises(ConfigError, match="aggregate.edge_rule"):
+        build_rule(name, options, "aggregate.edge_rule")
+
+
+def test_bad_rule_option_expected_rows_must_be_positive():
+    from fedtier.privacy import NoiseKey
+
+    with pytest.raises(ValueError, match=r"^expected_rows must be positive, got 0.0$"):
+        FACTORIES["dp-mean"](key=NoiseKey(expected_rows=0.0))
+    FACTORIES["norm-bound"](max_norm=1e-9)
+    FACTORIES["dp-mean"](noise=0.0)

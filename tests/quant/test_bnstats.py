@@ -49,3 +49,12 @@ def test_adding_bit_statistics_again_keeps_the_ones_learnt():
     assert torch.equal(model[1].running_mean_q4, learnt)
     assert torch.equal(model[1].running_mean_q2, model[1].running_mean)
     assert stat_bits(model) == [2, 4]
+
+
+def test_root_batchnorm_uses_its_own_bit_statistics():
+    # a model that is itself a BatchNorm: its buffers are "running_mean", with no prefix
+    model = nn.BatchNorm1d(3).train()
+    add_bit_stats(model, [4])
+    forward_quantized(model, torch.randn(8, 3) + 2, QuantSpec(), 4)
+    assert not torch.equal(model.running_mean_q4, torch.zeros(3))
+    assert torch.equal(model.running_mean, torch.zeros(3))
