@@ -92,7 +92,7 @@ def test_factory_defaults_behave_as_the_config_defaults(name, partial):
         (topk, {"ratio": 1.5}, "upload.topk.ratio", "a fraction in (0, 1]"),
         (topk, {"ratio": True}, "upload.topk.ratio", "a fraction in (0, 1]"),
         (topk, {"ratio": "0.1"}, "upload.topk.ratio", "a fraction in (0, 1]"),
-        (topk, {"error_feedback": None}, "upload.topk.error_feedback", "true or false"),
+        (topk, {"error_feedback": "no"}, "upload.topk.error_feedback", "true or false"),
         (dynamic, {"target_error": 0}, "upload.dynamic.target_error", "a positive number"),
         (dynamic, {"target_error": -0.1}, "upload.dynamic.target_error", "a positive number"),
         (dynamic, {"target_error": True}, "upload.dynamic.target_error", "a positive number"),
@@ -194,3 +194,22 @@ def test_stage_state_is_per_stage_and_clients_residuals_are_separate():
     assert not torch.equal(residual[1], residual[2])
     out, m = stage(torch.zeros(1, 1500), replace(_ctx([2], 1), state=state))
     assert m["residual_norm"] == pytest.approx(float(state["residual"][2].norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("d", [700, 1500])
+def test_the_chosen_bit_width_fits_the_budget_in_payload_bits(d):
+    """A budget of B bits buys the widest b whose real payload (encode_uniform's bytes × 8:
+    32-bit level count, lo and hi per bucket, then b bits per value) fits in B."""
+    from fedtier.upload.compress import choose_bits
+
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    payload_bits = {
+        b: 8 * len(codecs.encode_uniform(x, 2**b, torch.Generator().manual_seed(0)))
+        for b in range(2, 9)
+    }
+    for b in range(3, 9):
+        header = payload_bits[b] - math.ceil(b * d / 8) * 8
+        exact = header + b * d  # the budget for b bits before rounding to whole bytes
+        assert choose_bits(x, 1e-12, 2, 8, budget_bits=exact) == b
+        assert choose_bits(x, 1e-12, 2, 8, budget_bits=exact - 1) == b - 1
+        assert payload_bits[b - 1] <= exact - 1 + 8
