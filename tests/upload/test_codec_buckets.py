@@ -83,3 +83,20 @@ def test_terngrad_is_unbiased_at_small_magnitudes_in_one_bucket():
     assert ((s.abs() == 0) | ((s.abs() - scale).abs() < 1e-7)).all()
     assert ((s.mean(0) - x).abs() <= 5 * scale / 2 / math.sqrt(2000)).all()
     assert float(s.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("bucket", [64, 1000])
+def test_dynamic_stage_uses_its_bucket(bucket):
+    from fedtier.upload.compress import dynamic
+
+    x = _x()
+    ctx = _ctx()
+    out, m = dynamic(target_error=0.01, bucket=bucket)(x[None], ctx)
+    bits = int(m["bits_sum"])
+    levels = 2**bits
+    nb = math.ceil(D / bucket)
+    assert m["bytes"] == 4 + 8 * nb + math.ceil(D * bits / 8)
+    for xb, ob in zip(_buckets(x.numpy(), bucket), _buckets(out[0].numpy(), bucket)):
+        lo, hi = xb.min(), xb.max()
+        k = (ob - lo) / ((hi - lo) / (levels - 1))
+        np.testing.assert_allclose(k, np.round(k), atol=1e-3)
