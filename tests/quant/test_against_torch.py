@@ -63,10 +63,11 @@ def test_paper_quantizer_is_a_symmetric_fake_quantize_with_the_range_scale(bits)
     torch.testing.assert_close(paper_quantize(w, bits), ref)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 2), (3, 4)])  # a conv and a linear weight
 @pytest.mark.parametrize("quantizer", ["paper", "affine", "affine-channel"])
-def test_grid_groups_and_step_are_the_quantizers(quantizer):
+def test_grid_groups_and_step_are_the_quantizers(quantizer, shape):
     spec = QuantSpec(quantizer)
-    w = _w(3, 2, 2, seed=1) * torch.tensor([0.5, 1.0, 3.0])[:, None, None]
+    w = _w(*shape, seed=1) * torch.tensor([0.5, 1.0, 3.0]).reshape(3, *[1] * (len(shape) - 1))
     g, gq, step = grid(w, spec, 3)
     per_channel = quantizer == "affine-channel"
     rows = 3 if per_channel else 1
