@@ -213,3 +213,20 @@ def test_the_chosen_bit_width_fits_the_budget_in_payload_bits(d):
         assert choose_bits(x, 1e-12, 2, 8, budget_bits=exact) == b
         assert choose_bits(x, 1e-12, 2, 8, budget_bits=exact - 1) == b - 1
         assert payload_bits[b - 1] <= exact - 1 + 8
+
+
+def test_the_chosen_bit_width_is_the_fewest_whose_bound_meets_the_target():
+    """x = [0, 1, 2, 3]: ‖x‖² = 14 and SPEC §5's bound at b bits is 4·Δ²/4 = 9/(2^b − 1)²
+    (9, 1, 9/49, 0.04, 9/961, …); at 2 bits both sides are exactly 1.0."""
+    from fedtier.upload.compress import choose_bits
+
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    for b in range(1, 9):
+        assert codecs.uniform_error_bound(x, 2**b) == pytest.approx(9 / (2**b - 1) ** 2, rel=1e-6)
+    assert codecs.uniform_error_bound(x, 4) == 1.0 == (1 / 14) * 14
+    assert choose_bits(x, 1 / 14, 1, 8) == 2  # the bound meets the target exactly at 2 bits
+    assert choose_bits(x, 0.99 / 14, 1, 8) == 3
+    assert choose_bits(x, 0.2 / 14, 1, 8) == 3  # 9/49 ≈ 0.18
+    assert choose_bits(x, 0.01 / 14, 2, 8) == 5  # 0.04 > 0.01 ≥ 9/961
+    assert choose_bits(x, 0.01 / 14, 2, 4) == 4  # capped at max_bits
+    assert choose_bits(x, 100.0, 3, 8) == 3  # never below min_bits
