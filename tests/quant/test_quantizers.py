@@ -159,3 +159,12 @@ def test_the_quantized_view_passes_keyword_inputs_through():
     ref = quantize_copy(model, QuantSpec("affine"), 4)
     torch.testing.assert_close(view(x, scale=3.0), ref(x, scale=3.0))
     torch.testing.assert_close(view(x, scale=3.0), 3 * view(x))
+
+
+def test_unknown_quantizer_message_names_the_kind_and_the_close_name():
+    with pytest.raises(UnknownNameError) as e:
+        get_quantizer("afine")
+    assert str(e.value) == (
+        "unknown quantizer 'afine'. Known quantizers: affine, affine-channel, paper. "
+        "Did you mean 'affine'?"
+    )
