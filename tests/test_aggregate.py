@@ -47,3 +47,20 @@ def test_weighted_mean_reports_its_rows_and_refuses_clearly():
         weighted_mean(torch.ones(3, 5), torch.ones(2))
     with pytest.raises(ValueError, match="^weights must have a positive sum$"):
         weighted_mean(torch.ones(2, 2), torch.zeros(2))
+
+
+def test_get_rule_gives_the_weighted_mean_and_names_the_known_rules():
+    from fedtier.aggregate import get_rule
+    from fedtier.errors import UnknownNameError
+
+    u = torch.tensor([[1.0, 2.0], [3.0, -2.0], [0.0, 4.0]])
+    w = torch.tensor([1.0, 3.0, 4.0])
+    out, m, kept = get_rule("mean")(u, w)
+    torch.testing.assert_close(out, torch.tensor([(1 + 9 + 0) / 8, (2 - 6 + 16) / 8]))
+    assert m == {"rows": 3.0} and kept is None
+    with pytest.raises(UnknownNameError) as e:
+        get_rule("maen")
+    assert (
+        str(e.value)
+        == "unknown aggregation rule 'maen'. Known aggregation rules: mean. Did you mean 'mean'?"
+    )

@@ -577,3 +577,140 @@ def test_norm_bound_on_short_float_rows_matches_brute_force(seed):
     out, m, _ = build_rule("norm-bound", {"max_norm": 0.2}, "x")(u, w)
     assert_matches(out, ref_norm_bound(as_lists(u), w.tolist(), 0.2))
     assert m["clipped"] == sum(math.sqrt(sum(x * x for x in r)) > 0.2 for r in as_lists(u))
+
+
+# Found by mutation testing over aggregate/, privacy/, upload/ and quant/: FoolsGold's and the
+# cosine filter's edge cases (no positive similarity, pure sybils, small κ, equal cosines), the
+# exact condition each precondition message states, and the factories' Python defaults.
+
+PAIRWISE_OPPOSED = torch.tensor([[1.0, 0.0], [-0.7, 0.714142842], [-0.7, -0.714142842]])
+
+
+def test_foolsgold_keeps_every_row_when_no_two_rows_point_the_same_way():
+    # cosines −0.7, −0.7 and −0.02: every row's v is 0 (nothing to pardon, no 0/0), every
+    # α = 1 − max(0, max_j cs_ij) = 1, so the rule is the weighted mean of all rows
+    u, w = PAIRWISE_OPPOSED, torch.tensor([1.0, 2.0, 4.0])
+    expected, lr = ref_foolsgold(as_lists(u), w.tolist(), 1.0)
+    assert lr == [1.0, 1.0, 1.0]
+    out, m, kept = build_rule("foolsgold", {}, "x")(u, w)
+    assert_matches(out, expected)
+    assert kept_rows(kept, m, 3) == [0, 1, 2]
+
+
+def test_foolsgold_of_pure_sybils_falls_back_to_the_weights():
+    # every row points the same way: every α is 0, every rate 0, so the weights alone decide
+    # (documented) and every row counts as rejected
+    u = torch.tensor([[1.0, 0.0], [2.0, 0.0], [4.0, 0.0]])  # cosines exactly 1
+    w = torch.tensor([1.0, 1.0, 2.0])
+    expected, lr = ref_foolsgold(as_lists(u), w.tolist(), 1.0)
+    assert lr == [0.0, 0.0, 0.0]
+    out, m, kept = build_rule("foolsgold", {}, "x")(u, w)
+    assert_matches(out, expected)
+    assert m["rejected"] == 3.0 and not kept.any()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_foolsgold_with_a_small_kappa_gives_the_top_row_full_rate(seed):
+    # with κ = 0.05 the logit of the rescaled top α (1 − 1e-6) would give only 0.72; the
+    # authors' code gives α = 1 the rate 1
+    u, w = float_problems(seed, 3 + seed % 5, 4)
+    out, m, kept = build_rule("foolsgold", {"kappa": 0.05}, "x")(u, w)
+    expected, lr = ref_foolsgold(as_lists(u), w.tolist(), 0.05)
+    assert 1.0 in lr
+    assert_matches(out, expected)
+    assert kept_rows(kept, m, len(u)) == [i for i, r in enumerate(lr) if r > 0]
+
+
+def test_foolsgold_runs_on_two_rows_and_cosine_on_three():
+    u = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    out, _, _ = build_rule("foolsgold", {}, "x")(u[:2], torch.ones(2))
+    assert_matches(out, [0.5, 0.5, 0.0])
+    out, _, _ = build_rule("cosine", {}, "x")(u, torch.ones(3))
+    assert_matches(out, [1 / 3] * 3)
+
+
+def test_cosine_filter_keeps_rows_that_all_point_the_same_way():
+    # equal cosines: std = 0, the threshold is the median itself and nobody is below it
+    u = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [0.5, 0.5]])
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out, m, kept = build_rule("cosine", {}, "x")(u, w)
+    assert kept_rows(kept, m, 4) == [0, 1, 2, 3]
+    assert_matches(out, ref_weighted_mean(as_lists(u), w.tolist()))
+
+
+@pytest.mark.parametrize(
+    "name, options, rows, condition, f",
+    [
+        ("median", {"f": 2}, 4, "n > 2f", 2),
+        ("trimmed-mean", {"f": 1}, 2, "n > 2f", 1),
+        ("krum", {"f": 1}, 4, "n > 2f + 2", 1),
+        ("multi-krum", {"f": 1}, 4, "n > 2f + 2", 1),
+        ("multi-krum", {"f": 0, "m": 3}, 2, "n > 2f + 2", 0),
+        ("bulyan", {"f": 1}, 6, "n >= 4f + 3", 1),
+        ("foolsgold", {}, 1, "n >= 2", 0),
+        ("cosine", {}, 2, "n >= 3", 0),
+    ],
+)
+def test_a_refused_precondition_states_the_rules_condition(name, options, rows, condition, f):
+    rule = build_rule(name, options, "aggregate.cloud_rule")
+    with pytest.raises(ConfigError) as e:
+        rule(torch.ones(rows, 2), torch.ones(rows))
+    assert e.value.field == "aggregate.cloud_rule" and e.value.value == name
+    assert e.value.allowed == (
+        f"{name} needs {condition} updates per aggregation, got n={rows} with f={f}; "
+        "sample more clients per edge or lower f"
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_factory_defaults_behave_as_the_config_defaults(name, seed):
+    """``FACTORIES[name]()`` (Python, no options) aggregates exactly as the rule the config
+    builds from ``edge_rule: <name>`` (every option at the config's default)."""
+    from fedtier.config import from_dict
+    from fedtier.privacy import NoiseKey
+
+    spec = from_dict({"aggregate": {"edge_rule": name}}).aggregate.edge_rule
+    key = NoiseKey(seed=seed, round=1)
+    extra = {"key": key} if name == "dp-mean" else {}
+    u, w = float_problems(seed, 12, 5)
+    u = u * torch.linspace(0.2, 3.0, 12)[:, None]  # norms on both sides of 1
+    ours = FACTORIES[name](**extra)(u, w)
+    theirs = build_rule(name, spec.options(), "x", key=key)(u, w)
+    assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1]
+    assert (ours[2] is None and theirs[2] is None) or torch.equal(ours[2], theirs[2])
+
+
+def test_factory_minimum_rows_with_the_default_f_of_one():
+    # f = 1 by default: median and trimmed mean need n > 2, Krum n > 4, Bulyan n >= 7
+    for name, n in (("median", 3), ("trimmed-mean", 3), ("krum", 5), ("bulyan", 7)):
+        u = torch.arange(float(n * 2)).reshape(n, 2)
+        out, _, _ = FACTORIES[name]()(u, torch.ones(n))
+        assert out.shape == (2,)
+        with pytest.raises(FedtierError, match=f"got n={n - 1} with f=1"):
+            FACTORIES[name]()(u[: n - 1], torch.ones(n - 1))
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("norm-bound", {"max_norm": 0.0}, "max_norm must be positive, got 0.0"),
+        ("dp-mean", {"clip": 0.0}, "clip must be a positive number, got 0.0"),
+        ("dp-mean", {"noise": -1.0}, "noise must be a number >= 0 (z = σ / C), got -1.0"),
+    ],
+)
+def test_bad_rule_option_says_which_and_what_is_allowed(name, options, message):
+    with pytest.raises(ValueError) as e:
+        FACTORIES[name](**options)
+    assert str(e.value) == message
+    with pytest.raises(ConfigError, match="aggregate.edge_rule"):
+        build_rule(name, options, "aggregate.edge_rule")
+
+
+def test_bad_rule_option_expected_rows_must_be_positive():
+    from fedtier.privacy import NoiseKey
+
+    with pytest.raises(ValueError, match=r"^expected_rows must be positive, got 0.0$"):
+        FACTORIES["dp-mean"](key=NoiseKey(expected_rows=0.0))
+    FACTORIES["norm-bound"](max_norm=1e-9)
+    FACTORIES["dp-mean"](noise=0.0)

@@ -37,3 +37,24 @@ def test_deployment_uses_nearest_precision_statistics():
 def test_models_without_bit_stats_are_unchanged():
     model = _net()
     assert stat_bits(model) == [] and nearest_stats(model, 4) is None
+
+
+def test_adding_bit_statistics_again_keeps_the_ones_learnt():
+    model = _net().train()
+    add_bit_stats(model, [4])
+    forward_quantized(model, torch.randn(16, 4) * 3 + 1, QuantSpec(), 4)
+    learnt = model[1].running_mean_q4.clone()
+    assert not torch.equal(learnt, model[1].running_mean)
+    add_bit_stats(model, [4, 2])  # e.g. a resumed run re-declares its bit set
+    assert torch.equal(model[1].running_mean_q4, learnt)
+    assert torch.equal(model[1].running_mean_q2, model[1].running_mean)
+    assert stat_bits(model) == [2, 4]
+
+
+def test_root_batchnorm_uses_its_own_bit_statistics():
+    # a model that is itself a BatchNorm: its buffers are "running_mean", with no prefix
+    model = nn.BatchNorm1d(3).train()
+    add_bit_stats(model, [4])
+    forward_quantized(model, torch.randn(8, 3) + 2, QuantSpec(), 4)
+    assert not torch.equal(model.running_mean_q4, torch.zeros(3))
+    assert torch.equal(model.running_mean, torch.zeros(3))

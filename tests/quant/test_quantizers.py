@@ -117,3 +117,54 @@ def test_forward_quantized_equals_quantized_copy_and_sends_gradient_to_fp32_weig
     torch.testing.assert_close(out, quantize_copy(model, spec, 4).eval()(x))
     out.sum().backward()
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+def test_affine_clips_the_top_code_when_both_ends_round_up():
+    # [-1.5, 1.5] at 2 bits: scale 1, zero point round(1.5) = 2, and 1.5 rounds (half to even)
+    # to 2, code 4 > 3: the top value lands on the top level (1.0), as torch's kernel does
+    w = torch.tensor([-1.5, -0.2, 0.6, 1.5])
+    ref = torch.fake_quantize_per_tensor_affine(w, 1.0, 2, 0, 3)
+    torch.testing.assert_close(get_quantizer("affine")(w, 2), ref)
+    assert float(get_quantizer("affine")(w, 2).max()) == 1.0
+
+
+def test_full_precision_is_the_tensor_and_the_model_themselves():
+    from fedtier.quant import quantized_view
+
+    w = torch.randn(4, requires_grad=True)
+    assert ste(w, paper_quantize, 32) is w
+    model = _net()
+    assert quantized_view(model, QuantSpec(), 32) is model
+    assert quantized_view(model, QuantSpec(), 8) is not model
+
+
+class _Scaled(nn.Module):
+    """A model whose forward takes a keyword input, like a denoiser's timestep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, *, scale=1.0):
+        return self.lin(x) * scale
+
+
+def test_the_quantized_view_passes_keyword_inputs_through():
+    from fedtier.quant import quantized_view
+
+    torch.manual_seed(0)
+    model = _Scaled()
+    x = torch.randn(4, 3)
+    view = quantized_view(model, QuantSpec("affine"), 4)
+    ref = quantize_copy(model, QuantSpec("affine"), 4)
+    torch.testing.assert_close(view(x, scale=3.0), ref(x, scale=3.0))
+    torch.testing.assert_close(view(x, scale=3.0), 3 * view(x))
+
+
+def test_unknown_quantizer_message_names_the_kind_and_the_close_name():
+    with pytest.raises(UnknownNameError) as e:
+        get_quantizer("afine")
+    assert str(e.value) == (
+        "unknown quantizer 'afine'. Known quantizers: affine, affine-channel, paper. "
+        "Did you mean 'affine'?"
+    )
