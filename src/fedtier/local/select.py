@@ -34,6 +34,8 @@ def choose_executor(setup: ArmSetup) -> tuple[str, str]:
     # and Ray executors run the sequential executor's loop
     if reason is not None and reason != not_sgd(setup):
         return "sequential", reason
+    if wanted == "vectorised":
+        return "vectorised", "train.executor is 'vectorised'"
     if wanted in ("processes", "ray"):
         return wanted, f"train.executor is '{wanted}'"
     if reason is not None and not is_compute_bound(setup.model):
