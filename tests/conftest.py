@@ -1,3 +1,4 @@
+import os
 import signal
 
 import pytest
@@ -7,6 +8,9 @@ from torch import nn
 from fedtier.config import from_dict
 
 torch.set_num_threads(1)
+# the CLI runs arms side by side by default ("auto"); tests run them one at a time unless a
+# test asks for more (tests/test_side_by_side.py), so each test starts no arm processes
+os.environ.setdefault("FEDTIER_JOBS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the killed or interrupted run in DIR from its last checkpoint",
     )
+    run.add_argument(
+        "--jobs",
+        default="auto",
+        metavar="N",
+        help="arms run at once, each in its own process (default auto: one per core, or "
+        "$FEDTIER_JOBS); the numbers are those of one arm at a time",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pre = sub.add_parser(
         "pretrain", help="build (or find in the cache) the pretrained model of a config"
@@ -87,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         resume=args.resume is not None,
+        jobs=args.jobs,
     )
     print("\n" + console_report(summary))
     print(f"\nresults in {out}/ (report.md, summary.json, metrics.jsonl, plots, models/)")

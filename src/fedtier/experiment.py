@@ -8,6 +8,8 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from fedtier.gan_experiment import (
     run_gan_arm,
 )
 from fedtier.local.arm import ArmSetup
+from fedtier.local.parallel import available_workers
 from fedtier.local.select import close_executor, select_executor
 from fedtier.models import build_model
 from fedtier.pretrain import Pretrained, ensure_pretrained, pretrained_path
@@ -58,6 +61,7 @@ from fedtier.security import (
     sampling_security,
 )
 from fedtier.seeding import numpy_rng
+from fedtier.side_by_side import ArmProcesses, resolve_jobs
 from fedtier.state import StateLayout, all_of, keep_batchnorm_local, upload_everything
 from fedtier.tasks import (
     AutoencoderTask,
@@ -387,6 +391,7 @@ def run_experiment(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    jobs: int | str = 1,
 ) -> dict[str, Any]:
     """Run every arm of ``cfg`` into the new run directory ``out``; returns the summary (also
     in summary.json).
@@ -400,11 +405,15 @@ def run_experiment(
     With ``resume`` the run continues from ``out``'s checkpoint (arms already finished are
     kept, the arm in progress continues from its last checkpointed evaluation) and gives the
     summary and final models an uninterrupted run gives.
+
+    ``jobs`` arms run at once, each in a process of its own (:func:`run_side_by_side`; the
+    same numbers as one at a time); ``"auto"``: one per core, or ``$FEDTIER_JOBS``.
     """
     arms = {name: gan_arm_config(acfg) for name, acfg in cfg.arm_configs().items()}
     for acfg in arms.values():
         check_gan_arm(acfg)
         check_rule_config(acfg)  # robust rules' preconditions on the row counts, before training
+    resolve_jobs(jobs, len(arms))  # a bad value fails before anything is written
     checkpoint = load_checkpoint(out) if resume else None
     if checkpoint is not None and checkpoint["config"] != to_dict(cfg):
         raise FedtierError(
@@ -448,53 +457,67 @@ def run_experiment(
     siblings = shared_prefixes(arms)
     donors = {donor: rounds for donor, rounds in siblings.values()}
     prefixes: dict[str, dict[str, Any]] = {}  # donor → its state and records after the prefix
+
+    def save(arm_progress: dict[str, Any] | None, arm: str | None) -> None:
+        save_checkpoint(
+            out,
+            {
+                "config": to_dict(cfg),
+                "arms_done": dict(summary["arms"]),
+                "target_bits": summary.get("target_bits"),
+                "arm": arm,
+                "progress": arm_progress,
+                "metrics_lines": writer.lines,
+            },
+        )
+
+    def start(arm: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None] | None:
+        """(progress, shared records) the arm starts from; None while it waits for its
+        donor's prefix (side by side only)."""
+        if resumed is not None and resumed["arm"] == arm:
+            return resumed["progress"], None
+        donor = siblings.get(arm, ("", 0))[0]
+        if donor in prefixes:
+            shared = prefixes[donor]
+            return sibling_progress(shared, arms[donor], arm, arms[arm]), shared["records"]
+        if donor in todo and donor not in summary["arms"] and donor not in finished:
+            return None  # the donor is still before its prefix
+        return {}, None  # from the first round
+
+    todo = [a for a in arms if a not in summary["arms"]]
+    finished: set[str] = set()
+    workers = resolve_jobs(jobs, len(todo))
     try:
-        for current, acfg in arms.items():
-            if current in summary["arms"]:
-                continue
-            from_checkpoint = (
-                resumed["progress"] if resumed is not None and resumed["arm"] == current else None
-            )
-            shared = None
-            if from_checkpoint is None and siblings.get(current, ("", 0))[0] in prefixes:
-                donor = siblings[current][0]
-                shared = prefixes[donor]
-                from_checkpoint = sibling_progress(shared, arms[donor], current, acfg)
+        if workers > 1:
+            together = Together(arms, out, writer, bar, summary, rounds_done, save, start)
+            run_side_by_side(together, todo, workers, siblings, prefixes, finished)
+        for current in todo if workers == 1 else []:
+            begin = start(current)
+            assert begin is not None  # one arm at a time: a donor ran before its siblings
+            from_checkpoint = begin[0] or None
             rounds_done[current] = from_checkpoint["state"]["round"] if from_checkpoint else 0
-
-            def save(arm_progress: dict[str, Any] | None, arm: str = current) -> None:
-                save_checkpoint(
-                    out,
-                    {
-                        "config": to_dict(cfg),
-                        "arms_done": dict(summary["arms"]),
-                        "target_bits": summary.get("target_bits"),
-                        "arm": arm,
-                        "progress": arm_progress,
-                        "metrics_lines": writer.lines,
-                    },
-                )
-
-            key = (acfg.data.dataset, acfg.data.root)
+            key = (arms[current].data.dataset, arms[current].data.root)
             entry = run_arm(
                 current,
-                acfg,
+                arms[current],
                 data[key],
                 writer,
                 bar,
                 rounds_done,
-                save,
+                partial(save, arm=current),
                 from_checkpoint,
                 share_at=donors.get(current) if from_checkpoint is None else None,
                 prefixes=prefixes,
-                shared_records=None if shared is None else shared["records"],
+                shared_records=begin[1],
             )
             summary["arms"][current] = entry
             summary["target_bits"] = entry["target_bits"]
-            save(None)  # the arm is done
+            save(None, current)  # the arm is done
         summary["complete"] = True
     except BaseException as e:
         summary["complete"] = False
+        if workers > 1:  # the first arm not finished: the one whose records are in order
+            current = next((a for a in todo if a not in summary["arms"] and a in rounds_done), None)
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error: {e}"
         summary["stopped"] = _stopped(arms, current, rounds_done, reason, writer, summary)
         raise
@@ -502,6 +525,149 @@ def run_experiment(
         bar.close()
         writer.finish(summary)
     return summary
+
+
+@dataclass
+class Together:
+    """What arms run side by side share with the run (see :func:`run_side_by_side`)."""
+
+    arms: dict[str, Config]
+    out: Path
+    writer: RunWriter
+    bar: tqdm
+    summary: dict[str, Any]
+    rounds_done: dict[str, int]
+    save: Callable[[dict[str, Any] | None, str | None], None]
+    start: Callable[[str], tuple[dict[str, Any] | None, list[dict[str, Any]] | None] | None]
+
+
+def run_side_by_side(
+    run: Together,
+    todo: list[str],
+    workers: int,
+    siblings: dict[str, tuple[str, int]],
+    prefixes: dict[str, dict[str, Any]],
+    finished: set[str],
+) -> None:
+    """Run the arms ``todo`` in up to ``workers`` processes at once (:mod:`fedtier.side_by_side`),
+    each as :func:`run_arm` runs it alone, so the numbers are a one-at-a-time run's.
+
+    metrics.jsonl gets the arms' records in the config's arm order: the first unfinished
+    arm's as they come, the others' when every arm before them is done (and, if the run
+    stops, all that arrived). The checkpoint follows that order: it holds the arms done and
+    the first unfinished arm's last checkpointed state, so ``--resume`` continues that arm
+    and reruns the others from their start. An arm that shares its first rounds with a donor
+    arm starts when the donor has run them."""
+    procs = ArmProcesses()
+    shared = {arm: rounds for arm, (_, rounds) in siblings.items()}
+    donors = {donor: rounds for donor, rounds in siblings.values()}
+    pending = sorted(todo, key=lambda arm: -expected_work(run.arms[arm], shared.get(arm, 0)))
+    threads = max(1, min(torch.get_num_threads(), available_workers() // workers))
+    logging.getLogger("fedtier").info(
+        "%d arms at once, each in its own process with %d thread(s) (--jobs; the numbers "
+        "are those of one arm at a time)",
+        workers,
+        threads,
+    )
+    held: dict[str, list[dict[str, Any]]] = {arm: [] for arm in todo}  # records not written
+    entries: dict[str, dict[str, Any]] = {}
+    order = iter(todo)
+    head = next(order, None)
+
+    def launch() -> None:
+        for arm in list(pending):
+            if len(procs.running) >= workers:
+                return
+            begin = run.start(arm)
+            if begin is None:
+                continue  # its donor has not run the shared rounds yet
+            pending.remove(arm)
+            progress = begin[0] or None
+            run.rounds_done[arm] = progress["state"]["round"] if progress else 0
+            share_at = donors.get(arm) if progress is None else None
+            args = (run.arms[arm], progress, share_at, begin[1])
+            procs.start(arm, arm_job, args, run.out, threads)
+
+    try:
+        launch()
+        for kind, arm, payload in procs.messages():
+            if kind == "log":
+                (run.writer.log if arm == head else held[arm].append)(payload)
+            elif kind == "round":
+                run.rounds_done[arm] = run.rounds_done.get(arm, 0) + payload
+                run.bar.update(payload)
+            elif kind == "postfix":
+                run.bar.set_postfix(payload)
+            elif kind == "checkpoint" and arm == head:
+                run.save(payload, arm)
+            elif kind == "prefix":
+                prefixes[arm] = payload
+            elif kind == "done":
+                entries[arm] = payload
+                finished.add(arm)
+                while head is not None and head in entries:  # arms done, in order
+                    run.summary["arms"][head] = entries[head]
+                    run.summary["target_bits"] = entries[head]["target_bits"]
+                    run.save(None, head)
+                    head = next(order, None)
+                    for record in held.pop(head, []) if head is not None else []:
+                        run.writer.log(record)
+            elif kind == "user-error":
+                raise FedtierError(f"arm '{arm}': {payload}")
+            elif kind == "error":
+                raise RuntimeError(f"arm '{arm}' failed in its process:\n{payload}")
+            elif kind == "interrupted":
+                raise KeyboardInterrupt
+            launch()
+    finally:
+        procs.stop()
+        for records in held.values():  # what the arms still running had computed
+            for record in records:
+                run.writer.log(record)
+
+
+def expected_work(cfg: Config, from_round: int = 0) -> float:
+    """A rough relative cost of an arm that starts at round ``from_round``, to order the arms
+    side by side: its rounds (each the honest clients' training and one pass per screen),
+    plus each attacking round weighted by the attackers' local epochs relative to the honest
+    clients' (their solver dominates an attack arm). Only the order matters."""
+    rounds = cfg.train.rounds - from_round
+    work = rounds * (1.0 + len(cfg.defenses))
+    a = cfg.attack
+    if isinstance(a, Attacker):
+        attacking = cfg.train.rounds - max(a.start_round, from_round)
+        epochs = getattr(a, "epochs", None) or cfg.train.epochs
+        work += max(attacking, 0) * epochs / cfg.train.epochs
+    return work
+
+
+def arm_job(
+    arm: str,
+    cfg: Config,
+    progress: dict[str, Any] | None,
+    share_at: int | None,
+    shared_records: list[dict[str, Any]] | None,
+    *,
+    writer: Any,
+    bar: Any,
+    save: Callable[[dict[str, Any] | None], None],
+    prefixes: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """One arm in its own process (:func:`run_side_by_side`): its data, then :func:`run_arm`."""
+    data = load_arm_data({arm: cfg})[(cfg.data.dataset, cfg.data.root)]
+    return run_arm(
+        arm,
+        cfg,
+        data,
+        writer,
+        bar,
+        None,
+        save,
+        progress,
+        share_at=share_at,
+        prefixes=prefixes,
+        shared_records=shared_records,
+    )
 
 
 def _stopped(
@@ -512,21 +678,29 @@ def _stopped(
     writer: RunWriter,
     summary: dict[str, Any],
 ) -> dict[str, Any]:
-    """Where a run stopped; the stopped arm's last evaluation (if any) joins summary["arms"]
-    so the tables show what the plot of metrics.jsonl shows."""
-    stop: dict[str, Any] = {"reason": reason, "not_run": list(arms)[len(rounds_done) :]}
-    if arm is None or arm in summary["arms"]:
+    """Where a run stopped; the last evaluation (if any) of each arm stopped on the way joins
+    summary["arms"] so the tables show what the plot of metrics.jsonl shows. ``arm`` is the
+    stopped arm named first (arms side by side may stop several; all are under "running")."""
+    stop: dict[str, Any] = {"reason": reason, "not_run": [a for a in arms if a not in rounds_done]}
+    started = [a for a in arms if a in rounds_done and a not in summary["arms"]]
+    if not started:
         return stop
     records, _ = read_run(writer.out)
-    partial = summary_from([r for r in records if r.get("arm") == arm])["arms"].get(arm)
-    if partial is not None:
-        summary["arms"][arm] = {**partial, "complete": False}
-    stop.update(
-        arm=arm,
-        rounds_done=rounds_done.get(arm, 0),
-        rounds=arms[arm].train.rounds,
-        last_evaluation=None if partial is None else partial["rounds"],
-    )
+    partials = summary_from([r for r in records if r.get("arm") in started])["arms"]
+    where: dict[str, dict[str, Any]] = {}
+    for a in started:
+        partial = partials.get(a)
+        if partial is not None:
+            summary["arms"][a] = {**partial, "complete": False}
+        where[a] = {
+            "rounds_done": rounds_done.get(a, 0),
+            "rounds": arms[a].train.rounds,
+            "last_evaluation": None if partial is None else partial["rounds"],
+        }
+    first = arm if arm in where else started[0]
+    stop.update(arm=first, **where[first])
+    if len(where) > 1:
+        stop["running"] = where
     return stop
 
 

@@ -66,6 +66,9 @@ def _init_worker(context: JobContext) -> None:
     # Ctrl-C reaches the whole process group: only the parent handles it (and terminates the
     # pool); a worker dying of KeyboardInterrupt would print its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the pool stops its workers by SIGTERM: die of it quietly, whatever the parent does
+    # with it (an arm process side by side turns it into Ctrl-C for its own clean-up)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     # The worker's own working model. Under spawn the context arrives through torch's
     # pickler, which passes tensors as shared memory: the parameters would be the parent's
