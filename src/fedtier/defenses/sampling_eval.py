@@ -514,6 +514,7 @@ def plot_auroc_by_step(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.0, 3.4))
     for trigger, values in by_step.items():
@@ -522,12 +523,13 @@ def plot_auroc_by_step(
     ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
     ax.axvline(shared, color="black", lw=0.8, ls="--", label=f"t = {shared}")
     ax.set_xlim(0.5, steps + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("k: DDIM steps run by the edge")
     ax.set_ylabel("AUROC of d (triggered vs clean)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
