@@ -12,6 +12,8 @@ import torch
 from fedtier.defenses.sampling import (
     DETECTORS,
     Reference,
+    auroc,
+    best_tpr,
     check_detector,
     detect,
     rates,
@@ -144,3 +146,45 @@ def test_all_threshold_splits_are_enumerated() -> None:
         if u.any() and not u.all() and d[~u].max() < d[u].min():
             want.add(tuple(u))
     assert got == want
+
+
+def _pairwise_auroc(clean: np.ndarray, trig: np.ndarray) -> float:
+    """P(s_trig > s_clean) + ½ P(tie), counted over every pair."""
+    wins = sum((t > c) + 0.5 * (t == c) for t in trig for c in clean)
+    return float(wins) / (len(clean) * len(trig))
+
+
+def test_auroc_is_the_pairwise_count_with_ties_at_one_half() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        clean = rng.integers(0, 6, int(rng.integers(1, 9))).astype(float)  # many ties
+        trig = rng.integers(0, 8, int(rng.integers(1, 9))).astype(float)
+        assert auroc(clean, trig) == pytest.approx(_pairwise_auroc(clean, trig), abs=1e-12)
+    assert auroc(np.array([1.0, 2.0]), np.array([3.0])) == 1.0
+    assert auroc(np.array([3.0]), np.array([1.0, 2.0])) == 0.0  # triggered score lower
+    assert auroc(np.array([2.0]), np.array([2.0])) == 0.5
+    with pytest.raises(ValueError, match="at least one"):
+        auroc(np.array([]), np.array([1.0]))
+
+
+def _brute_best_tpr(clean: np.ndarray, trig: np.ndarray, max_fpr: float) -> float:
+    """Try every threshold θ (each value, and above all): flag s ≥ θ."""
+    best = 0.0
+    for theta in [*np.unique(np.r_[clean, trig]), np.inf]:
+        if (clean >= theta).mean() <= max_fpr:
+            best = max(best, float((trig >= theta).mean()))
+    return best
+
+
+def test_best_tpr_is_the_best_threshold_within_the_fpr() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        clean = rng.integers(0, 9, int(rng.integers(1, 25))).astype(float)
+        trig = rng.integers(2, 12, int(rng.integers(1, 12))).astype(float)
+        for max_fpr in (0.0, 0.05, 0.2, 0.5):
+            want = _brute_best_tpr(clean, trig, max_fpr)
+            assert best_tpr(clean, trig, max_fpr) == pytest.approx(want, abs=1e-12)
+    # 20 clean, one of them above every triggered input: at FPR ≤ 5% all triggered are caught
+    clean = np.r_[np.arange(19.0), 100.0]
+    assert best_tpr(clean, np.array([50.0, 60.0]), 0.05) == 1.0
+    assert best_tpr(clean, np.array([50.0, 60.0]), 0.0) == 0.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedtier.attacks.baddiffusion import target_image, visible_noise
+from fedtier.attacks.baddiffusion import stealthy_noise, target_image, visible_noise
 from fedtier.defenses.sampling import step_distance
 from fedtier.defenses.sampling_eval import DetectionSettings, evaluate_detection, input_noise
 
@@ -83,9 +83,24 @@ def test_distances_are_those_of_the_sampler(oracle_result):  # type: ignore[no-u
 
     auroc = roc_auc_score(np.r_[np.zeros(60), np.ones(40)], np.r_[dc, d])
     assert out["auroc"]["visible"] == pytest.approx(auroc)
-    # the per-step AUROC, step by step, agrees with the one-call distance at k = t
+    # the per-step AUROC, from the one step-by-step pass, at every k: the sampler run k steps
+    # in one call, and the AUROC counted over all pairs (ties one half)
     per_step = out["auroc_by_step"]["visible"]
     assert len(per_step) == STEPS and per_step[SHARED - 1] == pytest.approx(auroc)
+    stealthy = stealthy_noise(eps, r)
+    for k in (1, 2, 5, 9, STEPS):
+        dk_clean = step_distance(clean, sampler(clean, 0, k, False)).numpy()
+        for trig, x_T in (("visible", x), ("stealthy", stealthy)):
+            dk = step_distance(x_T, sampler(x_T, 0, k, False)).numpy()
+            wins = (dk[:, None] > dk_clean[None, :]) + 0.5 * (dk[:, None] == dk_clean[None, :])
+            assert out["auroc_by_step"][trig][k - 1] == pytest.approx(wins.mean(), abs=1e-12)
+            # the ceiling: the best threshold on d (either side) at FPR ≤ 5%, tried one by one
+            best = 0.0
+            for sign in (1.0, -1.0):
+                for theta in [*np.unique(sign * np.r_[dk_clean, dk]), np.inf]:
+                    if (sign * dk_clean >= theta).mean() <= 0.05:
+                        best = max(best, float((sign * dk >= theta).mean()))
+            assert out["best_tpr_by_step"][trig][k - 1] == pytest.approx(best, abs=1e-12)
 
 
 def test_reject_and_replace_leave_exactly_the_missed_triggers(oracle_result):  # type: ignore[no-untyped-def]

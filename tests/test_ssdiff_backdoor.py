@@ -61,6 +61,16 @@ def test_preset_runs_both_arms_and_reports_every_table(tmp_path, monkeypatch, ca
         for kind in ("clean", "visible", "stealthy"):
             png = tmp_path / "run" / "plots" / f"triggered-{arm}-{kind}.png"
             assert png.is_file() and f"plots/{png.name}" in report
+        png = tmp_path / "run" / "plots" / f"auroc-by-step-{arm}.png"  # AUROC against k
+        assert png.is_file() and f"plots/{png.name}" in report
+    # the AUROC after every k = 1 … S = 3, one row per k, the edge's t = 1 marked
+    for det in (bad, clean):
+        assert [len(det["auroc_by_step"][t]) for t in ("visible", "stealthy")] == [3, 3]
+        assert det["auroc_by_step"]["visible"][0] == det["auroc"]["visible"]
+    rows = [
+        line for line in report.splitlines() if line.startswith(("| 1 (t) |", "| 2 |", "| 3 |"))
+    ]
+    assert len(rows) == 3 and all(line.count("|") == 6 for line in rows)
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,11 @@ from fedtier.config import (
 from fedtier.data import ArrayDataset, select_classes
 from fedtier.defenses import compose, global_clip, server_noise
 from fedtier.defenses.qcheck import quant_consistency
-from fedtier.defenses.sampling_eval import DetectionSettings, evaluate_detection
+from fedtier.defenses.sampling_eval import (
+    DetectionSettings,
+    evaluate_detection,
+    plot_auroc_by_step,
+)
 from fedtier.local.arm import ArmSetup
 from fedtier.privacy import dp_epsilon, dp_mechanism, round_noise
 from fedtier.privacy.inversion import infer_label, invert, match_images, psnr, sgd_update, ssim
@@ -330,11 +334,22 @@ def sampling_security(
 
     def grid(kind: str, images: torch.Tensor) -> None:
         if plots is not None and len(images):
-            safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in arm)
-            path = sample_grid(images[:64], plots / f"triggered-{safe}-{kind}.png", 8, scale=4)
+            path = sample_grid(
+                images[:64], plots / f"triggered-{_safe(arm)}-{kind}.png", 8, scale=4
+            )
             grids[kind] = path.name
 
     out = evaluate_detection(sampler, r, y, settings, cfg.seed, score, progress, grid)
     out["malicious"] = len(malicious_clients(cfg))
     out["grids"] = grids
+    if plots is not None:
+        kind = "backdoored" if out["malicious"] else "never poisoned"
+        path = plots / f"auroc-by-step-{_safe(arm)}.png"
+        plot_auroc_by_step(out["auroc_by_step"], settings.shared, path, f"{arm} ({kind})")
+        out["auroc_plot"] = path.name
     return out
+
+
+def _safe(arm: str) -> str:
+    """An arm's name made safe for a file name (as in ``plots/``)."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in arm)

@@ -128,6 +128,36 @@ def chi2_flags(x_T: torch.Tensor, alpha: float) -> np.ndarray:
     return chi2_pvalue(x_T) < alpha
 
 
+def auroc(clean: np.ndarray, triggered: np.ndarray) -> float:
+    """How well a score separates triggered inputs [N_t] from clean ones [N_c]: the area under
+    the ROC curve of "triggered" against the score, P(s_trig > s_clean) + ½ P(s_trig =
+    s_clean) over all pairs (the Mann–Whitney U statistic / (N_c · N_t); scikit-learn's
+    ``roc_auc_score``). 0.5 is chance; below 0.5 the triggered inputs score *lower*."""
+    from sklearn.metrics import roc_auc_score
+
+    clean, triggered = np.asarray(clean, np.float64), np.asarray(triggered, np.float64)
+    if len(clean) == 0 or len(triggered) == 0:
+        raise ValueError("an AUROC needs at least one clean and one triggered input")
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(triggered))]
+    return float(roc_auc_score(labels, np.r_[clean, triggered]))
+
+
+def best_tpr(clean: np.ndarray, triggered: np.ndarray, max_fpr: float) -> float:
+    """The largest TPR of any threshold rule "flag s ≥ θ" whose FPR on these clean inputs
+    [N_c] is ≤ ``max_fpr``, over the triggered inputs [N_t] (the best point of the ROC curve,
+    scikit-learn's ``roc_curve`` with every threshold kept). θ is chosen with the labels,
+    which no edge has: the ceiling of every detector that flags this score above a fixed
+    threshold."""
+    from sklearn.metrics import roc_curve
+
+    clean, triggered = np.asarray(clean, np.float64), np.asarray(triggered, np.float64)
+    if len(clean) == 0 or len(triggered) == 0:
+        raise ValueError("a TPR at an FPR needs at least one clean and one triggered input")
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(triggered))]
+    fpr, tpr, _ = roc_curve(labels, np.r_[clean, triggered], drop_intermediate=False)
+    return float(tpr[fpr <= max_fpr].max())  # the first point (θ = ∞: nothing flagged) is 0, 0
+
+
 def rates(flags: np.ndarray, triggered: np.ndarray) -> dict[str, float]:
     """TPR (flagged share of the triggered inputs) and FPR (of the clean ones); NaN for a
     group that is empty."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,8 @@ from fedtier.defenses.sampling import (
     DETECTORS,
     RESPONSES,
     Reference,
+    auroc,
+    best_tpr,
     chi2_flags,
     detect,
     rates,
@@ -49,6 +52,7 @@ Sampler = Callable[[torch.Tensor, int, int, bool], torch.Tensor]
 TRIGGERS = ("visible", "stealthy")
 BASELINE = "chi2"  # the no-sampling baseline's row name
 CHUNK = 256  # inputs per sampler call
+CEILING_FPR = 0.05  # the issue's FPR bound: the best TPR any fixed threshold on d gets within it
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ def _evaluate(
         "distance": {"clean": _stats(clean.d), "reference": _stats(ref.d)},
         "auroc": {},
         "auroc_by_step": {},
+        "best_tpr_by_step": {},  # best TPR of a label-chosen threshold on d at FPR ≤ 5%
         "rates": {},
         "unguarded_fpr": {},
         "no_defense": {},
@@ -191,13 +196,13 @@ def _evaluate(
     detectors = (*s.detectors, BASELINE)
     for name, pool in triggers.items():
         out["distance"][name] = _stats(pool.d)
-        from sklearn.metrics import roc_auc_score
-
-        labels = np.r_[np.zeros(len(clean.d)), np.ones(len(pool.d))]
-        out["auroc"][name] = float(roc_auc_score(labels, np.r_[clean.d, pool.d]))
+        out["auroc"][name] = auroc(clean.d, pool.d)
         assert clean.by_step is not None and pool.by_step is not None
-        out["auroc_by_step"][name] = [
-            float(roc_auc_score(labels, np.r_[c, p])) for c, p in zip(clean.by_step, pool.by_step)
+        # from the one pass over all S steps: what the edge would see had it run k steps
+        out["auroc_by_step"][name] = [auroc(c, p) for c, p in zip(clean.by_step, pool.by_step)]
+        out["best_tpr_by_step"][name] = [  # flagging the larger or the smaller d
+            max(best_tpr(c, p, CEILING_FPR), best_tpr(-c, -p, CEILING_FPR))
+            for c, p in zip(clean.by_step, pool.by_step)
         ]
         out["rates"][name] = {
             det: {
@@ -428,18 +433,31 @@ def detection_tables(arms: dict[str, dict[str, Any]]) -> str:
             )
     by_step = {n: r["auroc_by_step"] for n, r in runs.items() if r.get("auroc_by_step")}
     if by_step:
-        ks = sorted({1, 2, st["shared"], st["steps"] // 2, 3 * st["steps"] // 4, st["steps"]} - {0})
+        cols_k = [(n, t) for n, per in by_step.items() for t in per]
+        ceiling = {n: r.get("best_tpr_by_step", {}) for n, r in runs.items()}
         lines += [
             "",
-            "AUROC of d after k of the S steps (what the edge would see had it run k steps):",
+            "AUROC of d after k of the S steps, every k (what the edge would see had it run k "
+            "steps; one sampling pass records them all; 0.5 is chance, below 0.5 the triggered "
+            "inputs move *less*) / the best TPR (%) that any fixed threshold on d reaches at "
+            f"FPR ≤ {CEILING_FPR:.0%} over all the pools' inputs (either side; the threshold "
+            "chosen with the labels, which no edge has: a ceiling for every detector that "
+            "thresholds d):",
             "",
-            "| model | trigger | " + " | ".join(f"k = {k}" for k in ks) + " |",
-            "|---|---|" + "---|" * len(ks),
+            "| k | " + " | ".join(f"{label(n)}, {t}" for n, t in cols_k) + " |",
+            "|---|" + "---|" * len(cols_k),
         ]
-        for n, per in by_step.items():
-            for t, values in per.items():
-                row = " | ".join(f"{values[k - 1]:.3f}" for k in ks)
-                lines.append(f"| {label(n)} | {t} | {row} |")
+        for k in range(1, st["steps"] + 1):
+            mark = f"{k} (t)" if k == st["shared"] else str(k)
+            cells = []
+            for n, t in cols_k:
+                best = ceiling[n].get(t)
+                tail = "" if best is None else f" / {_pct(best[k - 1])}"
+                cells.append(f"{by_step[n][t][k - 1]:.3f}{tail}")
+            lines.append(f"| {mark} | " + " | ".join(cells) + " |")
+        plots = [(n, r["auroc_plot"]) for n, r in runs.items() if r.get("auroc_plot")]
+        if plots:
+            lines += [""] + [f"![AUROC of d against k, {label(n)}](plots/{g})" for n, g in plots]
     lines += [
         "",
         f"Attack without defense (ASR: share of triggered samples with MSE ≤ "
@@ -485,3 +503,35 @@ def detection_tables(arms: dict[str, dict[str, Any]]) -> str:
         lines += ["", "Samples without defense (64 per input kind):", ""]
         lines += [f"![{name}](plots/{g})" for name, g in grids]
     return "\n".join(lines) + "\n"
+
+
+def plot_auroc_by_step(
+    by_step: dict[str, list[float]], shared: int, path: Path, title: str
+) -> Path:
+    """AUROC of d after k = 1 … S steps (``by_step``: trigger → [S]), one line per trigger,
+    the edge's t marked and chance (0.5) drawn → ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for trigger, values in by_step.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=trigger)
+    steps = max((len(v) for v in by_step.values()), default=1)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+    ax.axvline(shared, color="black", lw=0.8, ls="--", label=f"t = {shared}")
+    ax.set_xlim(0.5, steps + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("k: DDIM steps run by the edge")
+    ax.set_ylabel("AUROC of d (triggered vs clean)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
