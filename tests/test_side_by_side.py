@@ -223,3 +223,18 @@ def test_ctrl_c_side_by_side_stops_every_arm_cleanly(tmp_path):
         assert (
             summary["arms"][arm]["rounds"] == stop["running"][arm]["last_evaluation"] == evals[-1]
         )
+
+
+def test_arms_on_ray_run_one_at_a_time(caplog, monkeypatch):
+    import logging
+
+    from fedtier.experiment import arms_at_once
+
+    monkeypatch.setattr(logging.getLogger("fedtier"), "propagate", True)  # the CLI's is off
+
+    plain = tiny_config()
+    on_ray = tiny_config(**{"train.executor": "ray"})
+    assert arms_at_once(2, [plain, plain, plain]) == 2
+    with caplog.at_level("INFO", logger="fedtier"):
+        assert arms_at_once(2, [plain, on_ray]) == 1
+    assert "train.executor 'ray'" in caplog.text

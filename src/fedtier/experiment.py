@@ -486,7 +486,7 @@ def run_experiment(
 
     todo = [a for a in arms if a not in summary["arms"]]
     finished: set[str] = set()
-    workers = resolve_jobs(jobs, len(todo))
+    workers = arms_at_once(jobs, [arms[a] for a in todo])
     try:
         if workers > 1:
             together = Together(arms, out, writer, bar, summary, rounds_done, save, start)
@@ -525,6 +525,20 @@ def run_experiment(
         bar.close()
         writer.finish(summary)
     return summary
+
+
+def arms_at_once(jobs: int | str, todo: list[Config]) -> int:
+    """How many of the arms ``todo`` run side by side (:func:`fedtier.side_by_side.resolve_jobs`);
+    one at a time when an arm trains on Ray, which spreads each arm over the cluster already
+    (and two arm processes would each start a local Ray)."""
+    workers = resolve_jobs(jobs, len(todo))
+    if workers > 1 and any(a.train.executor == "ray" for a in todo):
+        logging.getLogger("fedtier").info(
+            "arms run one at a time: with train.executor 'ray' each arm spreads its clients "
+            "over the Ray cluster already"
+        )
+        return 1
+    return workers
 
 
 @dataclass
