@@ -19,11 +19,13 @@ This module only moves messages; what they mean is :mod:`fedtier.experiment`'s b
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -117,12 +119,20 @@ def arm_main(
     args: tuple[Any, ...],
     out: Path,
     threads: int,
+    log_level: int | None = None,
 ) -> None:
     """An arm process: ``target(arm, *args, writer=, bar=, save=, prefixes=)`` with the
     queue-backed writer, bar, checkpoint and prefix hooks; its summary entry (or its error)
     goes back as the last message. SIGTERM stops it as Ctrl-C does (its pool is closed)."""
     signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
+    if log_level is not None:  # the parent shows fedtier's log: so does the arm, named
+        log = logging.getLogger("fedtier")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"fedtier: [{arm}] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(log_level)
+        log.propagate = False
     try:
         entry = target(
             arm,
@@ -157,9 +167,11 @@ class ArmProcesses:
         out: Path,
         threads: int,
     ) -> None:
+        log = logging.getLogger("fedtier")
+        level = log.getEffectiveLevel() if log.handlers else None
         proc = self._ctx.Process(
             target=arm_main,
-            args=(self._channel, arm, target, args, out, threads),
+            args=(self._channel, arm, target, args, out, threads, level),
             name=f"fedtier-arm-{arm}",
         )
         proc.start()
