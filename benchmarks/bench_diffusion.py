@@ -9,7 +9,8 @@ switched off: it is not what is timed), train the same clients each round (fedti
 plans) on the DDPM objective (diffusers' ``DDPMScheduler.add_noise`` in the loop, fedtier's
 task in fedtier), and average weighted by samples; fedtier's column also quantizes nothing
 (fp32 uploads) but runs its upload path and cost model as in the preset. Each column runs in
-its own fresh process, alternating, ``--repeats`` times; seconds per round are rounds
+its own fresh process with ``--threads`` torch threads (1 by default), alternating, and
+alternating which of the two goes first, ``--repeats`` times; seconds per round are rounds
 2..R (round 1 counts as start-up). The final column is the denoising MSE on the test set
 (the task's fixed evaluation draws) so that the two columns are seen to train alike.
 """
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench  # noqa: E402
 from bench import describe_machine, in_fresh_process, timing  # noqa: E402
 
 from fedtier.config import Config, load_config  # noqa: E402
@@ -160,30 +162,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--executor", default="auto", help="fedtier's train.executor")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in each column's process (0: torch's default, which follows "
+        "OMP_NUM_THREADS or the cores)",
+    )
     args = p.parse_args(argv)
+    bench.THREADS = args.threads  # both columns alike, whatever the environment says
     print(f"machine: {describe_machine()}")
     cfg = bench_config(args.rounds, args.executor)
     rows: dict[str, list[Result]] = {"fedtier": [], "hand-written loop": []}
-    for _ in range(args.repeats):  # alternate, so both columns see the same load
-        rows["fedtier"].append(in_fresh_process(run_fedtier_diffusion, cfg))
-        rows["hand-written loop"].append(in_fresh_process(run_hand_loop, cfg))
+    columns = {"fedtier": run_fedtier_diffusion, "hand-written loop": run_hand_loop}
+    for i in range(args.repeats):
+        # alternate the order too (fedtier first, then the loop first, ...): on a shared
+        # machine whose load drifts, the column that always runs second would always see
+        # the later load, and even CPU seconds grow with the other jobs' pressure on caches
+        for name in list(columns)[:: 1 if i % 2 == 0 else -1]:
+            load = os.getloadavg()[0]
+            rows[name].append({**in_fresh_process(columns[name], cfg), "load": load})
     print(f"\n### diffusion fine-tuning (ssdiff-mnist's U-Net), {args.rounds} rounds\n")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
     print(
         "| column | run | s/round | CPU s/round | client-samples/s | peak MB | test MSE | "
-        "start-up s |"
+        "start-up s | load at start |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, results in rows.items():
         for i, r in enumerate(results):
             if "error" in r:
-                print(f"| {name} | {i + 1} | failed: {r['error']} | | | | | |")
+                print(f"| {name} | {i + 1} | failed: {r['error']} | | | | | | |")
                 continue
             label = f"{name} ({r['executor']})" if "executor" in r else name
             print(
                 f"| {label} | {i + 1} | {r['s_per_round']:.2f} | {r['cpu_per_round']:.2f} | "
                 f"{r['samples_per_s']:,.0f} | "
-                f"{r['peak_mb']:,.0f} | {r['mse']:.4f} | {r['startup_s']:.1f} |"
+                f"{r['peak_mb']:,.0f} | {r['mse']:.4f} | {r['startup_s']:.1f} | {r['load']:.1f} |"
             )
     ours = [r["s_per_round"] for r in rows["fedtier"] if "s_per_round" in r]
     loop = [r["s_per_round"] for r in rows["hand-written loop"] if "s_per_round" in r]

@@ -214,3 +214,35 @@ def test_workers_train_with_a_local_adam_as_the_sequential_executor_does():
         assert seq.abs().max() > 1e-3 and torch.equal(par, seq)
     finally:
         executor.close()
+
+
+def test_a_groupnorm_unet_trains_in_the_sequential_layout_and_equals_it_bit_for_bit():
+    """GroupNorm is slower in channels-last on CPU, so the workers keep NCHW for the U-Net:
+    their deltas are then the sequential reference's exactly (and evaluations run in the
+    workers too); a GroupNorm-free CNN still gets channels-last."""
+    from fedtier.local.jobs import default_channels_last
+
+    overrides = {
+        "model.name": "unet",
+        "model.options": {"channels": [8, 16], "layers_per_block": 1},
+        "train.task": "diffusion-test",
+        "train.batch_size": 8,
+        "train.optimizer": "adam",
+        "train.momentum": 0.0,
+        "train.lr": 1e-3,
+    }
+    setup = prepare_arm(tiny_config(**overrides), DIGITS)
+    assert not default_channels_last(setup.model)
+    assert default_channels_last(prepare_arm(tiny_config(**{"model.name": "cnn"}), DIGITS).model)
+    assert not default_channels_last(prepare_arm(tiny_config(), DIGITS).model)  # BatchNorm
+    w = setup.layout.flatten(setup.model)
+    clients = [1, 4]
+    executor = ProcessExecutor(workers=2)
+    try:
+        assert not executor.uses_channels_last(setup)
+        par = executor(setup, w, clients, 1)
+    finally:
+        executor.close()
+    seq = train_sequential(setup, w, clients, 1)
+    assert seq.abs().max() > 1e-4
+    assert torch.equal(par, seq)

@@ -39,9 +39,14 @@ import fedtier
 from fedtier.data import ClientData
 from fedtier.errors import FedtierError
 from fedtier.local.arm import ArmSetup, client_delta, client_jobs, job_context
-from fedtier.local.jobs import ClientJob, ClientResult, JobContext, run_job
+from fedtier.local.jobs import (
+    ClientJob,
+    ClientResult,
+    JobContext,
+    default_channels_last,
+    run_job,
+)
 from fedtier.local.parallel import _as_tensors, _by_value, available_workers
-from fedtier.local.sgd import _has_batchnorm
 
 EXTRA = "pip install 'fedtier[ray]'"
 
@@ -168,7 +173,7 @@ class RayExecutor:
 
     ``address`` / ``num_cpus``: where Ray runs (:func:`connect`); ``max_retries``: reruns of
     a job whose worker died; ``channels_last`` as in the process executor (default: for
-    models without BatchNorm). Constructing it connects to Ray (:func:`connect`: once per
+    models without BatchNorm or GroupNorm). Constructing it connects to Ray (:func:`connect`: once per
     process), so a missing extra or a wrong address fails before a run starts. ``close()``
     releases the run's objects in the store (Ray keeps running for the process's next run).
     """
@@ -200,7 +205,7 @@ class RayExecutor:
         if self._holder is None:
             channels_last = self.channels_last
             if channels_last is None:
-                channels_last = not _has_batchnorm(setup.model)
+                channels_last = default_channels_last(setup.model)
             context = job_context(setup, channels_last)
             if not isinstance(setup.client_data, ClientData):  # not plain data: jobs carry it
                 context = replace(context, data=None)

@@ -37,9 +37,14 @@ import torch.multiprocessing as tmp
 from fedtier.data import ClientData
 from fedtier.errors import FedtierError
 from fedtier.local.arm import ArmSetup, client_delta, client_jobs, job_context
-from fedtier.local.jobs import ClientJob, ClientResult, JobContext, run_job
+from fedtier.local.jobs import (
+    ClientJob,
+    ClientResult,
+    JobContext,
+    default_channels_last,
+    run_job,
+)
 from fedtier.local.messages import say_once
-from fedtier.local.sgd import _has_batchnorm
 
 StartMethod = Literal["fork", "spawn"]
 
@@ -131,10 +136,11 @@ class ProcessExecutor:
     The pool (``workers`` processes, default: one per available core) starts on first use and
     lives as long as the executor; ``close()`` or interpreter exit stops it. ``start_method``
     (None: the arm's ``train.start_method``) starts the workers by ``fork`` or ``spawn``.
-    ``channels_last`` (default: for models without BatchNorm) runs convolutions in NHWC
-    layout; its different summation order is harmless for plain CNNs (agreement ~1e-7) but
-    BatchNorm over small client batches amplifies it, so BatchNorm models keep the
-    sequential layout by default.
+    ``channels_last`` (default: :func:`fedtier.local.jobs.default_channels_last`, for models
+    without BatchNorm or GroupNorm) runs convolutions in NHWC layout; its different
+    summation order is harmless for plain CNNs (agreement ~1e-7) but BatchNorm over small
+    client batches amplifies it, and GroupNorm is slower in NHWC on CPU, so such models keep
+    the sequential layout (and its numbers, bit for bit) by default.
 
     The arm's client data go to each worker once, with the pool: under ``fork`` whatever
     ``setup.client_data`` is (nothing is pickled), under ``spawn`` when it is a
@@ -202,7 +208,7 @@ class ProcessExecutor:
         """Whether the workers run the model in channels-last layout (:meth:`__init__`)."""
         if self.channels_last is not None:
             return self.channels_last
-        return not _has_batchnorm(setup.model)
+        return default_channels_last(setup.model)
 
     def map(self, setup: ArmSetup, fn: Callable[..., Any], jobs: list[Any]) -> list[Any] | None:
         """``[fn(context, job) for job in jobs]`` in the workers, each with its own job
