@@ -32,6 +32,7 @@ from fedtier.costs.sampling import SamplingCosts, collaborative_costs, record_sa
 from fedtier.data import ArrayDataset, select_classes
 from fedtier.generative import FID_NOTE, FidScorer, Judge, class_coverage, sample_grid, train_judge
 from fedtier.local.arm import ArmSetup
+from fedtier.security import file_stem
 from fedtier.seeding import torch_generator
 from fedtier.tasks.diffusion import DiffusionTask, collaborative_sample, ddim_scheduler
 
@@ -124,7 +125,7 @@ def generation_report(
         _SCORED[key] = before
     fake = generate(w_after)
     after = _score(fake, scorer, judge, real)
-    after["grid"] = _grid(fake, tcfg.grid, plots / f"samples-{_safe(arm)}.png")
+    after["grid"] = _grid(fake, tcfg.grid, plots / f"samples-{file_stem(arm)}.png")
     setup.layout.load(model, w_after)
 
     one = torch.zeros((1, *shape))
@@ -181,7 +182,3 @@ def _before_key(w: torch.Tensor, cfg: Config, tcfg: DiffusionTaskConfig, out: Pa
     h = hashlib.sha256(w.detach().cpu().numpy().tobytes())
     h.update(repr((cfg.seed, cfg.topology, cfg.data, cfg.pretrain, tcfg, str(out))).encode())
     return h.hexdigest()
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)

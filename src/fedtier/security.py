@@ -335,7 +335,7 @@ def sampling_security(
     def grid(kind: str, images: torch.Tensor) -> None:
         if plots is not None and len(images):
             path = sample_grid(
-                images[:64], plots / f"triggered-{_safe(arm)}-{kind}.png", 8, scale=4
+                images[:64], plots / f"triggered-{file_stem(arm)}-{kind}.png", 8, scale=4
             )
             grids[kind] = path.name
 
@@ -344,12 +344,12 @@ def sampling_security(
     out["grids"] = grids
     if plots is not None:
         kind = "backdoored" if out["malicious"] else "never poisoned"
-        path = plots / f"auroc-by-step-{_safe(arm)}.png"
+        path = plots / f"auroc-by-step-{file_stem(arm)}.png"
         plot_auroc_by_step(out["auroc_by_step"], settings.shared, path, f"{arm} ({kind})")
         out["auroc_plot"] = path.name
     return out
 
 
-def _safe(arm: str) -> str:
+def file_stem(arm: str) -> str:
     """An arm's name made safe for a file name (as in ``plots/``)."""
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in arm)

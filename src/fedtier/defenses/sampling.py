@@ -128,6 +128,14 @@ def chi2_flags(x_T: torch.Tensor, alpha: float) -> np.ndarray:
     return chi2_pvalue(x_T) < alpha
 
 
+def _labelled(clean: np.ndarray, triggered: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [N_c + N_t]: 0 clean, 1 triggered; the scores in that order), as float64."""
+    clean, triggered = np.asarray(clean, np.float64), np.asarray(triggered, np.float64)
+    if len(clean) == 0 or len(triggered) == 0:
+        raise ValueError(f"{what} needs at least one clean and one triggered input")
+    return np.r_[np.zeros(len(clean)), np.ones(len(triggered))], np.r_[clean, triggered]
+
+
 def auroc(clean: np.ndarray, triggered: np.ndarray) -> float:
     """How well a score separates triggered inputs [N_t] from clean ones [N_c]: the area under
     the ROC curve of "triggered" against the score, P(s_trig > s_clean) + ½ P(s_trig =
@@ -135,11 +143,8 @@ def auroc(clean: np.ndarray, triggered: np.ndarray) -> float:
     ``roc_auc_score``). 0.5 is chance; below 0.5 the triggered inputs score *lower*."""
     from sklearn.metrics import roc_auc_score
 
-    clean, triggered = np.asarray(clean, np.float64), np.asarray(triggered, np.float64)
-    if len(clean) == 0 or len(triggered) == 0:
-        raise ValueError("an AUROC needs at least one clean and one triggered input")
-    labels = np.r_[np.zeros(len(clean)), np.ones(len(triggered))]
-    return float(roc_auc_score(labels, np.r_[clean, triggered]))
+    labels, scores = _labelled(clean, triggered, "an AUROC")
+    return float(roc_auc_score(labels, scores))
 
 
 def best_tpr(clean: np.ndarray, triggered: np.ndarray, max_fpr: float) -> float:
@@ -150,11 +155,8 @@ def best_tpr(clean: np.ndarray, triggered: np.ndarray, max_fpr: float) -> float:
     threshold."""
     from sklearn.metrics import roc_curve
 
-    clean, triggered = np.asarray(clean, np.float64), np.asarray(triggered, np.float64)
-    if len(clean) == 0 or len(triggered) == 0:
-        raise ValueError("a TPR at an FPR needs at least one clean and one triggered input")
-    labels = np.r_[np.zeros(len(clean)), np.ones(len(triggered))]
-    fpr, tpr, _ = roc_curve(labels, np.r_[clean, triggered], drop_intermediate=False)
+    labels, scores = _labelled(clean, triggered, "a TPR at an FPR")
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(tpr[fpr <= max_fpr].max())  # the first point (θ = ∞: nothing flagged) is 0, 0
 
 
