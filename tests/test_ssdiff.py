@@ -86,6 +86,16 @@ def test_the_preset_pretrains_once_fine_tunes_and_reports_samples_and_costs(run,
         for key in ("before", "after", "sampling"):  # the judge is now cached: same numbers
             assert rerun["arms"][name]["generation"][key] == arms[name]["generation"][key]
 
+    # the preset clamps x̂_0 while sampling; without it, the same models give other samples
+    # (sampling settings are not part of the pretrained model's cache key)
+    code, plain_out = run(tmp_path / "c", "train.task.clip_x0=false")
+    assert code == 0 and "found in the cache" in plain_out.err
+    plain = json.loads((tmp_path / "c" / "summary.json").read_text())["arms"]
+    for name in arms:
+        assert plain[name]["metrics"] == arms[name]["metrics"]
+        for key in ("before", "after"):
+            assert plain[name]["generation"][key]["fid"] != arms[name]["generation"][key]["fid"]
+
 
 def test_pretrain_command_and_init_from(run, tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("FEDTIER_CACHE", str(cache))

@@ -73,6 +73,22 @@ def test_preset_runs_both_arms_and_reports_every_table(tmp_path, monkeypatch, ca
     assert len(rows) == 3 and all(line.count("|") == 6 for line in rows)
 
 
+def test_the_edge_samples_with_the_tasks_clip_x0(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """train.task.clip_x0 reaches the edge's chain: the same models, other distances d."""
+    monkeypatch.setenv("FEDTIER_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for clip in ("false", "true"):
+        out = tmp_path / clip
+        sets = ["train.task.clip_x0=" + clip, "detection.responses=[reject]", "arms={backdoor: {}}"]
+        argv = _argv(tmp_path, *sets)
+        argv[argv.index("--out") + 1] = str(out)
+        assert main(argv) == 0, capsys.readouterr().err
+        runs[clip] = json.loads((out / "summary.json").read_text())["arms"]["backdoor"]
+    plain, clipped = runs["false"], runs["true"]
+    assert plain["metrics"] == clipped["metrics"]  # training does not sample
+    assert plain["detection"]["distance"] != clipped["detection"]["distance"]
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [
@@ -80,6 +96,7 @@ def test_preset_runs_both_arms_and_reports_every_table(tmp_path, monkeypatch, ca
         ("trigger.size=17", "trigger.size"),
         ("attack.kind=none", "attack.kind: baddiffusion"),
         ("detection.shares=[1.5]", "detection.shares"),
+        ("train.task.clip_x0=true", "itc clamps"),  # itc would change nothing
     ],
 )
 def test_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, extra, fragment) -> None:  # type: ignore[no-untyped-def]

@@ -228,6 +228,9 @@ class DiffusionTaskConfig(Component):
     beta_end: float = Field(0.02, gt=0, lt=1)  # β_T (DDPM's)
     sample_steps: int = Field(20, gt=0)  # S: DDIM steps (η = 0) when sampling
     shared_steps: int = Field(5, ge=0)  # t: steps the edge runs in collaborative sampling
+    # clamp DDIM's predicted x̂_0 to [−1, 1] at every sampling step (DDPM's sampler, diffusers'
+    # clip_sample); off: DDIM's and BadDiffusion's unclipped sampler
+    clip_x0: bool = False
     samples: int = Field(1000, ge=0)  # images generated per model for FID and class shares
     grid: int = Field(64, ge=0)  # images in each sample grid PNG (0: none)
 
@@ -940,6 +943,13 @@ class Config(Section):
                     "on",
                     f"attack.kind: baddiffusion, whose trigger and target it tests (got "
                     f"'{a.kind}'; attack.malicious: 0 measures a clean model)",
+                )
+            if self.train.task.clip_x0 and "itc" in self.detection.responses:
+                raise _fail(
+                    "detection.responses",
+                    "itc",
+                    "reject or replace: itc clamps x̂_0 to [−1, 1], which train.task.clip_x0: "
+                    "true already does at every step (set clip_x0: false to measure itc)",
                 )
         if self.aggregate.cloud_rule.name == "dp-mean":
             raise _fail(

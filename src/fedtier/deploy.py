@@ -96,7 +96,7 @@ def generation_report(
     shape = tuple(train.input_shape)
     x_t = {c: initial_noise(cfg.seed, c, int(counts[c]), shape) for c in range(topo.num_clients)}
     sched = ddim_scheduler(setup.task)
-    steps, shared = setup.task.sample_steps, tcfg.shared_steps
+    steps, shared, clip = setup.task.sample_steps, tcfg.shared_steps, tcfg.clip_x0
     model = setup.model
 
     def generate(w: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def generation_report(
         for clients in topo.edge_clients:
             batch = torch.cat([x_t[int(c)] for c in clients])
             if len(batch):
-                outs.append(collaborative_sample(model, sched, batch, steps, shared)[0].cpu())
+                outs.append(collaborative_sample(model, sched, batch, steps, shared, clip)[0].cpu())
         return torch.cat(outs).clamp(-1, 1)  # images live in [-1, 1]
 
     scorer = FidScorer(real.x, judge)

@@ -36,7 +36,7 @@ from fedtier.tasks import ClientTask, client_batch
 
 PRETRAIN_VERSION = 1  # part of the cache key: bump when the training loop changes
 # fields of a task config that change sampling, not training (not part of the cache key)
-SAMPLING_FIELDS = frozenset({"sample_steps", "shared_steps", "samples", "grid"})
+SAMPLING_FIELDS = frozenset({"sample_steps", "shared_steps", "samples", "grid", "clip_x0"})
 
 
 def cache_root() -> Path:

@@ -307,7 +307,7 @@ def sampling_security(
     model, steps = setup.model, task_cfg.sample_steps
 
     def sampler(x: torch.Tensor, start: int, stop: int, clip: bool) -> torch.Tensor:
-        return sample(model, scheduler, x, steps, start, stop, clip)
+        return sample(model, scheduler, x, steps, start, stop, clip or task_cfg.clip_x0)
 
     score = None
     if det.fid:

@@ -58,15 +58,20 @@ def test_ddim_sampling_matches_a_hand_written_ddim(clip):
         assert not torch.allclose(ours, sample(model, ddim_scheduler(TASK), x_T, 5))
 
 
+@pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("t", [0, 1, 3, 5])
-def test_collaborative_sampling_equals_device_only_sampling_exactly(t):
+def test_collaborative_sampling_equals_device_only_sampling_exactly(t, clip):
     model = _model()
     sched = ddim_scheduler(TASK)
     x_T = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    device_only = sample(model, sched, x_T, 5)
-    x0, middle = collaborative_sample(model, sched, x_T, 5, t)
+    device_only = sample(model, sched, x_T, 5, clip_x0=clip)
+    x0, middle = collaborative_sample(model, sched, x_T, 5, t, clip_x0=clip)
     assert torch.equal(x0, device_only)
-    assert torch.equal(middle, sample(model, sched, x_T, 5, 0, t))
+    assert torch.equal(middle, sample(model, sched, x_T, 5, 0, t, clip_x0=clip))
+    if clip:  # both parts clip: the hand-written DDIM with x̂_0 clamped at every step
+        torch.testing.assert_close(
+            x0.double(), _ddim_by_hand(model, x_T, 5, True), atol=2e-4, rtol=1e-4
+        )
     if t == 0:
         assert torch.equal(middle, x_T)
     if t == 5:

@@ -181,19 +181,25 @@ def sample(
 
 
 def collaborative_sample(
-    model: nn.Module, scheduler: Any, x_T: torch.Tensor, steps: int, shared: int
+    model: nn.Module,
+    scheduler: Any,
+    x_T: torch.Tensor,
+    steps: int,
+    shared: int,
+    clip_x0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SS-Diff's collaborative sampling (SPEC §8): the edge runs the first ``shared`` = t of
     the S = ``steps`` DDIM steps on the whole batch x_T [B, ...] and returns x_{T−t}; the
     devices finish the remaining S − t steps. Returns (x_0, x_{T−t}); t = 0 is device-only
-    sampling (x_{T−0} = x_T), t = S edge-only (x_0 = x_{T−S})."""
+    sampling (x_{T−0} = x_T), t = S edge-only (x_0 = x_{T−S}). ``clip_x0``: both parts clamp
+    the predicted x̂_0 (see :func:`sample`)."""
     if not 0 <= shared <= steps:
         raise FedtierError(
             f"collaborative sampling: the edge's shared steps t = {shared} must be in "
             f"0..{steps} (the S sampling steps)"
         )
-    middle = sample(model, scheduler, x_T, steps, 0, shared)
-    return sample(model, scheduler, middle, steps, shared, steps), middle
+    middle = sample(model, scheduler, x_T, steps, 0, shared, clip_x0)
+    return sample(model, scheduler, middle, steps, shared, steps, clip_x0), middle
 
 
 def _images(batch: Batch) -> torch.Tensor:
