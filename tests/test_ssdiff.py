@@ -90,6 +90,8 @@ def test_the_preset_pretrains_once_fine_tunes_and_reports_samples_and_costs(run,
     # (sampling settings are not part of the pretrained model's cache key)
     code, plain_out = run(tmp_path / "c", "train.task.clip_x0=false")
     assert code == 0 and "found in the cache" in plain_out.err
+    clamped = "DDIM 4 steps (x̂_0 clamped to [−1, 1] at every step), the edge running"
+    assert clamped in first.out and "DDIM 4 steps, the edge running" in plain_out.out
     plain = json.loads((tmp_path / "c" / "summary.json").read_text())["arms"]
     for name in arms:
         assert plain[name]["metrics"] == arms[name]["metrics"]

@@ -154,6 +154,7 @@ def generation_report(
         "sampling": {
             "steps": steps,
             "shared_steps": shared,
+            "clip_x0": clip,
             "flops_per_image_step": flops,
             "used": merge(used),
             "table": [merge(costs_at(t)) for t in range(steps + 1)],

@@ -284,12 +284,13 @@ def generation_section(summary: dict[str, Any]) -> str:
     pre = before.get("pretrain_classes")
     shares = " | ".join(f"class {c} (%)" for c in classes)
     pre_line = pretrained_line(summary)
+    clamp = " (x̂_0 clamped to [−1, 1] at every step)" if first["sampling"].get("clip_x0") else ""
     lines = [
         "### Generated samples (fedtier.deploy)",
         "",
         *([pre_line, ""] if pre_line else []),
-        f"{first['samples']} samples per model, DDIM {first['sampling']['steps']} steps, the "
-        f"edge running the first {first['sampling']['shared_steps']}. {first['fid_note']}",
+        f"{first['samples']} samples per model, DDIM {first['sampling']['steps']} steps{clamp}, "
+        f"the edge running the first {first['sampling']['shared_steps']}. {first['fid_note']}",
         "",
         f"| model | FID (classes {classes}) | {shares} | other classes (%) | mean confidence |",
         "|---|---|" + "---|" * len(classes) + "---|---|",
