@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,54 @@ def _dies(arm, *, writer, bar, save, prefixes):
     os._exit(3)
 
 
+def _leaves_a_stubborn_worker(arm, pidfile, *, writer, bar, save, prefixes):
+    """An arm that starts a child which ignores SIGTERM (a worker its arm cannot close),
+    writes the child's pid, and keeps running."""
+    import subprocess
+    import sys
+    import time
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    Path(pidfile).write_text(str(child.pid))
+    while True:
+        time.sleep(0.1)
+
+
+def test_stop_leaves_no_process_of_an_arm_behind(tmp_path):
+    """The arm leads its own process group; stop() ends the arm and, after the grace period,
+    kills what is left of its group: here a child that ignores SIGTERM."""
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    procs = ArmProcesses()
+    procs.start("a", _leaves_a_stubborn_worker, (str(pidfile),), tmp_path, 1)
+    arm = procs.running["a"]
+    child = None
+    try:
+        for _ in range(600):
+            if pidfile.is_file() and pidfile.read_text():
+                break
+            time.sleep(0.1)
+        child = int(pidfile.read_text())
+        assert os.getpgid(arm.pid) == arm.pid != os.getpgid(0)  # a group of its own
+        assert os.getpgid(child) == arm.pid
+        procs.stop(grace_s=1.0)
+        assert not procs.running and arm.exitcode is not None
+        proc = Path(f"/proc/{child}")
+        for _ in range(100):  # the killed child is reaped by init
+            if not proc.exists() or _state(proc) == "Z":
+                break
+            time.sleep(0.1)
+        assert not proc.exists() or _state(proc) == "Z"
+    finally:  # whatever failed above, leave nothing running
+        if arm.is_alive():
+            arm.kill()
+            arm.join()
+        if child is not None and Path(f"/proc/{child}").exists():
+            os.kill(child, 9)
+
+
 def test_arm_processes_bring_back_records_progress_prefixes_and_entries(tmp_path):
     procs = ArmProcesses()
     procs.start("a", _ok, (7,), tmp_path, 1)
@@ -144,11 +193,22 @@ def test_an_arm_process_reports_a_user_mistake_and_a_death(tmp_path):
     procs.stop()
 
 
-def _pgid(proc):
+def _stat(proc, field):
+    """Field ``field`` of /proc/PID/stat after the command name (0: state, 2: process group,
+    3: session), or None when the process is gone."""
     try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[field]
+    except (OSError, IndexError):
         return None
+
+
+def _state(proc):
+    return _stat(proc, 0)
+
+
+def _session(proc):
+    value = _stat(proc, 3)
+    return None if value is None else int(value)
 
 
 def test_ctrl_c_side_by_side_stops_every_arm_cleanly(tmp_path):
@@ -200,11 +260,12 @@ def test_ctrl_c_side_by_side_stops_every_arm_cleanly(tmp_path):
     assert all(line.startswith("fedtier: ") for line in lines), err
     assert lines[-1].startswith("fedtier: interrupted; the run directory")
     left = []
-    for _ in range(100):  # the group empties: arms and their workers (orphans are reaped)
+    for _ in range(100):  # the session empties: arms (each in a group of its own) and their
+        # workers; orphans are reaped
         left = [
             (d.name, (d / "cmdline").read_bytes()[:80])
             for d in Path("/proc").iterdir()
-            if d.name.isdigit() and _pgid(d) == p.pid
+            if d.name.isdigit() and _session(d) == p.pid and _state(d) != "Z"
         ]
         if not left:
             break

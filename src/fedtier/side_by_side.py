@@ -123,7 +123,13 @@ def arm_main(
 ) -> None:
     """An arm process: ``target(arm, *args, writer=, bar=, save=, prefixes=)`` with the
     queue-backed writer, bar, checkpoint and prefix hooks; its summary entry (or its error)
-    goes back as the last message. SIGTERM stops it as Ctrl-C does (its pool is closed)."""
+    goes back as the last message. SIGTERM stops it as Ctrl-C does (its pool is closed).
+
+    The arm leads a process group of its own, which its workers join: the terminal's Ctrl-C
+    reaches the parent only, and the parent stops an arm with everything it started
+    (:meth:`ArmProcesses.stop`), including workers it could not close itself."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
     signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
     if log_level is not None:  # the parent shows fedtier's log: so does the arm, named
@@ -199,13 +205,24 @@ class ArmProcesses:
             yield kind, arm, pickle.loads(pickled)
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """Stop the arms still running (SIGTERM: each closes its own workers), then wait."""
+        """Stop the arms still running: SIGTERM to each arm (it closes its own workers, as
+        on Ctrl-C), wait up to ``grace_s``, then SIGKILL whatever is left of the arm's process
+        group, so that no worker outlives the run."""
         for proc in self.running.values():
             if proc.is_alive():
                 proc.terminate()
         for proc in self.running.values():
             proc.join(grace_s)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            _signal_group(proc, signal.SIGKILL)
+            proc.join()
         self.running.clear()
+
+
+def _signal_group(proc: Any, sig: int) -> None:
+    """``sig`` to the process group the arm ``proc`` leads (the arm and its workers); to the
+    arm alone while it has not made its group yet."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError, AttributeError):
+        if proc.is_alive():
+            os.kill(proc.pid, sig)
