@@ -246,3 +246,50 @@ def test_a_groupnorm_unet_trains_in_the_sequential_layout_and_equals_it_bit_for_
     seq = train_sequential(setup, w, clients, 1)
     assert seq.abs().max() > 1e-4
     assert torch.equal(par, seq)
+
+
+def _square(x):
+    return x * x
+
+
+def test_a_pool_whose_terminate_hangs_is_given_up_with_its_workers_killed(monkeypatch):
+    """CPython's Pool.terminate() can wait forever after Ctrl-C (its task handler stuck on
+    the queue's lock): terminate_pool gives up after its timeout and kills the workers."""
+    import multiprocessing as mp
+    import multiprocessing.pool
+    import threading
+    import time
+
+    from fedtier.local.parallel import terminate_pool
+
+    pool = mp.get_context("fork").Pool(2)
+    assert pool.map(_square, [1, 2, 3]) == [1, 4, 9]
+    workers = list(pool._pool)
+    assert all(w.is_alive() for w in workers)
+    stuck = threading.Event()
+
+    def hangs():  # what terminate() does first (no more new workers), then it waits forever
+        pool._worker_handler._state = mp.pool.TERMINATE
+        pool._change_notifier.put(None)
+        pool._worker_handler.join()
+        stuck.wait()
+
+    monkeypatch.setattr(pool, "terminate", hangs)
+    t0 = time.monotonic()
+    assert terminate_pool(pool, timeout_s=0.5) is False
+    assert time.monotonic() - t0 < 30
+    assert all(w.exitcode is not None for w in workers)  # killed and reaped
+    stuck.set()
+    monkeypatch.undo()
+    pool.terminate()
+
+
+def test_a_pool_that_ends_in_time_is_terminated_and_joined():
+    import multiprocessing as mp
+
+    from fedtier.local.parallel import terminate_pool
+
+    pool = mp.get_context("fork").Pool(2)
+    workers = list(pool._pool)
+    assert terminate_pool(pool, timeout_s=30) is True
+    assert all(w.exitcode is not None for w in workers)

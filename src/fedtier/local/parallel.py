@@ -67,6 +67,29 @@ def _context(method: StartMethod):  # type: ignore[no-untyped-def]
     return tmp.get_context(method)
 
 
+def terminate_pool(pool: Pool, timeout_s: float = 10.0) -> bool:
+    """``pool.terminate()`` and ``pool.join()``, given up after ``timeout_s``: CPython's pool
+    can wait forever in ``terminate()`` when Ctrl-C lands while its task-handler thread is
+    feeding the workers (the handler waits on the queue's lock, ``terminate`` on the handler).
+    Its workers are killed either way; the pool's handler threads are daemons, so an
+    abandoned one keeps nothing running. Returns True when the pool ended in time."""
+
+    def end() -> None:
+        pool.terminate()
+        pool.join()
+
+    ended = threading.Thread(target=end, name="fedtier-pool-end", daemon=True)
+    ended.start()
+    ended.join(timeout_s)
+    if not ended.is_alive():
+        return True
+    for worker in list(getattr(pool, "_pool", [])):
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
+    return False
+
+
 def _init_worker(context: JobContext) -> None:
     # Ctrl-C reaches the whole process group: only the parent handles it (and terminates the
     # pool); a worker dying of KeyboardInterrupt would print its own traceback.
@@ -196,8 +219,7 @@ class ProcessExecutor:
             # thread; stop it before the workers, so a cut transfer prints no traceback (it
             # restarts on the next transfer).
             resource_sharer.stop(timeout=1.0)
-            self._pool.terminate()
-            self._pool.join()
+            terminate_pool(self._pool)
         self._pool = None
         self._data = None
 
