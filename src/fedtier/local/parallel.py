@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,6 +79,11 @@ def terminate_pool(pool: Pool, timeout_s: float = 10.0) -> bool:
         pool.terminate()
         pool.join()
 
+    if (
+        sys.is_finalizing()
+    ):  # no new thread can start now: end it here, as Pool's own finalizer would
+        end()
+        return True
     ended = threading.Thread(target=end, name="fedtier-pool-end", daemon=True)
     ended.start()
     ended.join(timeout_s)
@@ -224,7 +230,10 @@ class ProcessExecutor:
         self._data = None
 
     def __del__(self) -> None:
-        self.close()
+        if self._pool is not None and self._owner == os.getpid():
+            self._pool.terminate()  # garbage collection, maybe at exit: no helper thread
+            self._pool.join()
+        self._pool = None
 
     def uses_channels_last(self, setup: ArmSetup) -> bool:
         """Whether the workers run the model in channels-last layout (:meth:`__init__`)."""
