@@ -79,9 +79,7 @@ def terminate_pool(pool: Pool, timeout_s: float = 10.0) -> bool:
         pool.terminate()
         pool.join()
 
-    if (
-        sys.is_finalizing()
-    ):  # no new thread can start now: end it here, as Pool's own finalizer would
+    if sys.is_finalizing():  # no new thread can start now: end it here, as Pool's would
         end()
         return True
     ended = threading.Thread(target=end, name="fedtier-pool-end", daemon=True)
